@@ -1,0 +1,21 @@
+"""ditfast: fused kernels and drop-in blocks for Diffusion Transformers (DiT, SD3 / SD3.5, FLUX.1).
+
+Layers: ``ditfast.ops`` (functional API with backend dispatch), ``ditfast.reference`` (plain-PyTorch
+ground truth), ``ditfast.nn`` (blocks with upstream parameter names). Importing ditfast never touches
+the GPU, and works without Triton or the compiled extension.
+"""
+from . import ops, reference
+from ._backend import BACKENDS, use_backend
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):  # keep `import ditfast` light: nn pulls in more modules
+    if name == "nn":
+        import importlib
+
+        return importlib.import_module(".nn", __name__)
+    raise AttributeError(f"module 'ditfast' has no attribute {name!r}")
+
+
+__all__ = ["ops", "reference", "nn", "use_backend", "BACKENDS", "__version__"]

@@ -1,0 +1,57 @@
+"""DiT blocks (facebookresearch/DiT ``models.py``) running on ditfast.ops.
+
+State-dict keys match upstream: ``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``,
+``adaLN_modulation.1`` for DiTBlock; ``linear`` and ``adaLN_modulation.1`` for FinalLayer.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from .layers import Mlp, ada_ln, merge_heads, split_heads
+
+
+class Attention(nn.Module):
+    """timm-style self-attention parameters: ``qkv`` Linear(D, 3D, bias) and ``proj`` Linear(D, D)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        q, k, v = split_heads(self.qkv(h), self.num_heads)  # (B, L, H, Dh) strided views
+        return self.proj(merge_heads(ops.joint_attention(q, k, v)))
+
+
+class DiTBlock(nn.Module):
+    """DiT block with adaLN-Zero conditioning. forward(x (B, L, D), c (B, D)) -> (B, L, D)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.attn = Attention(hidden_size, num_heads)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = ada_ln(hidden_size, 6)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        a = self.attn(ops.norm_modulate(x, shift_msa, scale_msa))
+        x, h = ops.gated_residual_norm_modulate(x, a, gate_msa, shift_mlp, scale_mlp)
+        return ops.gated_residual(x, self.mlp(h), gate_mlp)
+
+
+class FinalLayer(nn.Module):
+    """DiT's final layer: modulate(LN(x)) then ``linear`` to p·p·C_out. forward(x, c)."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = ada_ln(hidden_size, 2)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(ops.norm_modulate(x, shift, scale))

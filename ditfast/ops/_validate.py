@@ -1,0 +1,69 @@
+"""Input checks shared by the ops. Each raises TypeError (wrong type/dtype) or ValueError (wrong
+shape or device) naming the argument, what it got and what it expected, before any kernel runs."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def tensor(name: str, t, ndim: int, layout: str) -> torch.Tensor:
+    """t must be a floating-point tensor (fp32/bf16/fp16) with ``ndim`` dims laid out as ``layout``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {layout} ({ndim} dims), got shape {tuple(t.shape)}")
+    return t
+
+
+def same_device(ref_name: str, ref: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; move them to one device")
+
+
+def same_shape(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.shape != ref.shape:
+        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}")
+
+
+def modulation(name: str, t, x: torch.Tensor) -> torch.Tensor:
+    """A shift/scale/gate for x (B, L, D): (B, D) per sample or (B, L, D) per token.
+
+    A batch dim of 1 broadcasts over B; it is expanded to a stride-0 view (no copy).
+    """
+    B, L, D = x.shape
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    ok = (t.dim() == 2 and t.shape[1] == D) or (t.dim() == 3 and t.shape[1:] == (L, D))
+    if not ok or t.shape[0] not in (1, B):
+        raise ValueError(
+            f"{name} must have shape (B, D) = ({B}, {D}) or (B, L, D) = ({B}, {L}, {D}) to match x "
+            f"{tuple(x.shape)}, got {tuple(t.shape)}"
+        )
+    if t.shape[0] != B:
+        t = t.expand((B,) + tuple(t.shape[1:]))
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move them to one device")
+    return t
+
+
+def eps(value) -> float:
+    if not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"eps must be a positive number, got {value!r}")
+    return float(value)
+
+
+def result_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    """PyTorch's promotion of the inputs' dtypes (what the eager reference would return)."""
+    dtype = None
+    for t in tensors:
+        if t is not None:
+            dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+    return dtype
