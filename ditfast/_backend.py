@@ -91,23 +91,28 @@ def availability(backend: str, device_type: str) -> Tuple[bool, str]:
     return _AVAILABILITY[key]
 
 
-def select(op: str, device: torch.device) -> Callable:
-    """The implementation of ``op`` to run for tensors on ``device``."""
+def chosen_name(op: str, device: torch.device) -> str:
+    """The name of the backend that runs ``op`` for tensors on ``device`` (raises if a requested one can't)."""
     impls = _IMPLS[op]
     name = requested_backend()
     if name is not None:
         if name not in impls:
             raise RuntimeError(
-                f"ditfast backend {name!r} has no implementation of {op}; it has {sorted(impls)}"
+                f"ditfast backend {name!r} has no implementation of {op}; implemented by {implemented(op)}"
             )
         ok, why = availability(name, device.type)
         if not ok:
             raise RuntimeError(f"ditfast backend {name!r} cannot run {op} on {device.type}: {why}")
-        return impls[name]
+        return name
     for candidate in AUTO_ORDER.get(device.type, ("reference",)):
         if candidate in impls and availability(candidate, device.type)[0]:
-            return impls[candidate]
-    return impls["reference"]
+            return candidate
+    return "reference"
+
+
+def select(op: str, device: torch.device) -> Callable:
+    """The implementation of ``op`` to run for tensors on ``device``."""
+    return _IMPLS[op][chosen_name(op, device)]
 
 
 def implemented(op: str) -> Tuple[str, ...]:

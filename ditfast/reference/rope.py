@@ -15,9 +15,14 @@ import torch
 __all__ = ["rms_norm", "rope_freqs", "apply_rope", "qk_norm_rope"]
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """x in at least fp32 (fp64 stays fp64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], *, eps: float = 1e-6) -> torch.Tensor:
     """``x / sqrt(mean(x**2) + eps) * weight`` over the last dim; output in x's dtype."""
-    xf = x.float()
+    xf = _wide(x)
     y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     if weight is not None:
         y = y * weight.to(x.dtype)
@@ -53,8 +58,8 @@ def apply_rope(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interleaved: bool = True
 ) -> torch.Tensor:
     """Rotate the pairs of x (B, L, H, Dh) by the angles whose cos/sin are given, in fp32."""
-    c, s = _rope_table(cos.float()), _rope_table(sin.float())
-    xf = x.float()
+    xf = _wide(x)
+    c, s = _rope_table(cos.to(xf.dtype)), _rope_table(sin.to(xf.dtype))
     if interleaved:
         x0, x1 = xf[..., 0::2], xf[..., 1::2]
         out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
