@@ -88,3 +88,319 @@ _backend.register("norm_modulate", "reference", reference.norm_modulate)
 _backend.register("norm_modulate_dual", "reference", reference.norm_modulate_dual)
 _backend.register("gated_residual", "reference", reference.gated_residual)
 _backend.register("gated_residual_norm_modulate", "reference", reference.gated_residual_norm_modulate)
+
+
+# -------------------------------------------------------------------------------------------------
+# "triton" backend: torch.library custom ops around ditfast.kernels.triton.modulate.
+#
+# Each op is a custom_op (visible to torch.compile, checked by torch.library.opcheck) whose forward
+# also returns the fp32 per-row mean and rstd that backward needs; the backward is a custom_op too.
+# Saved for backward: x (or x_new), mean, rstd and the tensors the gradients multiply by (scale,
+# gate, y); shift is never saved, only its dtype and layout. triton is imported on the first call.
+# -------------------------------------------------------------------------------------------------
+Tensor = torch.Tensor
+_TRITON_MAX_D = 16384  # == ditfast.kernels.triton.modulate.MAX_D (tests check they agree)
+_KERNELS = None
+
+
+def _kernels():
+    global _KERNELS
+    if _KERNELS is None:
+        from ..kernels.triton import modulate as kernels
+
+        _KERNELS = kernels
+    return _KERNELS
+
+
+def _empty_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    B, L, _ = x.shape
+    return x.new_empty((B, L), dtype=torch.float32), x.new_empty((B, L), dtype=torch.float32)
+
+
+def _shift_spec(shift: Optional[Tensor]) -> tuple[Optional[torch.dtype], bool]:
+    """What backward needs to know about shift: (dtype or None when absent, per-token layout)."""
+    return (None, False) if shift is None else (shift.dtype, shift.dim() == 3)
+
+
+def _shift_meta(x: Tensor, dtype: Optional[torch.dtype], per_token: bool) -> Optional[Tensor]:
+    """A data-less stand-in for shift (its gradient's shape and dtype), or None when there is none."""
+    if dtype is None:
+        return None
+    B, L, D = x.shape
+    return torch.empty((B, L, D) if per_token else (B, D), dtype=dtype, device="meta")
+
+
+def _fake_shift_grad(x: Tensor, dtype: Optional[torch.dtype], per_token: bool) -> Tensor:
+    meta = _shift_meta(x, dtype, per_token)
+    return x.new_empty(0) if meta is None else x.new_empty(meta.shape, dtype=dtype)
+
+
+# --- norm_modulate ----------------------------------------------------------------------------------
+@torch.library.custom_op("ditfast::norm_modulate", mutates_args=())
+def _norm_modulate_op(x: Tensor, shift: Optional[Tensor], scale: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, mean, rstd): LN(x) * (1 + scale) + shift and the fp32 (B, L) row statistics."""
+    out, _, mean, rstd = _kernels().norm_modulate_fwd(x, shift, scale, eps=eps)
+    return out, mean, rstd
+
+
+@_norm_modulate_op.register_fake
+def _(x, shift, scale, eps):
+    return (x.new_empty(x.shape, dtype=v.result_dtype(x, shift, scale)),) + _empty_stats(x)
+
+
+@torch.library.custom_op("ditfast::norm_modulate_backward", mutates_args=())
+def _norm_modulate_bwd_op(
+    dout: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
+    shift_dtype: Optional[torch.dtype], shift_per_token: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dshift, dscale); dshift is empty when there is no shift (shift_dtype None)."""
+    shift = _shift_meta(x, shift_dtype, shift_per_token)
+    dx, dshift, dscale, _, _ = _kernels().norm_modulate_bwd(dout, None, x, mean, rstd, shift, scale)
+    return dx, dshift, dscale
+
+
+@_norm_modulate_bwd_op.register_fake
+def _(dout, x, mean, rstd, scale, shift_dtype, shift_per_token):
+    return x.new_empty(x.shape), _fake_shift_grad(x, shift_dtype, shift_per_token), scale.new_empty(scale.shape)
+
+
+def _norm_modulate_setup(ctx, inputs, output):
+    x, shift, scale, _ = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x, scale, mean, rstd)
+    ctx.shift_spec = _shift_spec(shift)
+
+
+def _norm_modulate_backward(ctx, dout, _dmean, _drstd):
+    x, scale, mean, rstd = ctx.saved_tensors
+    dx, dshift, dscale = _norm_modulate_bwd_op(dout, x, mean, rstd, scale, *ctx.shift_spec)
+    return dx, (None if ctx.shift_spec[0] is None else dshift), dscale, None
+
+
+_norm_modulate_op.register_autograd(_norm_modulate_backward, setup_context=_norm_modulate_setup)
+
+
+# --- norm_modulate_dual -----------------------------------------------------------------------------
+@torch.library.custom_op("ditfast::norm_modulate_dual", mutates_args=())
+def _norm_modulate_dual_op(
+    x: Tensor, shift1: Optional[Tensor], scale1: Tensor, shift2: Optional[Tensor], scale2: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out1, out2, mean, rstd): two modulations of one LN(x), and its fp32 (B, L) statistics."""
+    return _kernels().norm_modulate_fwd(x, shift1, scale1, shift2, scale2, eps=eps)
+
+
+@_norm_modulate_dual_op.register_fake
+def _(x, shift1, scale1, shift2, scale2, eps):
+    out1 = x.new_empty(x.shape, dtype=v.result_dtype(x, shift1, scale1))
+    out2 = x.new_empty(x.shape, dtype=v.result_dtype(x, shift2, scale2))
+    return (out1, out2) + _empty_stats(x)
+
+
+@torch.library.custom_op("ditfast::norm_modulate_dual_backward", mutates_args=())
+def _norm_modulate_dual_bwd_op(
+    dout1: Tensor, dout2: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, scale1: Tensor, scale2: Tensor,
+    shift1_dtype: Optional[torch.dtype], shift1_per_token: bool,
+    shift2_dtype: Optional[torch.dtype], shift2_per_token: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dshift1, dscale1, dshift2, dscale2); a dshift is empty when that shift is absent."""
+    shift1 = _shift_meta(x, shift1_dtype, shift1_per_token)
+    shift2 = _shift_meta(x, shift2_dtype, shift2_per_token)
+    return _kernels().norm_modulate_bwd(dout1, dout2, x, mean, rstd, shift1, scale1, shift2, scale2)
+
+
+@_norm_modulate_dual_bwd_op.register_fake
+def _(dout1, dout2, x, mean, rstd, scale1, scale2, shift1_dtype, shift1_per_token, shift2_dtype, shift2_per_token):
+    return (
+        x.new_empty(x.shape),
+        _fake_shift_grad(x, shift1_dtype, shift1_per_token),
+        scale1.new_empty(scale1.shape),
+        _fake_shift_grad(x, shift2_dtype, shift2_per_token),
+        scale2.new_empty(scale2.shape),
+    )
+
+
+def _norm_modulate_dual_setup(ctx, inputs, output):
+    x, shift1, scale1, shift2, scale2, _ = inputs
+    _, _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x, scale1, scale2, mean, rstd)
+    ctx.shift_specs = _shift_spec(shift1) + _shift_spec(shift2)
+
+
+def _norm_modulate_dual_backward(ctx, dout1, dout2, _dmean, _drstd):
+    x, scale1, scale2, mean, rstd = ctx.saved_tensors
+    dx, dshift1, dscale1, dshift2, dscale2 = _norm_modulate_dual_bwd_op(
+        dout1, dout2, x, mean, rstd, scale1, scale2, *ctx.shift_specs
+    )
+    has1, has2 = ctx.shift_specs[0] is not None, ctx.shift_specs[2] is not None
+    return dx, (dshift1 if has1 else None), dscale1, (dshift2 if has2 else None), dscale2, None
+
+
+_norm_modulate_dual_op.register_autograd(_norm_modulate_dual_backward, setup_context=_norm_modulate_dual_setup)
+
+
+# --- gated_residual ---------------------------------------------------------------------------------
+@torch.library.custom_op("ditfast::gated_residual", mutates_args=())
+def _gated_residual_op(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
+    """x + gate * y."""
+    return _kernels().gated_residual_fwd(x, y, gate)
+
+
+@_gated_residual_op.register_fake
+def _(x, y, gate):
+    return x.new_empty(x.shape, dtype=v.result_dtype(x, y, gate))
+
+
+@torch.library.custom_op("ditfast::gated_residual_backward", mutates_args=())
+def _gated_residual_bwd_op(dout: Tensor, y: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
+    """(dy, dgate) of x + gate * y."""
+    return _kernels().gated_residual_bwd(dout, y, gate)
+
+
+@_gated_residual_bwd_op.register_fake
+def _(dout, y, gate):
+    return y.new_empty(y.shape), gate.new_empty(gate.shape)
+
+
+def _gated_residual_setup(ctx, inputs, output):
+    x, y, gate = inputs
+    ctx.save_for_backward(y, gate)
+    ctx.x_dtype = x.dtype
+
+
+def _gated_residual_backward(ctx, dout):
+    y, gate = ctx.saved_tensors
+    dy, dgate = _gated_residual_bwd_op(dout, y, gate)
+    return dout.to(ctx.x_dtype), dy, dgate
+
+
+_gated_residual_op.register_autograd(_gated_residual_backward, setup_context=_gated_residual_setup)
+
+
+# --- gated_residual_norm_modulate -------------------------------------------------------------------
+@torch.library.custom_op("ditfast::gated_residual_norm_modulate", mutates_args=())
+def _gated_residual_norm_modulate_op(
+    x: Tensor, y: Tensor, gate: Tensor, shift: Optional[Tensor], scale: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(x_new, h, mean, rstd): x_new = x + gate * y, h = LN(x_new) * (1 + scale) + shift, LN statistics."""
+    return _kernels().gated_residual_norm_modulate_fwd(x, y, gate, shift, scale, eps=eps)
+
+
+@_gated_residual_norm_modulate_op.register_fake
+def _(x, y, gate, shift, scale, eps):
+    x_new = x.new_empty(x.shape, dtype=v.result_dtype(x, y, gate))
+    h = x.new_empty(x.shape, dtype=v.result_dtype(x_new, shift, scale))
+    return (x_new, h) + _empty_stats(x)
+
+
+@torch.library.custom_op("ditfast::gated_residual_norm_modulate_backward", mutates_args=())
+def _gated_residual_norm_modulate_bwd_op(
+    dx_new: Optional[Tensor], dh: Tensor, x_new: Tensor, mean: Tensor, rstd: Tensor,
+    y: Tensor, gate: Tensor, scale: Tensor,
+    x_dtype: torch.dtype, shift_dtype: Optional[torch.dtype], shift_per_token: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dy, dgate, dshift, dscale); dx_new is the gradient reaching x_new from outside (None: 0)."""
+    shift = _shift_meta(x_new, shift_dtype, shift_per_token)
+    return _kernels().gated_residual_norm_modulate_bwd(dx_new, dh, x_new, mean, rstd, y, gate, shift, scale, x_dtype)
+
+
+@_gated_residual_norm_modulate_bwd_op.register_fake
+def _(dx_new, dh, x_new, mean, rstd, y, gate, scale, x_dtype, shift_dtype, shift_per_token):
+    return (
+        x_new.new_empty(x_new.shape, dtype=x_dtype),
+        y.new_empty(y.shape),
+        gate.new_empty(gate.shape),
+        _fake_shift_grad(x_new, shift_dtype, shift_per_token),
+        scale.new_empty(scale.shape),
+    )
+
+
+def _gated_residual_norm_modulate_setup(ctx, inputs, output):
+    x, y, gate, shift, scale, _ = inputs
+    x_new, _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x_new, mean, rstd, y, gate, scale)
+    ctx.x_dtype = x.dtype
+    ctx.shift_spec = _shift_spec(shift)
+
+
+def _gated_residual_norm_modulate_backward(ctx, dx_new, dh, _dmean, _drstd):
+    x_new, mean, rstd, y, gate, scale = ctx.saved_tensors
+    if dh is None:  # h unused: only the residual path carries gradient
+        dh = torch.zeros_like(x_new)
+    dx, dy, dgate, dshift, dscale = _gated_residual_norm_modulate_bwd_op(
+        dx_new, dh, x_new, mean, rstd, y, gate, scale, ctx.x_dtype, *ctx.shift_spec
+    )
+    return dx, dy, dgate, (None if ctx.shift_spec[0] is None else dshift), dscale, None
+
+
+_gated_residual_norm_modulate_op.register_autograd(
+    _gated_residual_norm_modulate_backward, setup_context=_gated_residual_norm_modulate_setup
+)
+
+
+# --- backend entry points (the public signatures) ---------------------------------------------------
+def _too_wide(x: Tensor) -> bool:
+    """True when D exceeds what the kernels hold in registers and the backend was chosen automatically
+    (the caller then runs the reference). An explicit request for "triton" raises ValueError instead."""
+    D = x.shape[-1]
+    if D <= _TRITON_MAX_D:
+        return False
+    if _backend.requested_backend() == "triton":
+        raise ValueError(
+            f"x has D = {D} features; the 'triton' backend's adaLN kernels support D <= {_TRITON_MAX_D} "
+            "(use the 'reference' backend, or the automatic choice, which falls back to it)"
+        )
+    return True
+
+
+def _direct(*tensors: Optional[Tensor]) -> bool:
+    """True for an eager call that records no autograd graph (inference): it launches the kernels
+    without the custom-op dispatch, which costs more host time than the launch. Under torch.compile /
+    export, or when a gradient is needed, the custom ops run."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
+def _triton_norm_modulate(x, shift, scale, *, eps=1e-6):
+    if _too_wide(x):
+        return reference.norm_modulate(x, shift, scale, eps=eps)
+    if _direct(x, shift, scale):
+        return _kernels().norm_modulate_fwd(x, shift, scale, eps=eps)[0]
+    return _norm_modulate_op(x, shift, scale, eps)[0]
+
+
+def _triton_norm_modulate_dual(x, shift1, scale1, shift2, scale2, *, eps=1e-6):
+    if _too_wide(x):
+        return reference.norm_modulate_dual(x, shift1, scale1, shift2, scale2, eps=eps)
+    if _direct(x, shift1, scale1, shift2, scale2):
+        out1, out2, _, _ = _kernels().norm_modulate_fwd(x, shift1, scale1, shift2, scale2, eps=eps)
+    else:
+        out1, out2, _, _ = _norm_modulate_dual_op(x, shift1, scale1, shift2, scale2, eps)
+    return out1, out2
+
+
+def _triton_gated_residual(x, y, gate):
+    if _too_wide(x):
+        return reference.gated_residual(x, y, gate)
+    if _direct(x, y, gate):
+        return _kernels().gated_residual_fwd(x, y, gate)
+    return _gated_residual_op(x, y, gate)
+
+
+def _triton_gated_residual_norm_modulate(x, y, gate, shift, scale, *, eps=1e-6):
+    if _too_wide(x):
+        return reference.gated_residual_norm_modulate(x, y, gate, shift, scale, eps=eps)
+    if _direct(x, y, gate, shift, scale):
+        x_new, h, _, _ = _kernels().gated_residual_norm_modulate_fwd(x, y, gate, shift, scale, eps=eps)
+    else:
+        x_new, h, _, _ = _gated_residual_norm_modulate_op(x, y, gate, shift, scale, eps)
+    return x_new, h
+
+
+_backend.register("norm_modulate", "triton", _triton_norm_modulate)
+_backend.register("norm_modulate_dual", "triton", _triton_norm_modulate_dual)
+_backend.register("gated_residual", "triton", _triton_gated_residual)
+_backend.register("gated_residual_norm_modulate", "triton", _triton_gated_residual_norm_modulate)
