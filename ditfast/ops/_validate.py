@@ -9,12 +9,28 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def float_dtype(name: str, t: torch.Tensor) -> None:
+    """fp32/bf16/fp16 everywhere; fp64 too, but only on the reference backend (for checking the
+    fp32 paths against an fp64 truth)."""
+    if t.dtype in FLOAT_DTYPES:
+        return
+    if t.dtype == torch.float64:
+        from .._backend import requested_backend
+
+        if requested_backend() == "reference":
+            return
+        raise TypeError(
+            f"{name} is float64, which only the reference backend runs (ditfast.use_backend('reference')); "
+            "the kernels take float32, bfloat16 or float16"
+        )
+    raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+
+
 def tensor(name: str, t, ndim: int, layout: str) -> torch.Tensor:
     """t must be a floating-point tensor (fp32/bf16/fp16) with ``ndim`` dims laid out as ``layout``."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    float_dtype(name, t)
     if t.dim() != ndim:
         raise ValueError(f"{name} must be {layout} ({ndim} dims), got shape {tuple(t.shape)}")
     return t
@@ -39,8 +55,7 @@ def modulation(name: str, t, x: torch.Tensor) -> torch.Tensor:
     B, L, D = x.shape
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    float_dtype(name, t)
     ok = (t.dim() == 2 and t.shape[1] == D) or (t.dim() == 3 and t.shape[1:] == (L, D))
     if not ok or t.shape[0] not in (1, B):
         raise ValueError(
