@@ -6,6 +6,7 @@ the GPU, and works without Triton or the compiled extension.
 """
 from . import ops, reference
 from ._backend import BACKENDS, use_backend
+from .integrations import is_patched, patch, unpatch
 
 __version__ = "0.1.0"
 
@@ -18,4 +19,4 @@ def __getattr__(name):  # keep `import ditfast` light: nn pulls in more modules
     raise AttributeError(f"module 'ditfast' has no attribute {name!r}")
 
 
-__all__ = ["ops", "reference", "nn", "use_backend", "BACKENDS", "__version__"]
+__all__ = ["ops", "reference", "nn", "use_backend", "BACKENDS", "patch", "unpatch", "is_patched", "__version__"]

@@ -1,0 +1,184 @@
+"""Helpers shared by the diffusers block replacements: structure checks (run once, at patch time)
+and small pieces of the forward pass (run on every call).
+
+Nothing here imports diffusers: diffusers classes are recognised by name and module
+(:func:`is_diffusers`), so ``import ditfast`` stays free of it and several diffusers versions work.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what ditfast.ops accept
+
+# ----------------------------------------------------------------------------------------------
+# Patch-time structure checks. Each ``check_*`` appends a readable problem to ``problems`` and
+# returns False when the module is not what the ditfast forward expects.
+# ----------------------------------------------------------------------------------------------
+
+
+def is_diffusers(obj, *names: str) -> bool:
+    """True when ``obj`` is an instance of exactly the diffusers class called one of ``names``."""
+    t = type(obj)
+    return t.__name__ in names and t.__module__.startswith("diffusers.")
+
+
+def describe(obj) -> str:
+    return "None" if obj is None else type(obj).__name__
+
+
+def check_layer_norm(norm, dim: int, where: str, problems: List[str]) -> bool:
+    """``norm`` must be an nn.LayerNorm over (dim,) without affine parameters (what ops.norm_modulate does)."""
+    if not isinstance(norm, nn.LayerNorm):
+        problems.append(f"{where} is {describe(norm)}, expected a LayerNorm without affine parameters")
+        return False
+    if tuple(norm.normalized_shape) != (dim,):
+        problems.append(f"{where} normalizes over {tuple(norm.normalized_shape)}, expected ({dim},)")
+        return False
+    if norm.weight is not None or norm.bias is not None:
+        problems.append(f"{where} has affine parameters (elementwise_affine=True), which ditfast does not apply")
+        return False
+    return True
+
+
+def check_ada_norm(norm, names: Sequence[str], chunks: int, dim: int, where: str, problems: List[str]) -> bool:
+    """An adaLN module (AdaLayerNormZero & co.): ``linear`` Linear(·, chunks·dim), ``silu``, ``norm``."""
+    if not is_diffusers(norm, *names):
+        problems.append(f"{where} is {describe(norm)}, expected {' or '.join(names)}")
+        return False
+    lin = getattr(norm, "linear", None)
+    out = getattr(lin, "out_features", None)
+    if out != chunks * dim or not hasattr(norm, "silu"):
+        problems.append(f"{where}.linear has {out} outputs, expected {chunks} x {dim}")
+        return False
+    return check_layer_norm(getattr(norm, "norm", None), dim, f"{where}.norm", problems)
+
+
+def check_rms_pair(attn, q_name: str, k_name: str, head_dim: int, where: str, problems: List[str]) -> bool:
+    """attn.<q_name> and attn.<k_name> must both be None or both be per-head RMSNorms with one eps."""
+    nq, nk = getattr(attn, q_name, None), getattr(attn, k_name, None)
+    if nq is None and nk is None:
+        return True
+    ok = True
+    for name, norm in ((q_name, nq), (k_name, nk)):
+        rms = isinstance(norm, nn.RMSNorm) or is_diffusers(norm, "RMSNorm")
+        if not rms:
+            problems.append(f"{where}.{name} is {describe(norm)}; ditfast supports RMSNorm QK-norm (or none)")
+            ok = False
+            continue
+        shape = getattr(norm, "normalized_shape", None) or getattr(norm, "dim", None)
+        if tuple(shape) != (head_dim,):
+            problems.append(f"{where}.{name} normalizes over {tuple(shape)}, expected the head dim ({head_dim},)")
+            ok = False
+        if getattr(norm, "eps", None) is None:
+            problems.append(f"{where}.{name} has eps=None (dtype-dependent eps), which ditfast does not reproduce")
+            ok = False
+        if getattr(norm, "bias", None) is not None:
+            problems.append(f"{where}.{name} has a bias, which ditfast does not apply")
+            ok = False
+    if ok and nq.eps != nk.eps:
+        problems.append(f"{where}.{q_name} and {k_name} have different eps ({nq.eps} vs {nk.eps})")
+        ok = False
+    return ok
+
+
+def check_linears(mod, names: Sequence[str], where: str, problems: List[str]) -> bool:
+    missing = [n for n in names if getattr(mod, n, None) is None]
+    if missing:
+        problems.append(f"{where} lacks {', '.join(missing)}")
+        return False
+    return True
+
+
+def check_signature(cls, replacement: Callable, problems: List[str]) -> bool:
+    """The class forward must take the parameters the replacement takes (same names, same order)."""
+    theirs = list(inspect.signature(cls.forward).parameters)[1:]
+    ours = list(inspect.signature(replacement).parameters)[1:]
+    if theirs != ours:
+        problems.append(
+            f"{cls.__name__}.forward takes ({', '.join(theirs)}) but ditfast's replacement takes "
+            f"({', '.join(ours)}): this diffusers version is not supported"
+        )
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward-pass pieces.
+# ----------------------------------------------------------------------------------------------
+
+
+def ada_chunks(norm, emb: torch.Tensor, chunks: int) -> Tuple[torch.Tensor, ...]:
+    """``norm.linear(SiLU(emb)).chunk(chunks)``: the modulation vectors of an adaLN(-Zero) module,
+    in the module's own order (shift, scale, gate, ...). Each is a strided (B, D) view."""
+    return norm.linear(norm.silu(emb)).chunk(chunks, dim=1)
+
+
+def ada_continuous(norm, cond: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(shift, scale) of a diffusers AdaLayerNormContinuous, which splits its projection (scale, shift)."""
+    scale, shift = norm.linear(norm.silu(cond).to(dtype)).chunk(2, dim=1)
+    return shift, scale
+
+
+def heads(t: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(B, L, H·Dh) -> (B, L, H, Dh) view."""
+    return t.unflatten(-1, (-1, head_dim))
+
+
+def packed_heads(qkv: torch.Tensor, head_dim: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, L, 3·H·Dh) packed [q | k | v] -> three strided (B, L, H, Dh) views (no copies)."""
+    return qkv.unflatten(-1, (3, -1, head_dim)).unbind(2)
+
+
+def rms_weight(norm) -> Optional[torch.Tensor]:
+    return None if norm is None else getattr(norm, "weight", None)
+
+
+def rms_eps(norm, default: float = 1e-6) -> float:
+    return default if norm is None else float(norm.eps)
+
+
+def out_proj(attn, o: torch.Tensor) -> torch.Tensor:
+    """attn.to_out: Linear then Dropout (the dropout module is called so training behaves as upstream)."""
+    o = attn.to_out[0](o)
+    return attn.to_out[1](o) if len(attn.to_out) > 1 else o
+
+
+def feed_forward(block, ff: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """``ff(h)``, chunked along ``block._chunk_dim`` when diffusers' forward chunking is enabled."""
+    size = getattr(block, "_chunk_size", None)
+    if size is None:
+        return ff(h)
+    dim = block._chunk_dim
+    if h.shape[dim] % size:
+        raise ValueError(
+            f"feed-forward chunking: dim {dim} of the hidden states ({h.shape[dim]}) is not divisible by "
+            f"the chunk size {size}"
+        )
+    return torch.cat([ff(part) for part in h.chunk(h.shape[dim] // size, dim=dim)], dim=dim)
+
+
+def fast_dtypes(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether every given tensor has a dtype the ditfast ops take (fp64 models use the original forward)."""
+    return all(t is None or (isinstance(t, torch.Tensor) and t.dtype in FLOAT_DTYPES) for t in tensors)
+
+
+def no_kwargs(kwargs) -> bool:
+    """True for a missing or empty attention-kwargs dict (IP-adapters and masks need the original forward)."""
+    return not kwargs
+
+
+class BlockSpec:
+    """A diffusers block class ditfast can run: its class name, a patch-time ``check(block) -> problems``
+    and the replacement ``forward`` (a plain function taking the block first, with the diffusers signature)."""
+
+    __slots__ = ("name", "check", "forward")
+
+    def __init__(self, name: str, check: Callable[[nn.Module], List[str]], forward: Callable):
+        self.name, self.check, self.forward = name, check, forward
+
+    def __repr__(self) -> str:
+        return f"BlockSpec({self.name})"

@@ -1,0 +1,165 @@
+"""``patch(model)`` / ``unpatch(model)``: run a diffusers DiT / SD3 / FLUX transformer on ditfast, in place.
+
+``patch`` gives every supported block of the model an instance attribute ``forward``: a ditfast
+forward bound to that block (a ``functools.partial``), with the block's diffusers signature and
+return convention, reading the block's own modules and parameters (no copies, no new parameters
+or buffers, state_dict keys unchanged). ``unpatch`` deletes those attributes, so the class forward
+runs again, bit for bit.
+
+Supported blocks (exact diffusers classes, diffusers >= 0.35):
+
+================================  ==================================================================
+``FluxTransformerBlock``          FLUX.1 double-stream block (``FluxTransformer2DModel``)
+``FluxSingleTransformerBlock``    FLUX.1 single-stream block
+``JointTransformerBlock``         SD3 / SD3.5 block, QK-norm, dual attention, pre-only last block
+                                  (``SD3Transformer2DModel``)
+``BasicTransformerBlock``         only with ``norm_type="ada_norm_zero"`` (``DiTTransformer2DModel``)
+================================  ==================================================================
+
+What stays diffusers: the embedders, ``norm_out`` / ``proj_out``, every Linear and MLP module
+(called as modules, so LoRA / PEFT and quantized layers keep working) and every forward call a
+block cannot take (IP-adapter kwargs, attention masks, a changed attention processor, float64):
+those calls run the original forward. Each family's module (``_flux``, ``_sd3``, ``_dit``) says
+exactly when. The QK-norm weights are read directly, so hooks that move weights per module
+(accelerate's sequential CPU offload) do not reach them; blocks whose ``forward`` is already
+replaced by a hook are refused, so patch before adding hooks.
+
+Errors: ``patch`` raises :class:`UnsupportedModelError` naming each block it cannot run and why
+(nothing is patched then), or when the model has no supported blocks at all; ``TypeError`` for an
+object that is neither a module nor a pipeline with a ``transformer``. Patching twice is a no-op.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Dict, List, Tuple
+
+from torch import nn
+
+from . import _dit, _flux, _sd3
+from ._common import BlockSpec
+
+__all__ = ["patch", "unpatch", "is_patched", "UnsupportedModelError", "SUPPORTED_BLOCKS"]
+
+_SPECS: Dict[str, BlockSpec] = {s.name: s for s in _flux.SPECS + _sd3.SPECS + _dit.SPECS}
+_FORWARDS = frozenset(s.forward for s in _SPECS.values())
+SUPPORTED_BLOCKS: Tuple[str, ...] = tuple(_SPECS)
+_MARK = "_ditfast_patched"
+
+
+class UnsupportedModelError(TypeError):
+    """The model (or one of its blocks) has a structure ditfast cannot run; the message says what."""
+
+
+def _spec(module: nn.Module):
+    t = type(module)
+    return _SPECS.get(t.__name__) if t.__module__.startswith("diffusers.") else None
+
+
+def _bind(spec: BlockSpec, block: nn.Module) -> functools.partial:
+    """``spec.forward`` with the block bound first: unlike a bound method, a partial survives pickling
+    (torch.save of a whole model) and deepcopy, and inspect.signature reports the diffusers signature."""
+    return functools.partial(spec.forward, block)
+
+
+def _is_ditfast_forward(f, module: nn.Module) -> bool:
+    return isinstance(f, functools.partial) and f.func in _FORWARDS and len(f.args) == 1 and f.args[0] is module
+
+
+def _is_ours(module: nn.Module) -> bool:
+    return _is_ditfast_forward(module.__dict__.get("forward"), module)
+
+
+def _resolve(obj) -> nn.Module:
+    """The nn.Module to patch: a pipeline's ``transformer``; a torch.compile wrapper's original module."""
+    if not isinstance(obj, nn.Module):
+        transformer = getattr(obj, "transformer", None)
+        if transformer is None:
+            raise TypeError(
+                f"ditfast.patch expects a diffusers transformer model or a pipeline with a .transformer, "
+                f"got {type(obj).__name__}" + (" whose transformer is None" if hasattr(obj, "transformer") else "")
+            )
+        obj = transformer
+    if not isinstance(obj, nn.Module):
+        raise TypeError(f"ditfast.patch: the pipeline's transformer is a {type(obj).__name__}, not an nn.Module")
+    inner = getattr(obj, "_orig_mod", None)  # torch.compile's OptimizedModule
+    return inner if isinstance(inner, nn.Module) else obj
+
+
+def _block_types(model: nn.Module) -> List[str]:
+    """Class names of the entries of the model's ModuleLists (its blocks), for error messages."""
+    names = {type(m).__name__ for lst in model.modules() if isinstance(lst, nn.ModuleList) for m in lst}
+    return sorted(names) or sorted({type(m).__name__ for m in model.children()})
+
+
+def _plan(model: nn.Module) -> List[Tuple[nn.Module, BlockSpec]]:
+    """The blocks to patch, after checking all of them; raises UnsupportedModelError listing every problem."""
+    todo, problems = [], []
+    for name, module in model.named_modules():
+        spec = _spec(module)
+        if spec is None or _is_ours(module):
+            continue
+        where = f"{name or '<model>'} ({spec.name})"
+        if "forward" in module.__dict__:
+            problems.append(f"{where}: its forward is already replaced on the instance (a hook from accelerate, "
+                            f"diffusers' cache/offload hooks or another patch); call ditfast.patch before adding hooks")
+            continue
+        found = spec.check(module)
+        if found:
+            problems.extend(f"{where}: {p}" for p in found)
+        else:
+            todo.append((module, spec))
+    cls = type(model).__name__
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise UnsupportedModelError(f"ditfast.patch cannot run {cls} (nothing was patched):\n  {shown}")
+    if not todo and not any(_is_ours(m) for m in model.modules()):
+        raise UnsupportedModelError(
+            f"ditfast.patch found no block it can run in {cls} "
+            f"(its blocks: {', '.join(_block_types(model)) or 'none'}); "
+            f"supported diffusers blocks: {', '.join(SUPPORTED_BLOCKS)}"
+        )
+    return todo
+
+
+def patch(model):
+    """Run ``model``'s DiT / SD3 / FLUX blocks on ditfast, in place; returns ``model``.
+
+    ``model``: a diffusers ``FluxTransformer2DModel``, ``SD3Transformer2DModel``,
+    ``DiTTransformer2DModel`` (or another model built from the same blocks), a torch.compile wrapper
+    of one, or a pipeline, whose ``.transformer`` is patched. Patching a patched model does nothing.
+    """
+    target = _resolve(model)
+    if getattr(target, _MARK, False):
+        return model
+    for block, spec in _plan(target):
+        block.forward = _bind(spec, block)
+    setattr(target, _MARK, True)
+    return model
+
+
+def unpatch(model):
+    """Undo :func:`patch`: every block runs its diffusers forward again. Returns ``model``; a model
+    that was never patched is returned unchanged."""
+    target = _resolve(model)
+    for module in target.modules():
+        if not _is_ours(module) and _is_ours_hooked(module):
+            raise RuntimeError(
+                f"ditfast.unpatch: a hook was installed on top of ditfast's forward of {type(module).__name__}; "
+                f"remove the hook (e.g. accelerate's remove_hook_from_module) before unpatching"
+            )
+    for module in target.modules():
+        if _is_ours(module):
+            del module.forward
+    if _MARK in target.__dict__:
+        delattr(target, _MARK)
+    return model
+
+
+def _is_ours_hooked(module: nn.Module) -> bool:
+    """accelerate's hooks keep the forward they wrap as ``_old_forward``."""
+    return _is_ditfast_forward(module.__dict__.get("_old_forward"), module)
+
+
+def is_patched(model) -> bool:
+    """Whether :func:`patch` has been applied to ``model`` (or the pipeline's transformer)."""
+    return bool(getattr(_resolve(model), _MARK, False))
