@@ -62,6 +62,7 @@ def _rope(L=5, half=4):
         (lambda: ops.qk_norm_rope(_q(), _q(), torch.ones(7), None, None, None), ValueError, r"q_weight must have shape \(8,\)"),
         (lambda: ops.qk_norm_rope(_q(), _q(), None, torch.ones(8, dtype=torch.int32), None, None), TypeError, "k_weight must be"),
         (lambda: ops.qk_norm_rope(_q(), _q(), None, None, torch.ones(5, 4), None), ValueError, "both be given"),
+        (lambda: ops.qk_norm_rope(_q(), _q(), torch.ones(8), None, None, None), ValueError, "q_weight and k_weight must both"),
         (lambda: ops.qk_norm_rope(_q(), _q(), None, None, *(t.double() for t in _rope())), TypeError, "cos must be float32"),
         (lambda: ops.qk_norm_rope(_q(), _q(), None, None, *_rope(L=4)), ValueError, r"cos must have shape \(L, Dh/2\) = \(5, 4\)"),
         (lambda: ops.qk_norm_rope(_q(Dh=7), _q(Dh=7), None, None, *_rope(half=3)), ValueError, "even head dim"),

@@ -20,8 +20,9 @@ __all__ = ["rms_norm", "rope_freqs", "apply_rope", "qk_norm_rope"]
 def _check_weight(name: str, w, x: torch.Tensor) -> None:
     if w is None:
         return
-    if not isinstance(w, torch.Tensor) or w.dtype not in v.FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a float32/bfloat16/float16 tensor of shape ({x.shape[-1]},), got {w!r:.80}")
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{name} must be a float32/bfloat16/float16 tensor of shape ({x.shape[-1]},), got {type(w).__name__}")
+    v.float_dtype(name, w)
     if w.shape != (x.shape[-1],):
         raise ValueError(f"{name} must have shape ({x.shape[-1]},) (the last dim of the input), got {tuple(w.shape)}")
     v.same_device("the input", x, **{name: w})
@@ -48,8 +49,9 @@ def _check_rope(cos, sin, x: torch.Tensor) -> None:
 
 def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], *, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm over the last dim: ``(x * rsqrt(mean(x²) + eps)).to(x.dtype) * weight``."""
-    if not isinstance(x, torch.Tensor) or x.dtype not in v.FLOAT_DTYPES:
-        raise TypeError(f"x must be a float32/bfloat16/float16 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a float32/bfloat16/float16 tensor, got {type(x).__name__}")
+    v.float_dtype("x", x)
     if x.dim() < 1:
         raise ValueError("x must have at least one dim")
     _check_weight("weight", weight, x)
@@ -97,9 +99,11 @@ def qk_norm_rope(
     eps: float = 1e-6,
     interleaved: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(q_out, k_out)``: per-head RMSNorm of q and k (own weights, None = no weight), then RoPE.
+    """``(q_out, k_out)``: per-head RMSNorm of q and k (each with its own weight), then RoPE.
 
     q, k: (B, L, H, Dh), possibly strided views of one packed projection. cos/sin None: norm only.
+    Both weights None: RoPE only, no norm (DESIGN.md's contract); one weight None and the other not
+    is an error. Both None and no tables: q and k are returned unchanged.
     """
     v.tensor("q", q, 4, "(B, L, H, Dh)")
     v.tensor("k", k, 4, "(B, L, H, Dh)")
@@ -111,6 +115,12 @@ def qk_norm_rope(
         raise ValueError("cos and sin must both be given or both be None")
     if cos is not None:
         _check_rope(cos, sin, q)
+    if (q_weight is None) != (k_weight is None):
+        raise ValueError("q_weight and k_weight must both be given (norm) or both be None (RoPE only)")
+    if q_weight is None:  # RoPE only
+        if cos is None:
+            return q, k
+        return apply_rope(q, cos, sin, interleaved=interleaved), apply_rope(k, cos, sin, interleaved=interleaved)
     impl = _backend.select("qk_norm_rope", q.device)
     return impl(q, k, q_weight, k_weight, cos, sin, eps=v.eps(eps), interleaved=bool(interleaved))
 
@@ -118,3 +128,255 @@ def qk_norm_rope(
 _backend.register("rms_norm", "reference", reference.rms_norm)
 _backend.register("apply_rope", "reference", reference.apply_rope)
 _backend.register("qk_norm_rope", "reference", reference.qk_norm_rope)
+
+
+# ------------------------------------------------------------------------------------------------
+# The "triton" backend: torch.library custom ops around ditfast/kernels/triton/rope.py.
+#
+# custom_op rather than triton_op (DESIGN.md: only custom_op also runs under torch.compile with the
+# Triton interpreter). Each forward op returns its fp32 per-row rstd as an extra, non-differentiable
+# output, which backward uses with the saved inputs; everything else is recomputed. Backward ops are
+# custom ops too, so compiled graphs keep them opaque. Optional inputs that are absent come back from
+# a backward op as empty (0,) tensors (custom ops cannot return None). cos/sin that require grad get
+# their gradients (rarely wanted: the tables are usually constants). Triton is imported on first use.
+# ------------------------------------------------------------------------------------------------
+Tensor = torch.Tensor
+_EMPTY = (0,)
+_K = None
+
+
+def _kernels():
+    global _K
+    if _K is None:
+        from ..kernels.triton import rope as kernels
+
+        _K = kernels
+    return _K
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(_EMPTY)
+
+
+def _zeros_if_none(g: Optional[Tensor], like: Tensor) -> Tensor:
+    # An unused output may get no gradient; a stride-0 zero view costs no memory.
+    return g if g is not None else torch.zeros((), dtype=like.dtype, device=like.device).expand(like.shape)
+
+
+# -- rms_norm --------------------------------------------------------------------------------------
+@torch.library.custom_op("ditfast::rms_norm", mutates_args=())
+def _rms_norm_op(x: Tensor, weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
+    """(y, rstd): y like x (contiguous), rstd fp32 of shape x.shape[:-1]."""
+    k = _kernels()
+    (x4,) = k.as_rows_4d(x)
+    y, _, rstd, _ = k.norm_rope_fwd(x4, None, weight, None, None, None, eps, True, False)
+    return y.view(x.shape), rstd.view(x.shape[:-1])
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("ditfast::rms_norm_backward", mutates_args=())
+def _rms_norm_backward_op(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor) -> tuple[Tensor, Tensor]:
+    """(dx, dweight); dweight is empty when weight is None."""
+    k = _kernels()
+    x4, dy4 = k.as_rows_4d(x, dy)
+    dx, _, dw, _, _, _ = k.norm_rope_bwd(dy4, None, x4, None, weight, None, rstd, None, None, None, False, False)
+    return dx.view(x.shape), _empty(x) if dw is None else dw
+
+
+@_rms_norm_backward_op.register_fake
+def _(dy, x, weight, rstd):
+    return x.new_empty(x.shape), _empty(x) if weight is None else torch.empty_like(weight)
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, _ = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _rms_norm_bwd(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = torch.ops.ditfast.rms_norm_backward.default(_zeros_if_none(dy, x), x, weight, rstd)
+    return dx, (dw if weight is not None else None), None
+
+
+_rms_norm_op.register_autograd(_rms_norm_bwd, setup_context=_rms_norm_setup)
+
+
+def _rms_norm_triton(x: Tensor, weight: Optional[Tensor], *, eps: float = 1e-6) -> Tensor:
+    return torch.ops.ditfast.rms_norm.default(x, weight, eps)[0]
+
+
+# -- apply_rope ------------------------------------------------------------------------------------
+@torch.library.custom_op("ditfast::apply_rope", mutates_args=())
+def _apply_rope_op(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
+    return _kernels().norm_rope_fwd(x, None, None, None, cos, sin, 0.0, False, interleaved)[0]
+
+
+@_apply_rope_op.register_fake
+def _(x, cos, sin, interleaved):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("ditfast::apply_rope_backward", mutates_args=())
+def _apply_rope_backward_op(
+    dy: Tensor, x: Optional[Tensor], cos: Tensor, sin: Tensor, interleaved: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dcos, dsin); x is needed (and dcos, dsin are computed) only for the tables' grads."""
+    table_grad = x is not None
+    dx, _, _, _, dcos, dsin = _kernels().norm_rope_bwd(
+        dy, None, x if table_grad else dy, None, None, None, None, None, cos, sin, interleaved, table_grad
+    )
+    return dx, _empty(cos) if dcos is None else dcos, _empty(sin) if dsin is None else dsin
+
+
+@_apply_rope_backward_op.register_fake
+def _(dy, x, cos, sin, interleaved):
+    if x is None:
+        return dy.new_empty(dy.shape), _empty(cos), _empty(sin)
+    return dy.new_empty(dy.shape), torch.empty_like(cos), torch.empty_like(sin)
+
+
+def _apply_rope_setup(ctx, inputs, output):
+    x, cos, sin, interleaved = inputs
+    ctx.interleaved = interleaved
+    ctx.table_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    ctx.save_for_backward(x if ctx.table_grad else None, cos, sin)
+
+
+def _apply_rope_bwd(ctx, dy):
+    x, cos, sin = ctx.saved_tensors
+    dx, dcos, dsin = torch.ops.ditfast.apply_rope_backward.default(dy, x, cos, sin, ctx.interleaved)
+    if not ctx.table_grad:
+        return dx, None, None, None
+    return dx, dcos, dsin, None
+
+
+_apply_rope_op.register_autograd(_apply_rope_bwd, setup_context=_apply_rope_setup)
+
+
+def _apply_rope_triton(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = True) -> Tensor:
+    return torch.ops.ditfast.apply_rope.default(x, cos, sin, interleaved)
+
+
+# -- qk_norm_rope ----------------------------------------------------------------------------------
+@torch.library.custom_op("ditfast::qk_norm_rope", mutates_args=())
+def _qk_norm_rope_op(
+    q: Tensor,
+    k: Tensor,
+    q_weight: Optional[Tensor],
+    k_weight: Optional[Tensor],
+    cos: Optional[Tensor],
+    sin: Optional[Tensor],
+    eps: float,
+    interleaved: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(q_out, k_out, q_rstd, k_rstd): one launch for both q and k; rstd fp32 (B, L, H)."""
+    return _kernels().norm_rope_fwd(q, k, q_weight, k_weight, cos, sin, eps, True, interleaved)
+
+
+@_qk_norm_rope_op.register_fake
+def _(q, k, q_weight, k_weight, cos, sin, eps, interleaved):
+    rstd_shape = q.shape[:-1]
+    return (
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
+        q.new_empty(rstd_shape, dtype=torch.float32),
+        q.new_empty(rstd_shape, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("ditfast::qk_norm_rope_backward", mutates_args=())
+def _qk_norm_rope_backward_op(
+    dq_out: Tensor,
+    dk_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    q_weight: Optional[Tensor],
+    k_weight: Optional[Tensor],
+    q_rstd: Tensor,
+    k_rstd: Tensor,
+    cos: Optional[Tensor],
+    sin: Optional[Tensor],
+    interleaved: bool,
+    table_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dq_weight, dk_weight, dcos, dsin); absent weights / tables give empty tensors."""
+    dq, dk, dqw, dkw, dcos, dsin = _kernels().norm_rope_bwd(
+        dq_out, dk_out, q, k, q_weight, k_weight, q_rstd, k_rstd, cos, sin, interleaved, table_grad
+    )
+    return (
+        dq,
+        dk,
+        _empty(q) if dqw is None else dqw,
+        _empty(q) if dkw is None else dkw,
+        _empty(q if cos is None else cos) if dcos is None else dcos,
+        _empty(q if sin is None else sin) if dsin is None else dsin,
+    )
+
+
+@_qk_norm_rope_backward_op.register_fake
+def _(dq_out, dk_out, q, k, q_weight, k_weight, q_rstd, k_rstd, cos, sin, interleaved, table_grad):
+    tables = table_grad and cos is not None
+    return (
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
+        _empty(q) if q_weight is None else torch.empty_like(q_weight),
+        _empty(q) if k_weight is None else torch.empty_like(k_weight),
+        torch.empty_like(cos) if tables else _empty(q if cos is None else cos),
+        torch.empty_like(sin) if tables else _empty(q if sin is None else sin),
+    )
+
+
+def _qk_norm_rope_setup(ctx, inputs, output):
+    q, k, q_weight, k_weight, cos, sin, _, interleaved = inputs
+    _, _, q_rstd, k_rstd = output
+    ctx.mark_non_differentiable(q_rstd, k_rstd)
+    ctx.interleaved = interleaved
+    ctx.table_grad = cos is not None and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5])
+    ctx.save_for_backward(q, k, q_weight, k_weight, q_rstd, k_rstd, cos, sin)
+
+
+def _qk_norm_rope_bwd(ctx, dq_out, dk_out, _dq_rstd, _dk_rstd):
+    q, k, q_weight, k_weight, q_rstd, k_rstd, cos, sin = ctx.saved_tensors
+    dq, dk, dqw, dkw, dcos, dsin = torch.ops.ditfast.qk_norm_rope_backward.default(
+        _zeros_if_none(dq_out, q), _zeros_if_none(dk_out, k), q, k, q_weight, k_weight, q_rstd, k_rstd,
+        cos, sin, ctx.interleaved, ctx.table_grad,
+    )
+    return (
+        dq,
+        dk,
+        dqw if q_weight is not None else None,
+        dkw if k_weight is not None else None,
+        dcos if ctx.table_grad else None,
+        dsin if ctx.table_grad else None,
+        None,
+        None,
+    )
+
+
+_qk_norm_rope_op.register_autograd(_qk_norm_rope_bwd, setup_context=_qk_norm_rope_setup)
+
+
+def _qk_norm_rope_triton(
+    q: Tensor,
+    k: Tensor,
+    q_weight: Optional[Tensor],
+    k_weight: Optional[Tensor],
+    cos: Optional[Tensor],
+    sin: Optional[Tensor],
+    *,
+    eps: float = 1e-6,
+    interleaved: bool = True,
+) -> tuple[Tensor, Tensor]:
+    q_out, k_out, _, _ = torch.ops.ditfast.qk_norm_rope.default(q, k, q_weight, k_weight, cos, sin, eps, interleaved)
+    return q_out, k_out
+
+
+_backend.register("rms_norm", "triton", _rms_norm_triton)
+_backend.register("apply_rope", "triton", _apply_rope_triton)
+_backend.register("qk_norm_rope", "triton", _qk_norm_rope_triton)

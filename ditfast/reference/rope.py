@@ -81,8 +81,12 @@ def qk_norm_rope(
     eps: float = 1e-6,
     interleaved: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm of each head of q and k (with its own weight), then RoPE. cos/sin None: norm only."""
-    q, k = rms_norm(q, q_weight, eps=eps), rms_norm(k, k_weight, eps=eps)
+    """RMSNorm of each head of q and k (with its own weight), then RoPE.
+
+    cos/sin None: norm only. Both weights None: RoPE only (no norm), as DESIGN.md's contract says.
+    """
+    if q_weight is not None or k_weight is not None:
+        q, k = rms_norm(q, q_weight, eps=eps), rms_norm(k, k_weight, eps=eps)
     if cos is not None:
         q = apply_rope(q, cos, sin, interleaved=interleaved)
         k = apply_rope(k, cos, sin, interleaved=interleaved)
