@@ -59,8 +59,8 @@ class TinyFlux(nn.Module):
         super().__init__()
         self.img_in, self.txt_in = nn.Linear(in_ch, hidden), nn.Linear(16, hidden)
         self.time_in = nn.Sequential(nn.Linear(32, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-        self.double = DoubleStreamBlock(hidden, heads, qkv_bias=True)
-        self.single = SingleStreamBlock(hidden, heads)
+        self.double_block = DoubleStreamBlock(hidden, heads, qkv_bias=True)
+        self.single_block = SingleStreamBlock(hidden, heads)
         self.out = nn.Linear(hidden, in_ch)
         ids = torch.zeros(txt_len + img_len, 3)
         ids[txt_len:, 1], ids[txt_len:, 2] = torch.arange(img_len) // 4, torch.arange(img_len) % 4
@@ -70,8 +70,8 @@ class TinyFlux(nn.Module):
     def forward(self, img, txt, t):
         vec = self.time_in(timestep_embedding(t * 1000).to(img.dtype))
         rope = ops.rope_freqs(self.ids, (8, 8, 8))  # once per forward, shared by both blocks
-        img, txt = self.double(self.img_in(img), self.txt_in(txt), vec, rope)
-        x = self.single(torch.cat([txt, img], dim=1), vec, rope)
+        img, txt = self.double_block(self.img_in(img), self.txt_in(txt), vec, rope)
+        x = self.single_block(torch.cat([txt, img], dim=1), vec, rope)
         return self.out(x[:, self.txt_len:])
 
 

@@ -1,0 +1,1 @@
+"""pytest-benchmark microbenchmarks (see conftest.py); not part of the test command."""

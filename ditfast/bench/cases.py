@@ -1,0 +1,313 @@
+"""What the benchmark measures: the shapes per level, and the bytes / FLOPs formulas behind GB/s and TFLOP/s.
+
+Shapes come from REFERENCE.md's "Typical shapes" table. On a GPU the real shapes run; on CPU (the
+smoke) tiny, deliberately awkward ones do (D = 200, L = 77, Dh = 72), as in the interpreter tests.
+
+Memory-bound ops are scored in GB/s: the bytes that *must* move (every input read once, every output
+written once, nothing else) divided by the time. Attention is scored in TFLOP/s with the usual
+4·B·H·Lq·Lk·Dh forward count (two matmuls) and 2.5× that for the backward (flash-attention's
+convention). Blocks and models are scored in TFLOP/s of their matmuls (2·M·N·K per linear layer plus
+the attention count; elementwise work is not counted); their backward costs 2× the linear forward.
+All formulas are pure functions of the shapes so the tests can check them without a GPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+LEVELS = ("ops", "attention", "blocks", "train", "models")
+
+# fp32 cos/sin tables of RoPE (ditfast.ops.rope_freqs returns fp32).
+TABLE_BYTES = 4
+
+ATTN_BWD_FACTOR = 2.5  # backward FLOPs of attention / forward FLOPs (flash-attention's convention)
+LINEAR_BWD_FACTOR = 2.0  # backward of a matmul = two matmuls of the forward's size
+
+
+# --------------------------------------------------------------------------------------------- bytes
+def modulate_bytes(op: str, B: int, L: int, D: int, elt: int) -> Dict[str, int]:
+    """Bytes that must move for the adaLN ops on x (B, L, D) with (B, D) shift/scale/gate.
+
+    ``elt`` is the element size of x and of the modulation vectors. Forward: read every input once,
+    write every output once. Backward: read the saved activations and the output gradients, write the
+    input gradients; the (B, D) gradients of shift/scale/gate are written once. The residual stream's
+    gradient of ``x + gate * y`` is the incoming gradient itself (no copy), so it is not counted.
+    """
+    N, V = B * L * D, B * D  # activation elements, modulation-vector elements
+    if op == "norm_modulate":  # x, shift, scale -> h
+        fwd = 2 * N + 2 * V
+        bwd = 3 * N + 3 * V  # read x, dh, scale; write dx, dshift, dscale
+    elif op == "norm_modulate_dual":  # x, (shift, scale) x2 -> h1, h2
+        fwd = 3 * N + 4 * V
+        bwd = 4 * N + 6 * V  # read x, dh1, dh2, scale1, scale2; write dx and four vector grads
+    elif op == "gated_residual":  # x, y, gate -> x + gate * y
+        fwd = 3 * N + V
+        bwd = 3 * N + 2 * V  # read dout, y, gate; write dy, dgate (dx = dout)
+    elif op == "gated_residual_norm_modulate":  # x, y, gate, shift, scale -> x_new, h
+        fwd = 4 * N + 3 * V
+        bwd = 6 * N + 5 * V  # read dx_new, dh, x_new, y, gate, scale; write dx, dy, dgate, dshift, dscale
+    else:
+        raise ValueError(f"no byte count for op {op!r}")
+    return {"fwd": fwd * elt, "fwd_bwd": (fwd + bwd) * elt}
+
+
+def head_op_bytes(op: str, B: int, L: int, H: int, Dh: int, elt: int, *, table_rows: Optional[int] = None) -> Dict[str, int]:
+    """Bytes that must move for the per-head ops on (B, L, H, Dh) tensors.
+
+    rms_norm: x and a weight of Dh. apply_rope: x and fp32 cos/sin tables of (table_rows, Dh/2)
+    (table_rows = L for shared tables, B·L for per-sample ones). qk_norm_rope: q and k, two weights,
+    the tables. Backward reads the saved inputs and output gradients and writes input gradients.
+    """
+    N = B * L * H * Dh
+    rows = L if table_rows is None else table_rows
+    tables = 2 * rows * (Dh // 2) * TABLE_BYTES  # cos and sin
+    if op == "rms_norm":
+        fwd = (2 * N + Dh) * elt
+        bwd = (3 * N + 2 * Dh) * elt  # read x, dy, w; write dx, dw
+    elif op == "apply_rope":
+        fwd = 2 * N * elt + tables
+        bwd = 2 * N * elt + tables  # read dy, write dx (a rotation by the negative angle)
+    elif op == "qk_norm_rope":
+        fwd = (4 * N + 2 * Dh) * elt + tables
+        bwd = (6 * N + 4 * Dh) * elt + tables  # read q, k, dq', dk', weights; write dq, dk, dweights
+    else:
+        raise ValueError(f"no byte count for op {op!r}")
+    return {"fwd": fwd, "fwd_bwd": fwd + bwd}
+
+
+# --------------------------------------------------------------------------------------------- FLOPs
+def attention_flops(B: int, H: int, Lq: int, Lk: int, Dh: int) -> Dict[str, float]:
+    """4·B·H·Lq·Lk·Dh for the forward (QKᵀ and PV, 2 FLOPs per multiply-add); backward 2.5× that."""
+    fwd = 4.0 * B * H * Lq * Lk * Dh
+    return {"fwd": fwd, "fwd_bwd": fwd * (1 + ATTN_BWD_FACTOR)}
+
+
+def linear_flops(tokens: int, d_in: int, d_out: int) -> float:
+    """2·tokens·d_in·d_out: one matmul of a Linear layer (bias adds are not counted)."""
+    return 2.0 * tokens * d_in * d_out
+
+
+def _combine(linear: float, attn_fwd: float) -> Dict[str, float]:
+    return {
+        "fwd": linear + attn_fwd,
+        "fwd_bwd": linear * (1 + LINEAR_BWD_FACTOR) + attn_fwd * (1 + ATTN_BWD_FACTOR),
+        "linear_fwd": linear,
+        "attention_fwd": attn_fwd,
+    }
+
+
+def block_flops(block: str, dims: Dict[str, int]) -> Dict[str, float]:
+    """Matmul FLOPs of one block (linear layers + attention); ``linear_fwd`` is the linear part alone.
+
+    dims: B, D, H, M (MLP hidden) and the token counts: L (DiTBlock, SingleStreamBlock),
+    Li / Lt (DoubleStreamBlock: image / text), Lx / Lc (JointBlock: image / context).
+    """
+    B, D, H, M = dims["B"], dims["D"], dims["H"], dims["M"]
+    Dh = D // H
+
+    def stream(L: int, chunks: int) -> float:  # a DiT-like stream: adaLN, qkv, proj, MLP
+        return (linear_flops(B, D, chunks * D) + linear_flops(B * L, D, 3 * D) + linear_flops(B * L, D, D)
+                + linear_flops(B * L, D, M) + linear_flops(B * L, M, D))
+
+    if block == "DiTBlock":
+        L = dims["L"]
+        return _combine(stream(L, 6), attention_flops(B, H, L, L, Dh)["fwd"])
+    if block == "DoubleStreamBlock":
+        Li, Lt = dims["Li"], dims["Lt"]
+        L = Li + Lt
+        return _combine(stream(Li, 6) + stream(Lt, 6), attention_flops(B, H, L, L, Dh)["fwd"])
+    if block == "JointBlock":
+        Lx, Lc = dims["Lx"], dims["Lc"]
+        L = Lx + Lc
+        return _combine(stream(Lx, 6) + stream(Lc, 6), attention_flops(B, H, L, L, Dh)["fwd"])
+    if block == "SingleStreamBlock":
+        L = dims["L"]
+        linear = linear_flops(B, D, 3 * D) + linear_flops(B * L, D, 3 * D + M) + linear_flops(B * L, D + M, D)
+        return _combine(linear, attention_flops(B, H, L, L, Dh)["fwd"])
+    raise ValueError(f"no FLOP count for block {block!r}")
+
+
+def rate(work: Optional[float], ms: Optional[float], metric: str) -> Optional[float]:
+    """GB/s (work in bytes) or TFLOP/s (work in FLOPs) for a time in milliseconds."""
+    if work is None or ms is None or ms <= 0:
+        return None
+    per_s = work / (ms * 1e-3)
+    return per_s / 1e9 if metric == "GB/s" else per_s / 1e12
+
+
+# --------------------------------------------------------------------------------------------- cases
+@dataclass
+class Case:
+    """One row group of the results: one op / block / model at one shape.
+
+    ``dims`` are the named sizes; ``work`` the bytes or FLOPs for ``metric`` ("GB/s" or "TFLOP/s"),
+    per direction ("fwd", "fwd_bwd"); ``graph`` asks for the CUDA-graph column (launch-bound shapes);
+    ``target`` marks the shapes the performance targets are judged at (they run first).
+    """
+
+    level: str
+    name: str
+    label: str
+    dims: Dict[str, int]
+    metric: str
+    work: Dict[str, float] = field(default_factory=dict)
+    graph: bool = False
+    target: bool = False
+    params: Dict[str, object] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.level}/{self.name}/{self.label}"
+
+
+# Real shapes (REFERENCE.md) --------------------------------------------------------------------------
+FLUX = dict(B=1, L=4608, D=3072)  # FLUX.1-dev @1024: 4096 image + 512 text tokens
+FLUX_TXT = dict(B=1, L=512, D=3072)  # its text stream alone: small, launch-bound
+DIT = dict(B=32, L=256, D=1152)  # DiT-XL/2 @256, batch 32
+SD35M = dict(B=2, L=4429, D=1536)  # SD3.5-medium @1024 with CFG (4096 + 333 tokens)
+SD35L = dict(B=2, L=4429, D=2432)  # SD3.5-large @1024 with CFG
+# Tiny, awkward shapes for the CPU smoke (reference / Triton interpreter)
+TINY = dict(B=2, L=77, D=200)
+
+
+def _op_case(name: str, label: str, dims: dict, elt: int, *, graph=False, target=False) -> Case:
+    if "H" in dims:
+        work = head_op_bytes(name, dims["B"], dims["L"], dims["H"], dims["Dh"], elt)
+    else:
+        work = modulate_bytes(name, dims["B"], dims["L"], dims["D"], elt)
+    return Case("ops", name, label, dict(dims), "GB/s", work, graph=graph, target=target)
+
+
+def _heads(d: dict, H: int) -> dict:
+    return dict(B=d["B"], L=d["L"], H=H, Dh=d["D"] // H)
+
+
+def op_cases(elt: int, *, tiny: bool, quick: bool, full: bool) -> List[Case]:
+    mod_ops = ("norm_modulate", "gated_residual", "gated_residual_norm_modulate")
+    if tiny:
+        heads = dict(B=2, L=77, H=3, Dh=72)
+        cases = [_op_case(op, "tiny", TINY, elt, graph=True, target=True) for op in mod_ops]
+        cases.append(_op_case("norm_modulate_dual", "tiny", TINY, elt))
+        cases.append(_op_case("qk_norm_rope", "tiny", heads, elt, graph=True, target=True))
+        if not quick:
+            cases += [_op_case("rms_norm", "tiny", heads, elt), _op_case("apply_rope", "tiny", heads, elt)]
+        return cases
+    flux_heads, txt_heads = _heads(FLUX, 24), _heads(FLUX_TXT, 24)
+    cases = [_op_case(op, "FLUX-dev", FLUX, elt, target=True) for op in mod_ops]
+    cases.append(_op_case("qk_norm_rope", "FLUX-dev", flux_heads, elt, target=True))
+    if quick:
+        return cases
+    cases += [_op_case(op, "FLUX text", FLUX_TXT, elt, graph=True) for op in mod_ops]
+    cases.append(_op_case("qk_norm_rope", "FLUX text", txt_heads, elt, graph=True))
+    cases += [_op_case(op, "DiT-XL/2 b32", DIT, elt) for op in ("norm_modulate", "gated_residual_norm_modulate")]
+    cases.append(_op_case("norm_modulate_dual", "SD3.5-medium CFG", SD35M, elt))
+    if full:
+        cases += [_op_case(op, "SD3.5-large CFG", SD35L, elt) for op in mod_ops]
+        cases.append(_op_case("rms_norm", "SD3.5-large CFG", _heads(SD35L, 38), elt))
+        cases.append(_op_case("apply_rope", "FLUX-dev", flux_heads, elt))
+    return cases
+
+
+def _attn_case(label: str, B: int, L: int, H: int, Dh: int, *, target=False, graph=False) -> Case:
+    dims = dict(B=B, L=L, H=H, Dh=Dh)
+    return Case("attention", "joint_attention", label, dims, "TFLOP/s", attention_flops(B, H, L, L, Dh),
+                graph=graph, target=target)
+
+
+def attention_cases(*, tiny: bool, quick: bool, full: bool) -> List[Case]:
+    if tiny:
+        return [_attn_case("tiny", 2, 77, 3, 72, target=True)]
+    cases = [
+        _attn_case("FLUX-dev", 1, 4608, 24, 128, target=True),
+        _attn_case("SD3.5 CFG", 2, 4429, 24, 64, target=True),
+        _attn_case("DiT-XL/2 256px", 8, 256, 16, 72, target=True, graph=True),
+        _attn_case("DiT-XL/2 512px", 8, 1024, 16, 72, target=True),
+    ]
+    if quick:
+        return cases[:1]
+    if full:
+        cases.append(_attn_case("SD3.5-large CFG", 2, 4429, 38, 64))
+    return cases
+
+
+def _block_case(name: str, label: str, dims: dict, *, target=False, level="blocks", **params) -> Case:
+    work = block_flops(name, dims)
+    if params.get("depth"):
+        work = {k: v * params["depth"] for k, v in work.items()}
+    return Case(level, name, label, dict(dims), "TFLOP/s", work, target=target, params=params)
+
+
+def block_cases(*, tiny: bool, quick: bool, full: bool) -> List[Case]:
+    if tiny:
+        # Dh = 64 / 36: even (RoPE) and small; axes (8, 28, 28) sum to 64 like FLUX's (16, 56, 56) to 128
+        return [
+            _block_case("DiTBlock", "tiny", dict(B=2, L=77, D=72, H=2, M=288), target=True),
+            _block_case("DoubleStreamBlock", "tiny", dict(B=2, Li=64, Lt=13, D=128, H=2, M=512), target=True,
+                        axes_dim=(8, 28, 28)),
+            _block_case("SingleStreamBlock", "tiny", dict(B=2, L=77, D=128, H=2, M=512), target=True,
+                        axes_dim=(8, 28, 28), txt=13),
+            _block_case("JointBlock", "tiny", dict(B=2, Lx=64, Lc=13, D=128, H=2, M=512), target=True, qk_norm="rms"),
+        ]
+    cases = [
+        _block_case("DoubleStreamBlock", "FLUX-dev", dict(B=1, Li=4096, Lt=512, D=3072, H=24, M=12288), target=True,
+                    axes_dim=(16, 56, 56)),
+        _block_case("SingleStreamBlock", "FLUX-dev", dict(B=1, L=4608, D=3072, H=24, M=12288), target=True,
+                    axes_dim=(16, 56, 56), txt=512),
+        _block_case("JointBlock", "SD3.5-large CFG", dict(B=2, Lx=4096, Lc=333, D=2432, H=38, M=9728), target=True,
+                    qk_norm="rms"),
+        _block_case("DiTBlock", "DiT-XL/2 256px b32", dict(B=32, L=256, D=1152, H=16, M=4608), target=True),
+    ]
+    if quick:
+        return cases[:1]
+    if full:
+        cases.append(_block_case("JointBlock", "SD3-medium CFG", dict(B=2, Lx=4096, Lc=154, D=1536, H=24, M=6144)))
+        cases.append(_block_case("DiTBlock", "DiT-XL/2 512px b8", dict(B=8, L=1024, D=1152, H=16, M=4608)))
+    return cases
+
+
+def train_cases(*, tiny: bool, quick: bool, full: bool) -> List[Case]:
+    """Training steps (forward + backward, peak memory) of a DiT-XL/2 block stack."""
+    if tiny:
+        return [_block_case("DiTBlock", "stack of 2, tiny", dict(B=2, L=77, D=72, H=2, M=288), target=True,
+                            level="train", depth=2)]
+    if quick:
+        return []
+    return [_block_case("DiTBlock", "DiT-XL/2 stack of 28, 256px b32", dict(B=32, L=256, D=1152, H=16, M=4608),
+                        target=True, level="train", depth=28)]
+
+
+def model_cases(*, tiny: bool, quick: bool, full: bool) -> List[Case]:
+    """Whole diffusers transformers (FLOPs are counted on the model itself, see level_models)."""
+    if tiny:
+        return [
+            Case("models", "FluxTransformer2DModel", "tiny", dict(B=1, Li=64, Lt=13, D=32, H=2), "TFLOP/s",
+                 target=True, params=dict(double=1, single=1, axes_dim=(4, 6, 6), in_channels=16, ctx=32, pooled=32)),
+            Case("models", "SD3Transformer2DModel", "tiny", dict(B=2, S=16, Lc=13, D=32, H=2), "TFLOP/s",
+                 target=True, params=dict(layers=2, in_channels=4, ctx=32, pooled=32, qk_norm="rms_norm", pos_max=8)),
+        ]
+    if quick:
+        return []
+    n_double, n_single, n_sd3 = (19, 38, 38) if full else (2, 4, 4)
+    return [
+        Case("models", "FluxTransformer2DModel",
+             f"FLUX.1-dev widths, {n_double}/19 double + {n_single}/38 single blocks",
+             dict(B=1, Li=4096, Lt=512, D=3072, H=24), "TFLOP/s", target=True,
+             params=dict(double=n_double, single=n_single, axes_dim=(16, 56, 56), in_channels=64, ctx=4096,
+                         pooled=768)),
+        Case("models", "SD3Transformer2DModel", f"SD3.5-large widths, {n_sd3}/38 blocks, CFG",
+             dict(B=2, S=128, Lc=333, D=2432, H=38), "TFLOP/s", target=True,
+             params=dict(layers=n_sd3, in_channels=16, ctx=4096, pooled=2048, qk_norm="rms_norm", pos_max=192)),
+    ]
+
+
+def plan(levels, elt: int, *, tiny: bool, quick: bool, full: bool) -> List[Case]:
+    """The cases to run, target shapes first (across levels), then the rest, each in level order."""
+    makers = {
+        "ops": lambda: op_cases(elt, tiny=tiny, quick=quick, full=full),
+        "attention": lambda: attention_cases(tiny=tiny, quick=quick, full=full),
+        "blocks": lambda: block_cases(tiny=tiny, quick=quick, full=full),
+        "train": lambda: train_cases(tiny=tiny, quick=quick, full=full),
+        "models": lambda: model_cases(tiny=tiny, quick=quick, full=full),
+    }
+    cases = [c for level in LEVELS if level in levels for c in makers[level]()]
+    return [c for c in cases if c.target] + [c for c in cases if not c.target]

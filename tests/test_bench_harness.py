@@ -1,0 +1,441 @@
+"""Tests of the benchmark harness (ditfast.bench) on CPU: the bytes / FLOPs formulas, the timers'
+bookkeeping, the JSON schema, the targets, the table and README renderers, the plots, and one
+end-to-end ``--quick`` smoke. Nothing here asserts a speed."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from ditfast import reference
+from ditfast.bench import cases as C
+from ditfast.bench import report, runner, timing
+from ditfast.bench.cli import main
+from ditfast.bench.level_models import count_linear_flops
+from ditfast.bench.level_ops import _normalize_report, op_inputs
+from ditfast.bench.variants import Built, VariantSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
+
+
+# ----------------------------------------------------------------------------------------- formulas
+def test_modulate_bytes_by_hand():
+    # N = 2*3*4 = 24 activation elements, V = 2*4 = 8 vector elements, 2-byte elements
+    b = C.modulate_bytes("norm_modulate", 2, 3, 4, 2)
+    assert b["fwd"] == (2 * 24 + 2 * 8) * 2 == 128
+    assert b["fwd_bwd"] == 128 + (3 * 24 + 3 * 8) * 2 == 320
+    g = C.modulate_bytes("gated_residual", 2, 3, 4, 4)
+    assert g == {"fwd": (3 * 24 + 8) * 4, "fwd_bwd": (3 * 24 + 8 + 3 * 24 + 2 * 8) * 4}
+    with pytest.raises(ValueError, match="no byte count"):
+        C.modulate_bytes("softmax", 1, 1, 1, 2)
+
+
+def _nbytes(ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+@pytest.mark.parametrize("op", ["norm_modulate", "norm_modulate_dual", "gated_residual",
+                                "gated_residual_norm_modulate", "rms_norm", "apply_rope"])
+def test_forward_bytes_are_inputs_plus_outputs(op):
+    """The forward count must equal reading every input tensor once and writing every output once."""
+    dims = dict(B=2, L=5, H=3, Dh=8) if op in ("rms_norm", "apply_rope") else dict(B=2, L=5, D=12)
+    case = C._op_case(op, "t", dims, 4)
+    seen = []
+
+    def spy(*args):
+        seen.extend(a for a in args if isinstance(a, torch.Tensor))
+        return getattr(reference, op)(*args)
+
+    leaves, invoke = op_inputs(case, "cpu", torch.float32)
+    out = invoke(spy)
+    outs = [out] if isinstance(out, torch.Tensor) else list(out)
+    assert case.work["fwd"] == _nbytes(seen) + _nbytes(outs)
+
+
+def test_qk_norm_rope_bytes_by_hand():
+    B, L, H, Dh, elt = 1, 10, 2, 8, 2
+    N = B * L * H * Dh
+    tables = 2 * L * (Dh // 2) * 4
+    b = C.head_op_bytes("qk_norm_rope", B, L, H, Dh, elt)
+    assert b["fwd"] == (4 * N + 2 * Dh) * elt + tables
+    assert b["fwd_bwd"] == b["fwd"] + (6 * N + 4 * Dh) * elt + tables
+    # per-sample tables (B, L, Dh/2) count B times the rows
+    assert C.head_op_bytes("apply_rope", 3, L, H, Dh, elt, table_rows=3 * L)["fwd"] == 2 * 3 * N * elt + 3 * tables
+
+
+def test_attention_flops():
+    f = C.attention_flops(2, 3, 5, 7, 8)
+    # QK^T and PV: two matmuls of 2*B*H*Lq*Lk*Dh each
+    assert f["fwd"] == 2 * (2 * 2 * 3 * 5 * 7 * 8)
+    assert f["fwd_bwd"] == pytest.approx(3.5 * f["fwd"])
+    flux = C.attention_flops(1, 24, 4608, 4608, 128)["fwd"]
+    assert flux == pytest.approx(4 * 24 * 4608 ** 2 * 128)
+
+
+@pytest.mark.parametrize("case", C.block_cases(tiny=True, quick=False, full=False), ids=lambda c: c.name)
+def test_block_linear_flops_match_hooks(case):
+    """The block formula's linear part equals the matmul FLOPs counted on the real module."""
+    from ditfast.bench.level_blocks import BlockInputs, ditfast_block
+
+    m = ditfast_block(case, "cpu", torch.float32)
+    inputs = BlockInputs(case, "cpu", torch.float32)
+    counted = count_linear_flops(m, lambda: inputs.call_ditfast(m))
+    f = C.block_flops(case.name, case.dims)
+    assert f["linear_fwd"] == pytest.approx(counted)
+    d = case.dims
+    L = d.get("L") or d.get("Li", 0) + d.get("Lt", 0) or d["Lx"] + d["Lc"]
+    assert f["attention_fwd"] == C.attention_flops(d["B"], d["H"], L, L, d["D"] // d["H"])["fwd"]
+    assert f["fwd_bwd"] == pytest.approx(3 * f["linear_fwd"] + 3.5 * f["attention_fwd"])
+
+
+def test_rate_units():
+    assert C.rate(1e9, 1.0, "GB/s") == pytest.approx(1000.0)  # 1 GB in 1 ms
+    assert C.rate(1e12, 2.0, "TFLOP/s") == pytest.approx(500.0)
+    assert C.rate(None, 1.0, "GB/s") is None and C.rate(1.0, 0.0, "GB/s") is None
+
+
+def test_plan_targets_first_and_real_shapes():
+    plan = C.plan(C.LEVELS, 2, tiny=False, quick=False, full=False)
+    flags = [c.target for c in plan]
+    assert flags == sorted(flags, reverse=True), "target cases must come first"
+    keys = {c.key for c in plan}
+    assert "ops/norm_modulate/FLUX-dev" in keys
+    att = {(c.dims["B"], c.dims["L"], c.dims["H"], c.dims["Dh"]) for c in plan if c.level == "attention"}
+    assert {(1, 4608, 24, 128), (2, 4429, 24, 64), (8, 256, 16, 72), (8, 1024, 16, 72)} <= att
+    flux = next(c for c in plan if c.key == "ops/norm_modulate/FLUX-dev")
+    assert flux.dims == dict(B=1, L=4608, D=3072)
+    assert any(c.graph for c in plan if c.level == "ops"), "the text-stream shapes need the graph column"
+
+
+# ----------------------------------------------------------------------------------------- timing
+def test_summarize_and_reps():
+    t = timing.summarize([3.0, 1.0, 2.0, 10.0, 4.0], "wall-clock")
+    assert (t.median_ms, t.min_ms, t.reps) == (3.0, 1.0, 5)
+    assert t.p20_ms == pytest.approx(1.8) and t.p80_ms == pytest.approx(5.2)
+    assert timing.choose_reps(1.0, 0.1, 5, 50) == 50  # 100 fit, capped
+    assert timing.choose_reps(100.0, 0.1, 5, 50) == 5  # 1 fits, floor
+    assert timing.choose_reps(10.0, 0.1, 5, 50) == 10
+    with pytest.raises(ValueError):
+        timing.summarize([], "x")
+
+
+def test_cpu_timer_counts_calls():
+    calls = []
+    timer = timing.Timer("cpu", warmup=2, min_reps=3, max_reps=4, budget_s=10.0)
+    t = timer.time(lambda: calls.append(1), est_ms=1e9)  # a huge estimate: no estimating calls
+    assert t.method == "wall-clock" and t.reps == 3
+    assert len(calls) == 2 + 3
+    assert timer.peak_memory_mb(lambda: None) is None
+    assert timer.describe()["l2_flush_bytes"] == 0
+
+
+# ----------------------------------------------------------------------------------------- runner pieces
+def test_classify():
+    assert runner.classify(NotImplementedError("no"))[0] == "skipped"
+    assert runner.classify(RuntimeError("ditfast backend 'cuda' has no implementation of x"))[0] == "skipped"
+    status, reason = runner.classify(ValueError("boom\nsecond line"))
+    assert status == "error" and reason == "ValueError: boom"
+
+
+def _ctx(**kw):
+    opts = runner.Options(device="cpu", quick=True, backends=[], **kw)
+    return runner.Context(opts)
+
+
+def test_measure_variant_records_failures():
+    ctx = _ctx()
+    ctx.peaks = {"copy": {"gbps": 10.0}, "matmul": {"tflops": 1.0}}
+    case = C._op_case("norm_modulate", "t", dict(B=1, L=4, D=8), 4)
+    x = torch.randn(1, 4, 8, requires_grad=True)
+
+    def boom():
+        raise RuntimeError("build failed")
+
+    rec = runner.measure_variant(ctx, case, VariantSpec("bad", "peer", boom), None)
+    assert rec["status"] == "error" and "build failed" in rec["reason"]
+
+    class NoBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx_, t):
+            return t * 2
+
+        @staticmethod
+        def backward(ctx_, g):
+            raise RuntimeError("no backward here")
+
+    spec = VariantSpec("fwd-only", "peer", lambda: Built(lambda: NoBackward.apply(x), [x]))
+    rec = runner.measure_variant(ctx, case, spec, None)
+    assert rec["status"] == "ok" and rec["fwd"]["ms"] > 0
+    assert rec["fwd"]["rate"] == pytest.approx(C.rate(case.work["fwd"], rec["fwd"]["ms"], "GB/s"))
+    assert rec["fwd"]["pct_peak"] == pytest.approx(100 * rec["fwd"]["rate"] / 10.0)
+    assert rec["fwd_bwd"]["ms"] is None and "no backward here" in rec["fwd_bwd"]["reason"]
+    rec = runner.measure_variant(ctx, case, VariantSpec("late", "peer", lambda: Built(lambda: x)), 0.0)
+    assert rec["status"] == "skipped" and "time limit" in rec["reason"]
+
+
+def test_budget_shares_levels():
+    plan = [C.Case("ops", "a", "t", {}, "GB/s", target=True), C.Case("blocks", "b", "t", {}, "TFLOP/s", target=True),
+            C.Case("ops", "c", "t", {}, "GB/s")]
+    b = runner.Budget(100.0, plan)
+    start = b.end - 100.0
+    ops_end = b.deadline(plan[0])
+    assert ops_end - start == pytest.approx(100.0 * 2.0 / (2.0 + 3.0), abs=0.5)
+    assert b.deadline(plan[2]) == b.end  # non-target cases share what is left of the whole limit
+    assert runner.Budget(None, plan).deadline(plan[0]) is None
+    assert runner.Budget.expired(0.0) and not runner.Budget.expired(None)
+
+
+def test_add_speedups():
+    def v(name, fwd, bwd=None):
+        return {"name": name, "speedup": {}, "fwd": {"ms": fwd}, "fwd_bwd": {"ms": bwd} if bwd else None}
+
+    rec = {"variants": [v("ditfast", 2.0, 6.0), v("eager", 8.0, 12.0), v("compile", 1.0)]}
+    runner.add_speedups(rec)
+    by = {x["name"]: x["speedup"] for x in rec["variants"]}
+    assert by["ditfast"]["fwd"] == 1.0
+    assert by["eager"] == {"fwd": 4.0, "fwd_bwd": 2.0, "graph": None}
+    assert by["compile"]["fwd"] == 0.5 and by["compile"]["fwd_bwd"] is None
+    assert rec["fastest"] == {"fwd": "compile", "fwd_bwd": "ditfast"}
+
+
+def test_normalize_backend_report():
+    got = _normalize_report({"a": True, "b": (False, "no GPU"), "c": {"available": False, "reason": "missing"}})
+    assert got == {"a": (True, ""), "b": (False, "no GPU"), "c": (False, "missing")}
+
+    class D:
+        def __init__(self, name, ok, why):
+            self.name, self.available, self.not_supported_reasons = name, ok, why
+
+    got = _normalize_report([D("x", False, ["dh > 256", "fp32"]), ("y", True), {"name": "z", "ok": True}])
+    assert got == {"x": (False, "dh > 256; fp32"), "y": (True, ""), "z": (True, "")}
+
+
+# ----------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One CPU --quick run of every level (no forced backends: the harness, not the kernels)."""
+    out = tmp_path_factory.mktemp("bench")
+    path = out / "bench_test.json"
+    import io
+    from contextlib import redirect_stdout
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        rc = main(["--quick", "--device", "cpu", "--backends", "none", "--json", str(path)])
+    return rc, buf.getvalue(), json.loads(path.read_text()), out
+
+
+def test_smoke_run(smoke):
+    rc, text, res, out = smoke
+    assert rc == 0
+    assert report.validate(res) == []
+    meta = res["meta"]
+    assert meta["mode"] == "cpu-smoke" and meta["device"]["type"] == "cpu"
+    for k in ("torch", "triton", "cuda", "ditfast", "python"):
+        assert k in meta["versions"]
+    assert meta["commit"] and meta["date"].endswith("Z") and meta["dtype"] == "float32"
+    assert res["peaks"]["copy"]["gbps"] > 0 and res["peaks"]["matmul"]["tflops"] > 0
+    assert {c["level"] for c in res["results"]} == set(C.LEVELS)
+    for case in res["results"]:
+        names = [v["name"] for v in case["variants"]]
+        assert names[0] == "ditfast", case["key"]
+        if case["level"] != "models":  # ditfast.patch may not exist yet
+            assert case["variants"][0]["status"] == "ok", (case["key"], case["variants"][0]["reason"])
+        if case["level"] != "models":  # the models level needs diffusers, which may be absent
+            comp = next(v for v in case["variants"] if v["name"] == "compile")
+            assert comp["status"] == "skipped" and "--quick" in comp["reason"]
+        base = case["variants"][0]
+        for v in case["variants"]:
+            if v["status"] == "ok" and base["status"] == "ok":
+                assert v["speedup"]["fwd"] == pytest.approx(v["fwd"]["ms"] / base["fwd"]["ms"])
+    # the terminal output says loudly what it is, and ends with the summary
+    assert "NOT a speed claim" in text
+    assert "Summary: performance targets" in text
+    assert "== ops | norm_modulate | tiny" in text
+    assert all(t["met"] is None for t in res["targets"]), "a CPU smoke never judges targets"
+    # plots are on by default; without matplotlib they are skipped with a message
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    if HAVE_MPL:
+        assert pngs == ["bench_test_attention_tflops.png", "bench_test_pct_peak.png", "bench_test_speedup.png"]
+    else:
+        assert pngs == [] and "matplotlib is not installed" in text
+
+
+def test_time_limit_zero_skips_everything(tmp_path):
+    opts = runner.Options(device="cpu", quick=True, backends=[], levels=("ops",), time_limit=0.0)
+    res = runner.run(opts, out_json=str(tmp_path / "r.json"))
+    assert res["results"] and all(not c["variants"] and "time limit" in c["notes"][0] for c in res["results"])
+    assert report.validate(report.load_json(str(tmp_path / "r.json"))) == []
+
+
+# ----------------------------------------------------------------------------------------- schema
+def test_validate_catches_problems(smoke):
+    res = smoke[2]
+    bad = copy.deepcopy(res)
+    del bad["meta"]["versions"]["torch"]
+    assert any("meta.versions: missing 'torch'" in e for e in report.validate(bad))
+    bad = copy.deepcopy(res)
+    bad["meta"]["mode"] = "laptop"
+    assert any("meta.mode" in e for e in report.validate(bad))
+    bad = copy.deepcopy(res)
+    v = bad["results"][0]["variants"][0]
+    v["fwd"] = None
+    assert any("without a forward time" in e for e in report.validate(bad))
+    bad = copy.deepcopy(res)
+    bad["results"][0]["variants"][1].update(status="skipped", reason=None)
+    assert any("without a reason" in e for e in report.validate(bad))
+    assert report.validate({"meta": {}}) != []
+
+
+def test_json_is_strict(tmp_path):
+    path = str(tmp_path / "x.json")
+    report.write_json({"a": float("nan"), "b": (1, float("inf")), "c": 1.5}, path)
+    text = Path(path).read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"a": None, "b": [1, None], "c": 1.5}
+
+
+# ----------------------------------------------------------------------------------------- rendering
+def gpu_results() -> dict:
+    """A small synthetic GPU results dict (numbers invented for the renderer, never published)."""
+    def meas(ms, rate=None, pct=None, mem=None):
+        return {"ms": ms, "min_ms": ms, "p20_ms": ms, "p80_ms": ms, "reps": 10, "method": "cuda-events",
+                "rate": rate, "pct_peak": pct, "peak_mem_mb": mem, "first_call_s": 0.01}
+
+    def var(name, kind, fwd, bwd, backend=None, status="ok", reason=None):
+        return {"name": name, "kind": kind, "backend": backend, "compiled": name == "compile", "status": status,
+                "reason": reason, "fwd": meas(*fwd) if fwd else None, "fwd_bwd": meas(*bwd) if bwd else None,
+                "graph": None, "compile_s": {"fwd": 3.0} if name == "compile" else None, "speedup": {}, "notes": []}
+
+    op = {"level": "ops", "case": "norm_modulate", "label": "FLUX-dev", "key": "ops/norm_modulate/FLUX-dev",
+          "dims": {"B": 1, "L": 4608, "D": 3072}, "dtype": "bfloat16", "metric": "GB/s", "target": True,
+          "graph": False, "work": {"fwd": 1.0, "fwd_bwd": 2.0}, "notes": [], "variants": [
+              var("ditfast", "ditfast", (0.02, 2800, 90.0), (0.05, 2600, 84.0), backend="triton"),
+              var("eager", "peer", (0.08, 700, 22.0), (0.2, 650, 20.0)),
+              var("compile", "peer", (0.025, 2200, 70.0), (0.06, 2100, 68.0)),
+              var("ditfast:cuda", "backend", None, None, status="skipped", reason="ditfast._C is not built")]}
+    att = {"level": "attention", "case": "joint_attention", "label": "FLUX-dev", "key": "attention/joint_attention/FLUX-dev",
+           "dims": {"B": 1, "L": 4608, "H": 24, "Dh": 128}, "dtype": "bfloat16", "metric": "TFLOP/s", "target": True,
+           "graph": False, "work": {"fwd": 1.0, "fwd_bwd": 3.5}, "notes": [], "variants": [
+               var("ditfast", "ditfast", (1.0, 500, 70.0), (3.0, 400, 55.0), backend="sdpa_cudnn"),
+               var("sdpa:flash", "peer", (1.2, 420, 60.0), (2.9, 410, 57.0))]}
+    res = {"schema": runner.SCHEMA, "meta": {
+        "device": {"type": "cuda", "name": "Test GPU 80GB"}, "date": "2030-01-02T03:04:05Z", "dtype": "bfloat16",
+        "versions": {"python": "3.12", "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0", "ditfast": "0.1.0"},
+        "commit": "0123456789abcdef", "dirty": False, "mode": "gpu",
+        "timing": {"method": "cuda-events", "min_reps": 5, "max_reps": 200, "warmup": 3, "l2_flush_bytes": 2**28}},
+        "peaks": {"copy": {"gbps": 3100.0, "what": "copy"}, "matmul": {"tflops": 720.0, "dtype": "bfloat16",
+                                                                        "what": "mm"}},
+        "results": [op, att], "targets": []}
+    for case in res["results"]:
+        runner.add_speedups(case)
+    res["targets"] = report.compute_targets(res)
+    return res
+
+
+def test_targets_are_measured_ratios():
+    res = gpu_results()
+    assert report.validate(res) == []
+    t = {x["name"]: x for x in res["targets"]}
+    copy_t = t["norm_modulate [FLUX-dev]: % of copy bandwidth"]
+    assert copy_t["values"] == {"fwd": 90.0, "fwd_bwd": 84.0} and copy_t["met"] is False  # 84 < 85
+    eager_t = t["norm_modulate [FLUX-dev]: vs eager reference"]
+    assert eager_t["values"]["fwd"] == pytest.approx(4.0) and eager_t["met"] is True
+    comp_t = t["norm_modulate [FLUX-dev]: vs compiled reference"]
+    assert comp_t["values"] == {"fwd": pytest.approx(1.25), "fwd_bwd": pytest.approx(1.2)} and comp_t["met"] is True
+    auto = t["joint_attention [FLUX-dev]: automatic choice vs fastest backend"]
+    assert auto["values"]["fwd"] == pytest.approx(1.0)  # ditfast is the fastest forward
+    assert auto["values"]["fwd_bwd"] == pytest.approx(2.9 / 3.0) and auto["met"] is False
+    assert "sdpa_cudnn" in auto["note"]
+
+
+def test_format_table_alignment():
+    text = report.format_table(["name", "ms", "note"], [["a", "1.5", "x"], ["longer", "10.25", ""]])
+    lines = text.splitlines()
+    assert lines[0].startswith("name  ") and set(lines[1]) <= {"-", " "}
+    assert lines[2].index("1.5") + len("1.5") == lines[3].index("10.25") + len("10.25")  # right-aligned
+    assert report.fmt(None) == "-" and report.fmt(1.234, "x") == "1.23x" and report.fmt(85.4, "%") == "85%"
+
+
+def test_render_table_labels_and_reasons():
+    res = gpu_results()
+    text = report.render_table(res)
+    assert "Test GPU 80GB" in text and "NOT a speed claim" not in text
+    assert "ditfast (triton)" in text and "skipped: ditfast._C is not built" in text
+    assert "4.00x/4.00x" in text  # eager: 0.08/0.02 fwd, 0.2/0.05 fwd+bwd
+    assert text.rstrip().splitlines()[-1].startswith("joint_attention [FLUX-dev]")  # the summary is last
+    res["meta"]["mode"] = "cpu-smoke"
+    assert "NOT a speed claim" in report.render_table(res)
+
+
+def test_markdown_and_readme_markers():
+    res = gpu_results()
+    md = report.render_markdown(res, source="benchmarks/results/x.json")
+    for needle in ("Test GPU 80GB", "torch 2.11.0", "triton 3.6.0", "CUDA 13.0", "`0123456789`",
+                   "2030-01-02T03:04:05Z", "3,100 GB/s", "norm_modulate FLUX-dev (triton)", "4.00x / 4.00x"):
+        assert needle in md, needle
+    readme = f"# ditfast\n\nintro\n{report.MARK_START}\nold table\n{report.MARK_END}\n\nafter\n"
+    new = report.update_readme(readme, md)
+    assert "old table" not in new and new.startswith("# ditfast\n\nintro\n") and new.endswith("\n\nafter\n")
+    assert report.update_readme(new, md) == new  # idempotent
+    with pytest.raises(ValueError, match="ditfast-bench"):
+        report.update_readme("# no markers\n", md)
+
+
+@pytest.mark.skipif(not HAVE_MPL, reason="matplotlib is not installed")
+def test_plots(tmp_path):
+    from ditfast.bench import plots
+
+    paths, msg = plots.make_plots(gpu_results(), str(tmp_path), "t")
+    assert sorted(os.path.basename(p) for p in paths) == ["t_attention_tflops.png", "t_pct_peak.png", "t_speedup.png"]
+    assert all(os.path.getsize(p) > 1000 for p in paths)
+
+
+def test_plots_without_matplotlib(tmp_path, monkeypatch):
+    from ditfast.bench import plots
+
+    monkeypatch.setattr(plots, "_pyplot", lambda: None)
+    paths, msg = plots.make_plots(gpu_results(), str(tmp_path / "none"), "t")
+    assert paths == [] and "matplotlib is not installed" in msg
+
+
+def test_render_readme_script(tmp_path):
+    results = tmp_path / "results" / "test-gpu"
+    results.mkdir(parents=True)
+    report.write_json(gpu_results(), str(results / "bench_20300102T030405Z_0123456.json"))
+    smoke = gpu_results()
+    smoke["meta"].update(mode="cpu-smoke", date="2031-01-01T00:00:00Z")
+    report.write_json(smoke, str(tmp_path / "results" / "bench_smoke.json"))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"top\n{report.MARK_START}\n{report.MARK_END}\nbottom\n")
+    spec = importlib.util.spec_from_file_location("render_readme_table", ROOT / "scripts" / "render_readme_table.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)  # in-process: a subprocess would pay torch's import again
+    args = ["--results", str(tmp_path / "results"), "--readme", str(readme)]
+    assert script.main(args + ["--check"]) == 1  # out of date
+    assert script.main(args) == 0
+    text = readme.read_text()
+    assert "Test GPU 80GB" in text and "2030-01-02T03:04:05Z" in text and "CPU smoke" not in text
+    assert "bench_20300102T030405Z_0123456.json" in text
+    assert text.startswith("top\n") and text.endswith("bottom\n")
+    assert script.main(args + ["--check"]) == 0
+    # the newer CPU smoke is only taken when asked for, and then says what it is
+    assert script.main(args + ["--allow-smoke"]) == 0
+    assert "NOT a speed claim" in readme.read_text()
+    assert script.main(["--results", str(tmp_path / "nothing"), "--readme", str(readme)]) == 2
+
+
+def test_git_commit(tmp_path, monkeypatch):
+    from ditfast.bench import env
+
+    monkeypatch.delenv("DITFAST_BENCH_COMMIT", raising=False)
+    assert env.git_commit(tmp_path) == ("unknown", None)
+    monkeypatch.setenv("DITFAST_BENCH_COMMIT", "abc")
+    assert env.git_commit(tmp_path) == ("abc", None)
+    assert env.slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
