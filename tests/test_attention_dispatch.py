@@ -1,0 +1,272 @@
+"""Attention backend dispatch: descriptors, the automatic choice per GPU generation / dtype / head dim,
+requests (backend=, ditfast.use_backend, environment variables) and the messages when a request
+cannot run. Backends are faked present or absent, and GPUs described by a Spec, so all of it runs
+without a GPU or any attention library installed. Numerics are in test_attention.py.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ditfast
+from ditfast import _backend, ops
+from ditfast.ops import attention as attn
+from ditfast.ops import attention_backends as backends
+from ditfast.ops.attention_backends import Spec
+
+BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
+HOPPER, BLACKWELL, AMPERE, ADA, TURING = (9, 0), (10, 0), (8, 0), (8, 9), (7, 5)
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """fake(present) makes exactly the backends in ``present`` installed (on every device they list)."""
+    monkeypatch.setattr(backends, "_PROBED", {})
+    monkeypatch.setattr(backends, "_ENV_REQUEST", None)
+    monkeypatch.setattr(_backend, "_ENV_BACKEND", None)
+
+    def set_present(present):
+        for name, b in backends.BACKENDS.items():
+            ok = name in present
+            monkeypatch.setattr(b, "probe", lambda device_type, ok=ok: (ok, "faked present" if ok else "faked absent"))
+        backends._PROBED.clear()
+
+    set_present(set(backends.NAMES))
+    return set_present
+
+
+def cuda(cap, dtype=BF16, head_dim=128):
+    return Spec("cuda", dtype, head_dim, cap)
+
+
+ALL = set(backends.NAMES)
+
+
+# ------------------------------------------------------------------------------------------------
+# Automatic choice
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "spec, absent, expected",
+    [
+        (cuda(HOPPER), (), "flash_attn3"),
+        (cuda(HOPPER), ("flash_attn3",), "sdpa_cudnn"),
+        (cuda(HOPPER), ("flash_attn3", "sdpa_cudnn"), "flash_attn4"),
+        (cuda(HOPPER), ("flash_attn3", "sdpa_cudnn", "flash_attn4"), "triton"),
+        (cuda(HOPPER), ("flash_attn3", "sdpa_cudnn", "flash_attn4", "triton"), "flash_attn2"),
+        (cuda(HOPPER, F16, 256), ("flash_attn3",), "triton"),  # cuDNN and FA4 stop at 128
+        (cuda(HOPPER, BF16, 72), ("flash_attn3", "sdpa_cudnn", "flash_attn4", "flash_attn2"), "sdpa_flash"),  # Triton pads 72
+        (cuda(HOPPER, BF16, 72), ("flash_attn3", "sdpa_cudnn", "flash_attn4", "flash_attn2", "sdpa_flash"), "triton"),
+        (cuda(BLACKWELL), (), "flash_attn4"),
+        (cuda(BLACKWELL), ("flash_attn4",), "sdpa_cudnn"),
+        (cuda(AMPERE), (), "flash_attn2"),  # FA3 / FA4 need Hopper
+        (cuda(ADA, F16, 64), ("flash_attn2",), "sdpa_flash"),
+        (cuda(AMPERE), ("flash_attn2", "sdpa_flash"), "triton"),
+        (cuda(HOPPER, F32, 64), (), "sdpa_efficient"),  # no fp32 in the flash kernels
+        (cuda(HOPPER, F32, 64), ("sdpa_efficient",), "triton"),
+        (cuda(TURING, F16, 64), (), "sdpa_efficient"),  # flash, cuDNN and Triton need sm80
+        (cuda(HOPPER, F16, 300), (), "sdpa_math"),  # 300 > 256 and not a multiple of 8
+        (cuda(HOPPER), ALL - {"reference"}, "reference"),
+        (Spec("cpu", BF16, 72), (), "reference"),
+        (Spec("cpu", F32, 72), ("reference",), "sdpa_math"),
+    ],
+)
+def test_automatic_choice(fake, spec, absent, expected):
+    fake(ALL - set(absent))
+    assert backends.choose_for(spec) == expected
+    assert backends.resolve(None, spec) == expected
+
+
+def test_every_priority_list_holds_the_reference():
+    """The reference runs everything, so the automatic choice never fails (on CUDA it comes last;
+    on CPU first: its unpinned SDPA picks PyTorch's fastest CPU kernel)."""
+    for cap in (None, TURING, AMPERE, ADA, HOPPER, BLACKWELL, (12, 0)):
+        for dtype in (F32, BF16, F16):
+            for dh in (40, 64, 72, 128, 256):
+                order = backends.priority(Spec("cuda" if cap else "cpu", dtype, dh, cap))
+                assert order[-1 if cap else 0] == "reference" and len(set(order)) == len(order), order
+                assert set(order) <= set(backends.NAMES)
+
+
+def test_choose_backend_on_real_tensors():
+    q = torch.randn(2, 5, 2, 40)
+    assert backends.choose_backend(q, q, q) == "reference"  # CPU
+    assert ops.joint_attention(q, q, q).shape == q.shape
+
+
+# ------------------------------------------------------------------------------------------------
+# Descriptors
+# ------------------------------------------------------------------------------------------------
+def test_descriptor_reasons(fake):
+    fake(ALL - {"flash_attn3"})
+    fa3 = backends.BACKENDS["flash_attn3"]
+    why = fa3.reasons(cuda(AMPERE, F32, 300))
+    assert any("faked absent" in w for w in why)
+    assert any("takes float16/bfloat16, not float32" in w for w in why)
+    assert any("head dim 300 > 256" in w for w in why)
+    assert any("not a multiple of 8" in w for w in why)
+    assert any("needs compute capability >= 9.0, the GPU has 8.0" in w for w in why)
+    assert "needs compute capability <= 9.0, the GPU has 10.0" in " ".join(fa3.reasons(cuda(BLACKWELL)))
+    assert backends.BACKENDS["reference"].reasons(cuda(TURING, F32, 300)) == []
+    q = torch.randn(1, 3, 1, 64)
+    assert "runs on cuda tensors only, not cpu" in backends.BACKENDS["flash_attn2"].not_supported_reasons(q, q, q)
+    assert backends.BACKENDS["sdpa_math"].not_supported_reasons(q, q, q) == []
+
+
+def test_real_probes_find_no_flash_attention_here():
+    # this machine has no flash-attn packages: the probes say so, without raising
+    for name in ("flash_attn2", "flash_attn3", "flash_attn4"):
+        ok, why = backends.BACKENDS[name].probe("cuda")
+        if not ok:
+            assert "not installed" in why or "not flash-attention 2" in why or "no flash_attn_func" in why
+
+
+def test_a_broken_install_is_reported_not_raised(fake, monkeypatch):
+    def broken(device_type):
+        raise OSError("libcudart.so.12: cannot open shared object file")
+
+    monkeypatch.setattr(backends.BACKENDS["flash_attn2"], "probe", broken)
+    ok, why = backends.BACKENDS["flash_attn2"].availability("cuda")
+    assert not ok and "probing it failed: OSError: libcudart" in why
+    assert backends.choose_for(cuda(AMPERE)) == "sdpa_flash"
+
+
+def test_backend_report(fake):
+    fake(ALL - {"flash_attn4"})
+    rows = backends.backend_report("cuda")
+    assert [r[0] for r in rows] == list(backends.NAMES)
+    table = {name: (ok, why) for name, ok, why in rows}
+    assert table["flash_attn4"][0] is False and "faked absent" in table["flash_attn4"][1]
+    assert table["sdpa_flash"][0] is True
+    cpu = {name: (ok, why) for name, ok, why in backends.backend_report("cpu")}
+    assert cpu["flash_attn2"] == (False, cpu["flash_attn2"][1]) and "cuda tensors only" in cpu["flash_attn2"][1]
+    assert cpu["reference"][0] and cpu["sdpa_math"][0]
+    assert attn.backend_report is backends.backend_report and attn.choose_backend is backends.choose_backend
+
+
+# ------------------------------------------------------------------------------------------------
+# Requests and their error messages
+# ------------------------------------------------------------------------------------------------
+def test_impossible_request_lists_every_backends_reasons(fake):
+    fake(ALL - {"flash_attn3", "flash_attn4"})
+    spec = cuda(AMPERE, F32, 72)
+    with pytest.raises(RuntimeError) as info:
+        backends.resolve("flash_attn3", spec)
+    msg = str(info.value)
+    assert "attention backend 'flash_attn3' (asked for by the backend= argument) cannot run float32" in msg
+    for name, why in backends.rejections(spec).items():
+        line = next(l for l in msg.splitlines() if l.strip().startswith(name + " "))
+        if why:
+            for reason in why:
+                assert reason in line, (name, reason, line)
+        else:
+            assert "usable" in line
+    assert "Usable: sdpa_efficient, sdpa_math, triton, reference" in msg
+
+
+def test_impossible_request_on_real_tensors():
+    q = torch.randn(2, 5, 2, 40)
+    with pytest.raises(RuntimeError, match="(?s)'sdpa_cudnn'.*flash_attn2 .*runs on cuda tensors only, not cpu"):
+        ops.joint_attention(q, q, q, backend="sdpa_cudnn")
+
+
+def test_unknown_names_are_rejected(fake, monkeypatch):
+    q = torch.randn(1, 3, 1, 32)
+    with pytest.raises(ValueError, match="backend: unknown attention backend 'fa3'"):
+        ops.joint_attention(q, q, q, backend="fa3")
+    monkeypatch.setattr(backends, "_ENV_REQUEST", "flash")
+    with pytest.raises(ValueError, match="DITFAST_ATTENTION_BACKEND: unknown attention backend 'flash'"):
+        ops.joint_attention(q, q, q)
+
+
+def test_request_precedence(fake, monkeypatch):
+    spec = cuda(HOPPER)
+    assert backends.resolve(None, spec) == "flash_attn3"
+    monkeypatch.setattr(_backend, "_ENV_BACKEND", "triton")  # DITFAST_BACKEND
+    assert backends.resolve(None, spec) == "triton"
+    monkeypatch.setattr(backends, "_ENV_REQUEST", "sdpa_flash")  # DITFAST_ATTENTION_BACKEND beats it
+    assert backends.resolve(None, spec) == "sdpa_flash"
+    with ditfast.use_backend("reference"):  # a use_backend block beats both
+        assert backends.resolve(None, spec) == "reference"
+        assert backends.resolve("sdpa_cudnn", spec) == "sdpa_cudnn"  # backend= beats everything
+        with ditfast.use_backend(None):  # an explicit automatic block
+            assert backends.resolve(None, spec) == "flash_attn3"
+    with ditfast.use_backend("cuda"):  # the CUDA libraries, automatically
+        assert backends.resolve(None, spec) == "flash_attn3"
+        assert backends.resolve(None, cuda(HOPPER, F32, 64)) == "sdpa_efficient"
+    monkeypatch.setattr(backends, "_ENV_REQUEST", "auto")
+    assert backends.resolve(None, spec) == "flash_attn3"
+
+
+def test_cuda_generic_request_never_picks_triton(fake):
+    fake(ALL - {"flash_attn3", "sdpa_cudnn", "flash_attn4"})
+    with ditfast.use_backend("cuda"):
+        assert backends.resolve(None, cuda(HOPPER)) == "flash_attn2"
+    assert backends.resolve(None, cuda(HOPPER)) == "triton"
+
+
+# ------------------------------------------------------------------------------------------------
+# The global ditfast.use_backend routes joint_attention and joint_attention_streams
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def spies(monkeypatch):
+    calls = []
+    for name in ("triton", "reference"):
+        b = backends.BACKENDS[name]
+        monkeypatch.setattr(b, "run", lambda q, k, v, name=name, run=b.run: calls.append(name) or run(q, k, v))
+    fused = attn._triton_streams
+    monkeypatch.setattr(attn, "_triton_streams", lambda *a: calls.append("triton fused") or fused(*a))
+    return calls
+
+
+def _triton_can_run():
+    return not backends.BACKENDS["triton"].reasons(Spec("cpu", F32, 32))
+
+
+@pytest.mark.skipif(not _triton_can_run(), reason="the triton backend cannot run here")
+def test_use_backend_triton_routes_to_the_kernel(spies):
+    q = torch.randn(1, 3, 2, 32)
+    qs = (q, q[:, :2])
+    with ditfast.use_backend("triton"):
+        out = ops.joint_attention(q, q, q)
+        outs = attn.joint_attention_streams(qs, qs, qs)
+    assert spies == ["triton", "triton fused"]
+    torch.testing.assert_close(out, ditfast.reference.joint_attention(q, q, q))
+    assert [o.shape for o in outs] == [t.shape for t in qs]
+
+
+def test_use_backend_reference_routes_to_the_reference(spies):
+    q = torch.randn(1, 3, 2, 32)
+    qs = (q, q[:, :2])
+    with ditfast.use_backend("reference"):
+        ops.joint_attention(q, q, q)
+        attn.joint_attention_streams(qs, qs, qs)
+    assert spies == ["reference", "reference"]
+
+
+def test_registered_with_the_generic_dispatcher():
+    assert set(_backend.implemented("joint_attention")) >= {"reference", "triton"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Optional packages
+# ------------------------------------------------------------------------------------------------
+def test_import_and_run_without_triton_or_flash_attention():
+    code = r"""
+import sys
+for name in ("triton", "flash_attn", "flash_attn_interface"):
+    sys.modules[name] = None  # import raises ImportError, find_spec says "not installed"
+import torch, ditfast
+from ditfast.ops import attention_backends as b
+q = torch.randn(1, 4, 2, 16)
+assert ditfast.ops.joint_attention(q, q, q).shape == q.shape
+report = {name: (ok, why) for name, ok, why in b.backend_report("cuda")}
+assert not report["triton"][0] and "triton is not installed" in report["triton"][1], report["triton"]
+assert not report["flash_attn2"][0] and "not installed" in report["flash_attn2"][1], report["flash_attn2"]
+assert sys.modules["triton"] is None
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
