@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .layers import QKNorm, attend_joint, flux_mlp, merge_heads, rope_slice, split_heads
+from .layers import QKNorm, attend_joint, flux_mlp, merge_heads, split_heads
 
 Rope = Optional[Tuple[torch.Tensor, torch.Tensor]]
 
@@ -40,11 +40,9 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(dim // num_heads)
         self.proj = nn.Linear(dim, dim)
 
-    def qkv_heads(self, h: torch.Tensor, cos, sin):
-        """Project, split into heads, QK-RMSNorm + RoPE: (q, k, v), each (B, L, H, Dh)."""
-        q, k, v = split_heads(self.qkv(h), self.num_heads)
-        q, k = ops.qk_norm_rope(q, k, self.norm.query_norm.scale, self.norm.key_norm.scale, cos, sin)
-        return q, k, v
+    def qkv_heads(self, h: torch.Tensor):
+        """Project and split into heads: (q, k, v), strided (B, L, H, Dh) views, before QK-norm."""
+        return split_heads(self.qkv(h), self.num_heads)
 
 
 class DoubleStreamBlock(nn.Module):
@@ -63,15 +61,18 @@ class DoubleStreamBlock(nn.Module):
         self.txt_mlp = flux_mlp(hidden_size, mlp_hidden)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, rope: Rope):
-        Lt, Li = txt.shape[1], img.shape[1]
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
 
-        t_q, t_k, t_v = self.txt_attn.qkv_heads(ops.norm_modulate(txt, t_shift1, t_scale1), *rope_slice(rope, 0, Lt))
-        i_q, i_k, i_v = self.img_attn.qkv_heads(
-            ops.norm_modulate(img, i_shift1, i_scale1), *rope_slice(rope, Lt, Lt + Li)
+        t_q, t_k, t_v = self.txt_attn.qkv_heads(ops.norm_modulate(txt, t_shift1, t_scale1))
+        i_q, i_k, i_v = self.img_attn.qkv_heads(ops.norm_modulate(img, i_shift1, i_scale1))
+        # text first, as FLUX; QK-RMSNorm (each stream its own weights) and RoPE fused into attention
+        t_o, i_o = attend_joint(
+            (t_q, i_q), (t_k, i_k), (t_v, i_v),
+            q_weights=(self.txt_attn.norm.query_norm.scale, self.img_attn.norm.query_norm.scale),
+            k_weights=(self.txt_attn.norm.key_norm.scale, self.img_attn.norm.key_norm.scale),
+            rope=rope,
         )
-        t_o, i_o = attend_joint((t_q, i_q), (t_k, i_k), (t_v, i_v))  # text first, as FLUX
 
         img, h = ops.gated_residual_norm_modulate(img, self.img_attn.proj(merge_heads(i_o)), i_gate1, i_shift2, i_scale2)
         img = ops.gated_residual(img, self.img_mlp(h), i_gate2)
@@ -101,9 +102,9 @@ class SingleStreamBlock(nn.Module):
             [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1
         )
         q, k, v = split_heads(qkv, self.num_heads)  # views into linear1's output row
-        cos, sin = rope if rope is not None else (None, None)
-        q, k = ops.qk_norm_rope(q, k, self.norm.query_norm.scale, self.norm.key_norm.scale, cos, sin)
-        attn = merge_heads(ops.joint_attention(q, k, v))
+        (attn,) = attend_joint((q,), (k,), (v,), q_weights=(self.norm.query_norm.scale,),
+                               k_weights=(self.norm.key_norm.scale,), rope=rope)
+        attn = merge_heads(attn)
         out = self.linear2(torch.cat((attn, nn.functional.gelu(mlp_in, approximate="tanh")), dim=-1))
         return ops.gated_residual(x, out, gate)
 

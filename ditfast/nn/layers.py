@@ -65,18 +65,12 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2)
 
 
-def attend_joint(
-    qs: tuple[torch.Tensor, ...], ks: tuple[torch.Tensor, ...], vs: tuple[torch.Tensor, ...]
-) -> tuple[torch.Tensor, ...]:
-    """One attention over the concatenation of several streams' tokens; outputs split back per stream."""
-    lengths = [q.shape[1] for q in qs]
-    out = ops.joint_attention(torch.cat(qs, dim=1), torch.cat(ks, dim=1), torch.cat(vs, dim=1))
-    return tuple(out.split(lengths, dim=1))
+def attend_joint(qs, ks, vs, q_weights=None, k_weights=None, rope=None) -> tuple[torch.Tensor, ...]:
+    """One attention over the concatenation of several streams' tokens; outputs split back per stream.
 
-
-def rope_slice(rope, start: int, stop: int):
-    """The (cos, sin) rows of tokens [start, stop) of a joint sequence; None passes through."""
-    if rope is None:
-        return None, None
-    cos, sin = rope
-    return cos[..., start:stop, :], sin[..., start:stop, :]
+    q/k arrive as projected (strided views, before QK-norm); ``q_weights`` / ``k_weights`` (one RMSNorm
+    weight per stream, or None for no QK-norm) and ``rope`` (the joint sequence's (cos, sin)) are
+    applied inside the attention: on the triton backend in the kernel's prologue, without
+    materializing the concatenation.
+    """
+    return ops.joint_attention_streams(qs, ks, vs, q_weights=q_weights, k_weights=k_weights, rope=rope)

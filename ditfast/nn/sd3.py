@@ -36,10 +36,20 @@ class JointAttention(nn.Module):
         self.qk_norm = qk_norm
 
     def qkv_heads(self, h: torch.Tensor):
-        q, k, v = split_heads(self.qkv(h), self.num_heads)
-        if self.qk_norm == "rms":
-            q, k = ops.qk_norm_rope(q, k, self.ln_q.weight, self.ln_k.weight, None, None)
-        return q, k, v
+        """Project and split into heads: (q, k, v), strided (B, L, H, Dh) views, before QK-norm."""
+        return split_heads(self.qkv(h), self.num_heads)
+
+    @property
+    def qk_weights(self):
+        """(q weight, k weight) of the RMS QK-norm, or (None, None) without one."""
+        return (self.ln_q.weight, self.ln_k.weight) if self.qk_norm == "rms" else (None, None)
+
+
+def _weights(*attns: "JointAttention"):
+    """q_weights, k_weights for attend_joint: None when the streams have no QK-norm."""
+    if attns[0].qk_norm is None:
+        return None, None
+    return tuple(a.qk_weights[0] for a in attns), tuple(a.qk_weights[1] for a in attns)
 
 
 class DismantledBlock(nn.Module):
@@ -86,14 +96,17 @@ class JointBlock(nn.Module):
             h1 = ops.norm_modulate(x, x_mod[0], x_mod[1])
         x_q, x_k, x_v = xb.attn.qkv_heads(h1)
 
-        c_o, x_o = attend_joint((c_q, x_q), (c_k, x_k), (c_v, x_v))  # context first, as the reference
+        qw, kw = _weights(cb.attn, xb.attn)  # QK-norm fused into the attention
+        c_o, x_o = attend_joint((c_q, x_q), (c_k, x_k), (c_v, x_v), qw, kw)  # context first, as the reference
 
         # image stream: gated residuals (attn, then attn2), modulate for the MLP, MLP
         x_shift_mlp, x_scale_mlp, x_gate_mlp = x_mod[3], x_mod[4], x_mod[5]
         a = xb.attn.proj(merge_heads(x_o))
         if xb.x_block_self_attn:
             x = ops.gated_residual(x, a, x_mod[2])
-            a, gate = xb.attn2.proj(merge_heads(ops.joint_attention(x_q2, x_k2, x_v2))), x_mod[8]
+            qw2, kw2 = _weights(xb.attn2)
+            (o2,) = attend_joint((x_q2,), (x_k2,), (x_v2,), qw2, kw2)
+            a, gate = xb.attn2.proj(merge_heads(o2)), x_mod[8]
         else:
             gate = x_mod[2]
         x, h = ops.gated_residual_norm_modulate(x, a, gate, x_shift_mlp, x_scale_mlp)

@@ -1,6 +1,6 @@
 """ditfast.ops: the functional API (DESIGN.md). Each op validates its inputs, then dispatches to
 the backend chosen by ditfast.use_backend / DITFAST_BACKEND / the automatic choice."""
-from .attention import joint_attention
+from .attention import backend_report, choose_backend, explain_choice, joint_attention, joint_attention_streams
 from .modulate import gated_residual, gated_residual_norm_modulate, norm_modulate, norm_modulate_dual
 from .rope import apply_rope, qk_norm_rope, rms_norm, rope_freqs
 
@@ -14,4 +14,8 @@ __all__ = [
     "apply_rope",
     "qk_norm_rope",
     "joint_attention",
+    "joint_attention_streams",
+    "choose_backend",
+    "explain_choice",
+    "backend_report",
 ]
