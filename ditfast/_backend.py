@@ -21,6 +21,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from ._compile import constant_for_compile
+
 BACKENDS = ("reference", "triton", "cuda")
 # Automatic preference per device type. On CPU the Triton interpreter is a test tool, not a fast
 # path, so it is never chosen automatically.
@@ -83,6 +85,7 @@ def _probe(backend: str, device_type: str) -> Tuple[bool, str]:
     raise AssertionError(backend)
 
 
+@constant_for_compile  # torch.compile: no guard on the lazily filled cache, so no cold-start recompile
 def availability(backend: str, device_type: str) -> Tuple[bool, str]:
     """(available, reason) for a backend on a device type; probed once and cached."""
     key = (backend, device_type)

@@ -48,6 +48,8 @@ def joint_attention(q: Tensor, k: Tensor, v: Tensor, *, backend: Optional[str] =
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     check.same_device("q", q, k=k, v=v)
+    if k.shape[1] == 0 and q.shape[1] > 0:  # nothing to attend to: zeros, as SDPA gives (q * 0 keeps q in the graph)
+        return q * 0
     name = backends.resolve(backend, backends.Spec.of(q, k, v))
     return backends.BACKENDS[name].run(q, k, v)
 

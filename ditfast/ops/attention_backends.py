@@ -47,6 +47,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import _backend, reference
+from .._compile import constant_for_compile
 
 Tensor = torch.Tensor
 ENV_VAR = "DITFAST_ATTENTION_BACKEND"
@@ -85,7 +86,7 @@ def _capability(device: torch.device) -> Tuple[int, int]:
     return _capability_of(device.index if device.index is not None else -1)
 
 
-@torch.compiler.assume_constant_result  # torch.compile: a constant of the trace, not traced into
+@constant_for_compile  # torch.compile: a constant of the trace, not traced into
 def _capability_of(index: int) -> Tuple[int, int]:
     if index not in _CAPABILITY:
         _CAPABILITY[index] = tuple(torch.cuda.get_device_capability(None if index < 0 else index))
@@ -148,7 +149,7 @@ class AttentionBackend:
 _PROBED: Dict[Tuple[str, str], Tuple[bool, str]] = {}
 
 
-@torch.compiler.assume_constant_result  # torch.compile: probes (imports, build flags) run eagerly
+@constant_for_compile  # torch.compile: probes (imports, build flags) run eagerly
 def _availability(name: str, device_type: str) -> Tuple[bool, str]:
     key = (name, device_type)
     if key not in _PROBED:

@@ -53,7 +53,7 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], *, eps: float = 1e
         raise TypeError(f"x must be a float32/bfloat16/float16 tensor, got {type(x).__name__}")
     v.float_dtype("x", x)
     if x.dim() < 1:
-        raise ValueError("x must have at least one dim")
+        raise ValueError(f"x must have at least one dim (..., D), got shape {tuple(x.shape)}")
     _check_weight("weight", weight, x)
     return _backend.select("rms_norm", x.device)(x, weight, eps=v.eps(eps))
 
