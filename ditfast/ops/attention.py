@@ -129,8 +129,9 @@ def _check_weights(q_weights, k_weights, qs):
         for i, w in enumerate(ws):
             if w is None:
                 continue
-            if not isinstance(w, Tensor) or w.dtype not in check.FLOAT_DTYPES:
-                raise TypeError(f"{name}[{i}] must be a float32/bfloat16/float16 tensor of shape ({Dh},), got {w!r:.80}")
+            if not isinstance(w, Tensor):
+                raise TypeError(f"{name}[{i}] must be a float32/bfloat16/float16 tensor of shape ({Dh},), got {type(w).__name__}")
+            check.float_dtype(f"{name}[{i}]", w)
             if w.shape != (Dh,):
                 raise ValueError(f"{name}[{i}] must have shape (Dh,) = ({Dh},), got {tuple(w.shape)}")
             check.same_device("qs[0]", qs[0], **{f"{name}[{i}]": w})
