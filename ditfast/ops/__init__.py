@@ -3,6 +3,7 @@ the backend chosen by ditfast.use_backend / DITFAST_BACKEND / the automatic choi
 from .attention import backend_report, choose_backend, explain_choice, joint_attention, joint_attention_streams
 from .modulate import gated_residual, gated_residual_norm_modulate, norm_modulate, norm_modulate_dual
 from .rope import apply_rope, qk_norm_rope, rms_norm, rope_freqs
+from . import cuda_impl  # noqa: F401,E402  (the "cuda" backend: ditfast._C, loaded lazily; safe without it)
 
 __all__ = [
     "norm_modulate",

@@ -1,0 +1,328 @@
+"""The "cuda" backend: the compiled operators of ``ditfast._C`` (csrc/).
+
+``_C`` defines ``torch.ops.ditfast.<op>_c`` (and ``<op>_c_backward``) with CPU and CUDA kernels,
+so on CPU this backend is a compiled C++ path, and on GPUs it is the hand-written CUDA kernels.
+This module adds what the C++ side leaves to Python, once ``_C`` is loaded (ditfast._ext.on_load):
+
+* fake kernels (torch.library.register_fake) so the ops trace under torch.compile/export;
+* autograd (torch.library.register_autograd): every backward is a C++ kernel, one pass:
+  - norm_modulate_c / gated_residual_norm_modulate_c -> the *_c_backward ops (recompute the row
+    statistics from the saved inputs; grads of per-sample shift/scale/gate are summed over tokens
+    per block, then over blocks, deterministically);
+  - apply_rope_c -> apply_rope_c itself, rotating by minus the angle;
+  - qk_norm_rope_c -> qk_norm_rope_c_backward (RMSNorm + RoPE backward, weight grads included;
+    with both weights None the op is RoPE only and its backward the inverse rotation).
+  cos/sin get no gradient from these ops: calls whose tables require grad go to the reference.
+  A (1, D) modulation that ditfast.ops expanded over the batch is passed to the C++ op as its one
+  row, so its grad is summed over the batch in fp32 and rounded once.
+
+It also registers the backend implementations with ditfast._backend (availability is probed
+there, lazily: importing this module does not load _C) and keeps the measured backend table
+(:func:`table_choice`) that lets the automatic choice take the faster of the CUDA and Triton
+kernels per op, dtype and row width.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Dict, Iterable, Optional
+
+import torch
+
+from .. import _backend, _ext, reference
+from . import _validate as v
+
+__all__ = ["table_choice", "load_table", "save_table", "TABLE_ENV", "DEFAULT_TABLE", "OPS"]
+
+# public op name -> the C++ operator that implements it
+OPS = {
+    "norm_modulate": "ditfast::norm_modulate_c",
+    "gated_residual_norm_modulate": "ditfast::gated_residual_norm_modulate_c",
+    "apply_rope": "ditfast::apply_rope_c",
+    "qk_norm_rope": "ditfast::qk_norm_rope_c",
+}
+_MAX_ROW_CUDA = 8192  # ditfast._C.MAX_ROW_CUDA (csrc/kernels.h); larger rows go to the reference
+_MAX_HEAD_DIM_CUDA = 512  # ditfast._C.MAX_HEAD_DIM_CUDA
+
+
+# ---- fake kernels (shapes and dtypes only; outputs are new contiguous tensors) ----------------------
+def _fake_norm_modulate(x, shift, scale, eps):
+    return x.new_empty(x.shape, dtype=v.result_dtype(x, shift, scale))
+
+
+def _fake_norm_modulate_backward(grad_out, x, shift, scale, eps):
+    dshift = scale.new_empty(0) if shift is None else shift.new_empty(shift.shape)
+    return x.new_empty(x.shape), scale.new_empty(scale.shape), dshift
+
+
+def _fake_grnm(x, y, gate, shift, scale, eps):
+    xn_dtype = v.result_dtype(x, y, gate)
+    x_new = x.new_empty(x.shape, dtype=xn_dtype)
+    return x_new, x.new_empty(x.shape, dtype=v.result_dtype(x_new, shift, scale))
+
+
+def _fake_grnm_backward(grad_x_new, grad_h, x, y, gate, shift, scale, eps):
+    dshift = scale.new_empty(0) if shift is None else shift.new_empty(shift.shape)
+    return x.new_empty(x.shape), y.new_empty(y.shape), gate.new_empty(gate.shape), scale.new_empty(scale.shape), dshift
+
+
+def _fake_apply_rope(x, cos, sin, interleaved=True, inverse=False):
+    return x.new_empty(x.shape)
+
+
+def _fake_qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, interleaved=True):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+def _fake_qk_norm_rope_backward(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps, interleaved=True):
+    dqw = q.new_empty(0) if q_weight is None else q_weight.new_empty(q_weight.shape)
+    dkw = k.new_empty(0) if k_weight is None else k_weight.new_empty(k_weight.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), dqw, dkw
+
+
+# ---- autograd ----------------------------------------------------------------------------------------
+def _nm_setup(ctx, inputs, output):
+    x, shift, scale, eps = inputs
+    ctx.save_for_backward(x, shift, scale)
+    ctx.eps = eps
+
+
+def _nm_backward(ctx, grad):
+    x, shift, scale = ctx.saved_tensors
+    dx, dscale, dshift = torch.ops.ditfast.norm_modulate_c_backward(grad, x, shift, scale, ctx.eps)
+    return dx, (None if shift is None else dshift), dscale, None
+
+
+def _grnm_setup(ctx, inputs, output):
+    x, y, gate, shift, scale, eps = inputs
+    ctx.save_for_backward(x, y, gate, shift, scale)
+    ctx.eps = eps
+
+
+def _grnm_backward(ctx, grad_x_new, grad_h):
+    x, y, gate, shift, scale = ctx.saved_tensors
+    dx, dy, dgate, dscale, dshift = torch.ops.ditfast.gated_residual_norm_modulate_c_backward(
+        grad_x_new, grad_h, x, y, gate, shift, scale, ctx.eps
+    )
+    return dx, dy, dgate, (None if shift is None else dshift), dscale, None
+
+
+def _rope_setup(ctx, inputs, output):
+    x, cos, sin, interleaved, inverse = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.interleaved, ctx.inverse = interleaved, inverse
+
+
+def _rope_backward(ctx, grad):
+    cos, sin = ctx.saved_tensors
+    dx = torch.ops.ditfast.apply_rope_c(grad, cos, sin, ctx.interleaved, not ctx.inverse)
+    return dx, None, None, None, None
+
+
+def _qk_setup(ctx, inputs, output):
+    q, k, q_weight, k_weight, cos, sin, eps, interleaved = inputs
+    ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin)
+    ctx.eps, ctx.interleaved = eps, interleaved
+
+
+def _qk_backward(ctx, grad_q, grad_k):
+    q, k, q_weight, k_weight, cos, sin = ctx.saved_tensors
+    dq, dk, dqw, dkw = torch.ops.ditfast.qk_norm_rope_c_backward(
+        grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, ctx.eps, ctx.interleaved
+    )
+    return dq, dk, (None if q_weight is None else dqw), (None if k_weight is None else dkw), None, None, None, None
+
+
+_REGISTERED = False
+
+
+def _register(_c_module) -> None:
+    """Fake kernels and autograd for the C++ ops; runs once, when ditfast._C is loaded."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    fakes = {
+        "ditfast::norm_modulate_c": _fake_norm_modulate,
+        "ditfast::norm_modulate_c_backward": _fake_norm_modulate_backward,
+        "ditfast::gated_residual_norm_modulate_c": _fake_grnm,
+        "ditfast::gated_residual_norm_modulate_c_backward": _fake_grnm_backward,
+        "ditfast::apply_rope_c": _fake_apply_rope,
+        "ditfast::qk_norm_rope_c": _fake_qk_norm_rope,
+        "ditfast::qk_norm_rope_c_backward": _fake_qk_norm_rope_backward,
+    }
+    for name, fn in fakes.items():
+        torch.library.register_fake(name, fn)
+    torch.library.register_autograd("ditfast::norm_modulate_c", _nm_backward, setup_context=_nm_setup)
+    torch.library.register_autograd(
+        "ditfast::gated_residual_norm_modulate_c", _grnm_backward, setup_context=_grnm_setup
+    )
+    torch.library.register_autograd("ditfast::apply_rope_c", _rope_backward, setup_context=_rope_setup)
+    torch.library.register_autograd("ditfast::qk_norm_rope_c", _qk_backward, setup_context=_qk_setup)
+    _REGISTERED = True
+
+
+_ext.on_load(_register)
+
+
+# ---- backend implementations (same signatures as the public ops) ------------------------------------
+def _tables_need_grad(cos, sin) -> bool:
+    return cos is not None and torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)
+
+
+def _one_row(t):
+    """A modulation expanded over the batch (stride 0, as ditfast.ops passes a (1, ...) one) goes to
+    the C++ op as its single row: the op broadcasts it and sums its grad over the batch in fp32,
+    rounding once (per-sample grads summed again by expand's backward would round twice)."""
+    if t is not None and t.shape[0] > 1 and t.stride(0) == 0:
+        return t[:1]
+    return t
+
+
+def norm_modulate(x, shift, scale, *, eps=1e-6):
+    if x.is_cuda and x.shape[-1] > _MAX_ROW_CUDA:
+        return reference.norm_modulate(x, shift, scale, eps=eps)
+    return torch.ops.ditfast.norm_modulate_c(x, _one_row(shift), _one_row(scale), eps)
+
+
+def gated_residual_norm_modulate(x, y, gate, shift, scale, *, eps=1e-6):
+    if x.is_cuda and x.shape[-1] > _MAX_ROW_CUDA:
+        return reference.gated_residual_norm_modulate(x, y, gate, shift, scale, eps=eps)
+    return tuple(
+        torch.ops.ditfast.gated_residual_norm_modulate_c(x, y, _one_row(gate), _one_row(shift), _one_row(scale), eps)
+    )
+
+
+def apply_rope(x, cos, sin, *, interleaved=True):
+    if (x.is_cuda and x.shape[-1] > _MAX_HEAD_DIM_CUDA) or _tables_need_grad(cos, sin):
+        return reference.apply_rope(x, cos, sin, interleaved=interleaved)
+    return torch.ops.ditfast.apply_rope_c(x, cos, sin, interleaved, False)
+
+
+def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, *, eps=1e-6, interleaved=True):
+    Dh = q.shape[-1]
+    if Dh % 2 or (q.is_cuda and Dh > _MAX_HEAD_DIM_CUDA) or _tables_need_grad(cos, sin):
+        return reference.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps=eps, interleaved=interleaved)
+    return tuple(torch.ops.ditfast.qk_norm_rope_c(q, k, q_weight, k_weight, cos, sin, eps, interleaved))
+
+
+_backend.register("norm_modulate", "cuda", norm_modulate)
+_backend.register("gated_residual_norm_modulate", "cuda", gated_residual_norm_modulate)
+_backend.register("apply_rope", "cuda", apply_rope)
+_backend.register("qk_norm_rope", "cuda", qk_norm_rope)
+
+
+# ---- the measured backend table ----------------------------------------------------------------------
+# A JSON file written by the benchmarks (one per GPU model inside one file):
+#
+#   {"format": "ditfast-backend-table/1",
+#    "devices": {
+#      "NVIDIA H100 80GB HBM3": {
+#        "measured": {"torch": "2.11.0", "triton": "3.6.0", "commit": "abc123", "date": "2026-11-23"},
+#        "entries": [
+#          {"op": "norm_modulate", "dtype": "bfloat16", "width_min": 1, "width_max": 2048,
+#           "backend": "cuda", "gbps": {"cuda": 2950.0, "triton": 2810.0}},
+#          ...]}}}
+#
+# "width" is the row length the kernels work on: D for the modulate ops, Dh for the rope ops;
+# width_min/width_max are inclusive; the first matching entry wins; "gbps" is informational.
+# Looked up at $DITFAST_BACKEND_TABLE, else ditfast/ops/backend_table.json. No file, no device
+# entry or no matching entry: table_choice returns None and the fixed AUTO_ORDER applies.
+TABLE_ENV = "DITFAST_BACKEND_TABLE"
+DEFAULT_TABLE = Path(__file__).with_name("backend_table.json")
+TABLE_FORMAT = "ditfast-backend-table/1"
+
+
+def _table_path() -> Path:
+    return Path(os.environ.get(TABLE_ENV) or DEFAULT_TABLE)
+
+
+def load_table(path: Optional[os.PathLike] = None) -> Dict[str, dict]:
+    """{device name: {"measured": ..., "entries": [...]}} from a table file ({} if there is none).
+
+    Raises ValueError on a file that exists but is not a ditfast backend table."""
+    p = Path(path) if path is not None else _table_path()
+    if not p.exists():
+        return {}
+    data = json.loads(p.read_text())
+    if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT or not isinstance(data.get("devices"), dict):
+        raise ValueError(f"{p} is not a ditfast backend table (expected format {TABLE_FORMAT!r})")
+    for dev, block in data["devices"].items():
+        for e in block.get("entries", []):
+            missing = {"op", "dtype", "width_min", "width_max", "backend"} - set(e)
+            if missing or e["backend"] not in _backend.BACKENDS:
+                raise ValueError(f"{p}: bad entry for {dev!r}: {e} (missing {sorted(missing)} or unknown backend)")
+    return data["devices"]
+
+
+def save_table(entries: Iterable[dict], device_name: str, path: Optional[os.PathLike] = None,
+               measured: Optional[dict] = None) -> Path:
+    """Write (replace) ``device_name``'s entries in the table file, keeping other devices'."""
+    p = Path(path) if path is not None else _table_path()
+    devices = load_table(p) if p.exists() else {}
+    entries = [dict(e) for e in entries]
+    for e in entries:
+        missing = {"op", "dtype", "width_min", "width_max", "backend"} - set(e)
+        if missing:
+            raise ValueError(f"table entry {e} lacks {sorted(missing)}")
+    devices[device_name] = {"measured": dict(measured or {}), "entries": entries}
+    p.write_text(json.dumps({"format": TABLE_FORMAT, "devices": devices}, indent=1, sort_keys=True) + "\n")
+    _cached_table.cache_clear()
+    _cached_choice.cache_clear()
+    return p
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_table(path: str) -> Dict[str, dict]:
+    try:
+        return load_table(path)
+    except (OSError, ValueError):
+        return {}  # a broken table must not break the ops: fall back to the fixed order
+
+
+@functools.lru_cache(maxsize=64)
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_choice(op: str, device_name: str, dtype: str, width: int, path: str) -> Optional[str]:
+    block = _cached_table(path).get(device_name)
+    if not block:
+        return None
+    for e in block.get("entries", []):
+        if e["op"] == op and e["dtype"] == dtype and int(e["width_min"]) <= width <= int(e["width_max"]):
+            return e["backend"]
+    return None
+
+
+def _table_choice(op: str, device: torch.device, dtype: torch.dtype, width: int) -> Optional[str]:
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cached_choice(op, _device_name(index), str(dtype).replace("torch.", ""), int(width), str(_table_path()))
+
+
+def _assume_constant_result(fn):
+    """torch.compiler.assume_constant_result without importing torch._dynamo (and with it triton) when
+    ditfast is imported: it only sets this marker, which Dynamo reads."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+def table_choice(op: str, device: torch.device, dtype: torch.dtype, width: int) -> Optional[str]:
+    """The backend the measured table prefers for ``op`` on ``device`` with ``dtype`` inputs and rows
+    of ``width`` elements (D, or Dh for the rope ops); None when it has no entry. Under torch.compile
+    it is evaluated once at trace time and its answer baked into the graph."""
+    return _table_choice(op, device, dtype, width)
+
+
+_assume_constant_result(table_choice)
+
+# Hook for the automatic choice in ditfast._backend, when it offers one.
+if hasattr(_backend, "set_chooser"):
+    _backend.set_chooser(table_choice)
