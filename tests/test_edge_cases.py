@@ -598,27 +598,77 @@ def test_mixed_dtypes_promote_as_documented(name, dtypes, expected):
         check_op(lambda *a: fn(ops, *a), lambda *a: fn(reference, *a), args, name=f"{name} {dtypes}")
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: a (1, D) modulation is expanded to a stride-0 (B, D) view "
-                   "before the kernel, so its low-precision gradient is rounded per sample and then summed "
-                   "by autograd in that precision; fix: reduce over the batch inside the backward kernel")
-def test_broadcast_modulation_gradient_rounded_once():
-    """A (1, D) shift/scale broadcast over the batch (the op expands it to a stride-0 (B, D) view): its
-    gradient sums over every token of every sample. Rounding the per-sample sums to fp16 and summing
-    those again rounds twice; the result must still meet the rule, which the correctly rounded fp32
-    computation does (checked first, so the case is attainable)."""
+# Each adaLN op with all its modulations cut from one (1, k·D) row (or (1, L, k·D) per token): the
+# way a batch that shares one conditioning vector calls them.
+BROADCAST_OPS = {
+    "norm_modulate": (2, lambda lib, x, y, m: lib.norm_modulate(x, *m.chunk(2, -1))),
+    "norm_modulate_dual": (4, lambda lib, x, y, m: lib.norm_modulate_dual(x, *m.chunk(4, -1))),
+    "gated_residual": (1, lambda lib, x, y, m: lib.gated_residual(x, y, m)),
+    "gated_residual_norm_modulate": (3, lambda lib, x, y, m: lib.gated_residual_norm_modulate(x, y, *m.chunk(3, -1))),
+}
+
+
+def _op_backends():
+    """(op, backend) pairs: every op on "triton"; on "cuda" (ditfast._C) the two ops it implements."""
+    from ditfast import _ext
+
+    no_c = pytest.mark.skipif(_ext.load() is None, reason="ditfast._C is not built")
+    pairs = [(name, "triton") for name in BROADCAST_OPS]
+    pairs += [pytest.param(name, "cuda", marks=no_c) for name in ("norm_modulate", "gated_residual_norm_modulate")]
+    return pairs
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("per_token", [False, True], ids=["(1,D)", "(1,L,D)"])
+@pytest.mark.parametrize("name,backend", _op_backends())
+def test_broadcast_modulation_gradient_rounded_once(name, backend, per_token, dtype):
+    """A modulation with batch 1 broadcast over B samples: its gradient sums over every sample (and,
+    per sample, every token). The kernels must sum in fp32 and round once, so the gradient is within
+    one unit in the last place of the fp32 gradient (plus fp32 summation-order slack) for the same
+    bf16/fp16 inputs and output gradient. Rounding per-sample sums to bf16/fp16 and summing those
+    again (what the expanded (B, D) view's backward would do) is off by many units where the batch
+    sum cancels. Outputs and all other gradients are checked by the rule.
+
+    The gated ops' x, y and gate lie on a coarse grid (at most 8 steps of 1/4 or 1/8 from 0) so
+    that x_new = x + gate * y is exact in bf16/fp16: the fp32 gradient is then the exact one of the
+    low-precision computation whichever x_new (stored or fp32) a backend normalizes."""
+    k, fn = BROADCAST_OPS[name]
+    B, L, D = 8, 9, 72
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 9, 72, generator=g).to(DEVICE, torch.float16).requires_grad_()
-    m = (0.5 * torch.randn(1, 144, generator=g)).to(DEVICE, torch.float16).requires_grad_()
+    gated = name.startswith("gated")
 
-    def fn(lib, x, m):
-        return lib.norm_modulate(x, *m.chunk(2, -1))
+    def draw(*shape, std=1.0, step=0.25):
+        t = std * torch.randn(*shape, generator=g)
+        if gated:
+            t = (t / step).round().clamp(-8, 8) * step
+        return t.to(DEVICE, dtype)
 
-    def correctly_rounded(x, m):
-        return fn(reference, x.float(), m.float()).half()
+    x = draw(B, L, D).requires_grad_()
+    y = draw(B, L, D).requires_grad_(gated)
+    shape = (1, L, k * D) if per_token else (1, k * D)
+    m = draw(*shape, std=0.5, step=0.125).requires_grad_()
+    ref = lambda *a: fn(reference, *a)  # noqa: E731
 
-    check_op(correctly_rounded, lambda *a: fn(reference, *a), [x, m], name="correctly rounded fp32")
-    with ditfast.use_backend("triton"):
-        check_op(lambda *a: fn(ops, *a), lambda *a: fn(reference, *a), [x, m], name="norm_modulate (1, D) modulation")
+    def grad_m(lib, cast):
+        mm = m.detach().to(cast).requires_grad_()
+        outs = _flat(fn(lib, x.detach().to(cast), y.detach().to(cast), mm))
+        douts = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)).to(DEVICE, dtype).to(o.dtype)
+                 for i, o in enumerate(outs)]
+        return torch.autograd.grad(outs, [mm], douts)[0]
+
+    with ditfast.use_backend(backend):
+        dm = grad_m(ops, dtype)
+        assert dm.shape == m.shape and dm.dtype == m.dtype
+        check_op(lambda *a: fn(ops, *a), ref, [x, y, m], name=f"{name} {tuple(shape)} modulation")
+    dm32 = grad_m(reference, torch.float32)
+    finfo = torch.finfo(dtype)
+    mantissa_bits = {torch.float16: 10, torch.bfloat16: 7}[dtype]
+    ulp = torch.exp2(torch.floor(torch.log2(dm32.abs().clamp_min(finfo.tiny))) - mantissa_bits)
+    ulp = ulp.clamp_min(finfo.tiny * 2.0 ** -mantissa_bits)  # subnormals: the smallest spacing
+    err = (dm.float() - dm32).abs()
+    slack = 2.0 ** -20 * dm32.abs().max()
+    worst = (err / (ulp + slack)).max().item()
+    assert worst <= 1.0, f"{name}: gradient of the broadcast modulation is {worst:.1f} units off (rounded twice?)"
 
 
 # --- wrong device / dtype ---------------------------------------------------------------------------------

@@ -423,14 +423,24 @@ def _opcheck_cases():
         "norm_modulate_dual": (x, sh, sc, None, tok, EPS),
         "gated_residual": (x, y, g),
         "gated_residual_norm_modulate": (x, y, g, sh2, sc2, EPS),
-        "norm_modulate_backward": (t(B, L, D), xs, stats[0], stats[1], sc.detach(), torch.bfloat16, False),
+        # one modulation row broadcast over the batch (per sample and per token)
+        "norm_modulate_one_row": (torch.ops.ditfast.norm_modulate, (x, sh[:1], sc[:1], EPS)),
+        "gated_residual_norm_modulate_one_row": (
+            torch.ops.ditfast.gated_residual_norm_modulate, (x, y, g[:1], tok[:1], sc[:1], EPS)
+        ),
+        "norm_modulate_backward": (t(B, L, D), xs, stats[0], stats[1], sc.detach(), torch.bfloat16, False, False),
+        "norm_modulate_backward_one_row": (
+            torch.ops.ditfast.norm_modulate_backward,
+            (t(B, L, D), xs, stats[0], stats[1], sc[:1].detach(), torch.bfloat16, True, True),
+        ),
         "norm_modulate_dual_backward": (
-            t(B, L, D), t(B, L, D), xs, stats[0], stats[1], sc.detach(), tok.detach(), None, False, torch.float32, True
+            t(B, L, D), t(B, L, D), xs, stats[0], stats[1], sc.detach(), tok.detach(),
+            None, False, False, torch.float32, True, False,
         ),
         "gated_residual_backward": (t(B, L, D), y.detach(), g.detach()),
         "gated_residual_norm_modulate_backward": (
             t(B, L, D), t(B, L, D), xs, stats[0], stats[1], y.detach(), g.detach(), sc.detach(),
-            torch.bfloat16, torch.bfloat16, False,
+            torch.bfloat16, torch.bfloat16, False, False,
         ),
     }
 

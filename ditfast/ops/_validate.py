@@ -69,6 +69,18 @@ def modulation(name: str, t, x: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def one_row(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Undo modulation()'s batch expansion: a stride-0 (B, ...) view becomes its single (1, ...) row.
+
+    Kernels that take the row broadcast it themselves and sum its gradient over the batch in fp32,
+    rounding once; the expanded view's backward would sum per-sample gradients already rounded to a
+    low-precision dtype, rounding twice.
+    """
+    if t is not None and t.shape[0] > 1 and t.stride(0) == 0:
+        return t[:1]
+    return t
+
+
 def eps(value) -> float:
     if not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"eps must be a positive number, got {value!r}")

@@ -172,26 +172,17 @@ def _tables_need_grad(cos, sin) -> bool:
     return cos is not None and torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)
 
 
-def _one_row(t):
-    """A modulation expanded over the batch (stride 0, as ditfast.ops passes a (1, ...) one) goes to
-    the C++ op as its single row: the op broadcasts it and sums its grad over the batch in fp32,
-    rounding once (per-sample grads summed again by expand's backward would round twice)."""
-    if t is not None and t.shape[0] > 1 and t.stride(0) == 0:
-        return t[:1]
-    return t
-
-
 def norm_modulate(x, shift, scale, *, eps=1e-6):
     if x.is_cuda and x.shape[-1] > _MAX_ROW_CUDA:
         return reference.norm_modulate(x, shift, scale, eps=eps)
-    return torch.ops.ditfast.norm_modulate_c(x, _one_row(shift), _one_row(scale), eps)
+    return torch.ops.ditfast.norm_modulate_c(x, v.one_row(shift), v.one_row(scale), eps)
 
 
 def gated_residual_norm_modulate(x, y, gate, shift, scale, *, eps=1e-6):
     if x.is_cuda and x.shape[-1] > _MAX_ROW_CUDA:
         return reference.gated_residual_norm_modulate(x, y, gate, shift, scale, eps=eps)
     return tuple(
-        torch.ops.ditfast.gated_residual_norm_modulate_c(x, y, _one_row(gate), _one_row(shift), _one_row(scale), eps)
+        torch.ops.ditfast.gated_residual_norm_modulate_c(x, y, v.one_row(gate), v.one_row(shift), v.one_row(scale), eps)
     )
 
 

@@ -117,21 +117,23 @@ def _empty_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     return x.new_empty((B, L), dtype=torch.float32), x.new_empty((B, L), dtype=torch.float32)
 
 
-def _shift_spec(shift: Optional[Tensor]) -> tuple[Optional[torch.dtype], bool]:
-    """What backward needs to know about shift: (dtype or None when absent, per-token layout)."""
-    return (None, False) if shift is None else (shift.dtype, shift.dim() == 3)
+def _shift_spec(shift: Optional[Tensor]) -> tuple[Optional[torch.dtype], bool, bool]:
+    """What backward needs to know about shift: (dtype or None when absent, per-token layout,
+    one row broadcast over the batch)."""
+    return (None, False, False) if shift is None else (shift.dtype, shift.dim() == 3, shift.shape[0] == 1)
 
 
-def _shift_meta(x: Tensor, dtype: Optional[torch.dtype], per_token: bool) -> Optional[Tensor]:
+def _shift_meta(x: Tensor, dtype: Optional[torch.dtype], per_token: bool, one_row: bool) -> Optional[Tensor]:
     """A data-less stand-in for shift (its gradient's shape and dtype), or None when there is none."""
     if dtype is None:
         return None
     B, L, D = x.shape
+    B = 1 if one_row else B
     return torch.empty((B, L, D) if per_token else (B, D), dtype=dtype, device="meta")
 
 
-def _fake_shift_grad(x: Tensor, dtype: Optional[torch.dtype], per_token: bool) -> Tensor:
-    meta = _shift_meta(x, dtype, per_token)
+def _fake_shift_grad(x: Tensor, dtype: Optional[torch.dtype], per_token: bool, one_row: bool) -> Tensor:
+    meta = _shift_meta(x, dtype, per_token, one_row)
     return x.new_empty(0) if meta is None else x.new_empty(meta.shape, dtype=dtype)
 
 
@@ -151,17 +153,18 @@ def _(x, shift, scale, eps):
 @torch.library.custom_op("ditfast::norm_modulate_backward", mutates_args=())
 def _norm_modulate_bwd_op(
     dout: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
-    shift_dtype: Optional[torch.dtype], shift_per_token: bool,
+    shift_dtype: Optional[torch.dtype], shift_per_token: bool, shift_one_row: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dshift, dscale); dshift is empty when there is no shift (shift_dtype None)."""
-    shift = _shift_meta(x, shift_dtype, shift_per_token)
+    shift = _shift_meta(x, shift_dtype, shift_per_token, shift_one_row)
     dx, dshift, dscale, _, _ = _kernels().norm_modulate_bwd(dout, None, x, mean, rstd, shift, scale)
     return dx, dshift, dscale
 
 
 @_norm_modulate_bwd_op.register_fake
-def _(dout, x, mean, rstd, scale, shift_dtype, shift_per_token):
-    return x.new_empty(x.shape), _fake_shift_grad(x, shift_dtype, shift_per_token), scale.new_empty(scale.shape)
+def _(dout, x, mean, rstd, scale, shift_dtype, shift_per_token, shift_one_row):
+    shift_grad = _fake_shift_grad(x, shift_dtype, shift_per_token, shift_one_row)
+    return x.new_empty(x.shape), shift_grad, scale.new_empty(scale.shape)
 
 
 def _norm_modulate_setup(ctx, inputs, output):
@@ -200,22 +203,22 @@ def _(x, shift1, scale1, shift2, scale2, eps):
 @torch.library.custom_op("ditfast::norm_modulate_dual_backward", mutates_args=())
 def _norm_modulate_dual_bwd_op(
     dout1: Tensor, dout2: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, scale1: Tensor, scale2: Tensor,
-    shift1_dtype: Optional[torch.dtype], shift1_per_token: bool,
-    shift2_dtype: Optional[torch.dtype], shift2_per_token: bool,
+    shift1_dtype: Optional[torch.dtype], shift1_per_token: bool, shift1_one_row: bool,
+    shift2_dtype: Optional[torch.dtype], shift2_per_token: bool, shift2_one_row: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dshift1, dscale1, dshift2, dscale2); a dshift is empty when that shift is absent."""
-    shift1 = _shift_meta(x, shift1_dtype, shift1_per_token)
-    shift2 = _shift_meta(x, shift2_dtype, shift2_per_token)
+    shift1 = _shift_meta(x, shift1_dtype, shift1_per_token, shift1_one_row)
+    shift2 = _shift_meta(x, shift2_dtype, shift2_per_token, shift2_one_row)
     return _kernels().norm_modulate_bwd(dout1, dout2, x, mean, rstd, shift1, scale1, shift2, scale2)
 
 
 @_norm_modulate_dual_bwd_op.register_fake
-def _(dout1, dout2, x, mean, rstd, scale1, scale2, shift1_dtype, shift1_per_token, shift2_dtype, shift2_per_token):
+def _(dout1, dout2, x, mean, rstd, scale1, scale2, *shift_specs):
     return (
         x.new_empty(x.shape),
-        _fake_shift_grad(x, shift1_dtype, shift1_per_token),
+        _fake_shift_grad(x, *shift_specs[:3]),
         scale1.new_empty(scale1.shape),
-        _fake_shift_grad(x, shift2_dtype, shift2_per_token),
+        _fake_shift_grad(x, *shift_specs[3:]),
         scale2.new_empty(scale2.shape),
     )
 
@@ -233,7 +236,7 @@ def _norm_modulate_dual_backward(ctx, dout1, dout2, _dmean, _drstd):
     dx, dshift1, dscale1, dshift2, dscale2 = _norm_modulate_dual_bwd_op(
         dout1, dout2, x, mean, rstd, scale1, scale2, *ctx.shift_specs
     )
-    has1, has2 = ctx.shift_specs[0] is not None, ctx.shift_specs[2] is not None
+    has1, has2 = ctx.shift_specs[0] is not None, ctx.shift_specs[3] is not None
     return dx, (dshift1 if has1 else None), dscale1, (dshift2 if has2 else None), dscale2, None
 
 
@@ -298,20 +301,20 @@ def _(x, y, gate, shift, scale, eps):
 def _gated_residual_norm_modulate_bwd_op(
     dx_new: Optional[Tensor], dh: Tensor, x_new: Tensor, mean: Tensor, rstd: Tensor,
     y: Tensor, gate: Tensor, scale: Tensor,
-    x_dtype: torch.dtype, shift_dtype: Optional[torch.dtype], shift_per_token: bool,
+    x_dtype: torch.dtype, shift_dtype: Optional[torch.dtype], shift_per_token: bool, shift_one_row: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dy, dgate, dshift, dscale); dx_new is the gradient reaching x_new from outside (None: 0)."""
-    shift = _shift_meta(x_new, shift_dtype, shift_per_token)
+    shift = _shift_meta(x_new, shift_dtype, shift_per_token, shift_one_row)
     return _kernels().gated_residual_norm_modulate_bwd(dx_new, dh, x_new, mean, rstd, y, gate, shift, scale, x_dtype)
 
 
 @_gated_residual_norm_modulate_bwd_op.register_fake
-def _(dx_new, dh, x_new, mean, rstd, y, gate, scale, x_dtype, shift_dtype, shift_per_token):
+def _(dx_new, dh, x_new, mean, rstd, y, gate, scale, x_dtype, *shift_spec):
     return (
         x_new.new_empty(x_new.shape, dtype=x_dtype),
         y.new_empty(y.shape),
         gate.new_empty(gate.shape),
-        _fake_shift_grad(x_new, shift_dtype, shift_per_token),
+        _fake_shift_grad(x_new, *shift_spec),
         scale.new_empty(scale.shape),
     )
 
@@ -367,6 +370,7 @@ def _direct(*tensors: Optional[Tensor]) -> bool:
 def _triton_norm_modulate(x, shift, scale, *, eps=1e-6):
     if _too_wide(x):
         return reference.norm_modulate(x, shift, scale, eps=eps)
+    shift, scale = v.one_row(shift), v.one_row(scale)
     if _direct(x, shift, scale):
         return _kernels().norm_modulate_fwd(x, shift, scale, eps=eps)[0]
     return _norm_modulate_op(x, shift, scale, eps)[0]
@@ -375,6 +379,7 @@ def _triton_norm_modulate(x, shift, scale, *, eps=1e-6):
 def _triton_norm_modulate_dual(x, shift1, scale1, shift2, scale2, *, eps=1e-6):
     if _too_wide(x):
         return reference.norm_modulate_dual(x, shift1, scale1, shift2, scale2, eps=eps)
+    shift1, scale1, shift2, scale2 = (v.one_row(t) for t in (shift1, scale1, shift2, scale2))
     if _direct(x, shift1, scale1, shift2, scale2):
         out1, out2, _, _ = _kernels().norm_modulate_fwd(x, shift1, scale1, shift2, scale2, eps=eps)
     else:
@@ -385,6 +390,7 @@ def _triton_norm_modulate_dual(x, shift1, scale1, shift2, scale2, *, eps=1e-6):
 def _triton_gated_residual(x, y, gate):
     if _too_wide(x):
         return reference.gated_residual(x, y, gate)
+    gate = v.one_row(gate)
     if _direct(x, y, gate):
         return _kernels().gated_residual_fwd(x, y, gate)
     return _gated_residual_op(x, y, gate)
@@ -393,6 +399,7 @@ def _triton_gated_residual(x, y, gate):
 def _triton_gated_residual_norm_modulate(x, y, gate, shift, scale, *, eps=1e-6):
     if _too_wide(x):
         return reference.gated_residual_norm_modulate(x, y, gate, shift, scale, eps=eps)
+    gate, shift, scale = v.one_row(gate), v.one_row(shift), v.one_row(scale)
     if _direct(x, y, gate, shift, scale):
         x_new, h, _, _ = _kernels().gated_residual_norm_modulate_fwd(x, y, gate, shift, scale, eps=eps)
     else:

@@ -9,7 +9,8 @@ Math (REFERENCE.md), per row of D features, LN without affine parameters:
 Layout. x, y are (B, L, D) with any strides (read through them, never copied). A modulation tensor
 (shift / scale / gate) is (B, D) per sample or (B, L, D) per token; both are read as (B, L, D) with a
 token stride of 0 for the per-sample case, so chunks of one adaLN Linear output (row stride 6·D) and
-expanded stride-0 batch views work as they are. Outputs are new contiguous (B, L, D) tensors in the
+expanded stride-0 batch views work as they are. A modulation with a batch of 1 ((1, D) or (1, L, D))
+is broadcast over the B samples (batch stride 0), and its gradient is summed over them in fp32. Outputs are new contiguous (B, L, D) tensors in the
 promotion of the inputs' dtypes; math is fp32; mean and rstd are saved as fp32 (B, L).
 
 Tiles. A program works on (BLOCK_R, BLOCK_D) tiles: BLOCK_R rows (tokens) of one power-of-two block
@@ -367,12 +368,14 @@ def _config(D: int, device: torch.device) -> Tuple[int, int, int]:
 
 
 def _strides(t: Optional[Tensor]) -> Tuple[int, int, int]:
-    """(stride_b, stride_l, stride_d) of a (B, L, D) tensor, or of a (B, D) one read as (B, L, D)."""
+    """(stride_b, stride_l, stride_d) of a (B, L, D) tensor, or of a (B, D) one read as (B, L, D).
+    A batch of one (a modulation shared by every sample) gets batch stride 0: it is broadcast."""
     if t is None:
         return 0, 0, 0
+    stride_b = 0 if t.shape[0] == 1 else t.stride(0)
     if t.dim() == 2:
-        return t.stride(0), 0, t.stride(1)
-    return t.stride(0), t.stride(1), t.stride(2)
+        return stride_b, 0, t.stride(1)
+    return stride_b, t.stride(1), t.stride(2)
 
 
 def _per_token(t: Optional[Tensor]) -> bool:
@@ -424,19 +427,26 @@ def _chunks(B: int, L: int, block_r: int, device: torch.device, reduce: bool) ->
 
 
 def _grad_buffer(t: Optional[Tensor], B: int, L: int, D: int, nchunk: int, like: Tensor) -> Tensor:
-    """Where the kernel writes a modulation gradient: (B, L, D) in t's dtype per token, fp32 partial
-    sums (B, NCHUNK, D) per sample; an empty placeholder when t is None."""
+    """Where the kernel writes a modulation gradient: (B, L, D) per token, fp32 partial sums
+    (B, NCHUNK, D) per sample; an empty placeholder when t is None. A per-token gradient is written in
+    t's dtype, except when t is one row broadcast over B > 1 samples: then in fp32, summed by _finish."""
     if t is None:
         return like.new_empty(0)
     if t.dim() == 3:
-        return torch.empty((B, L, D), dtype=t.dtype, device=like.device)
+        broadcast = t.shape[0] == 1 and B > 1
+        return torch.empty((B, L, D), dtype=torch.float32 if broadcast else t.dtype, device=like.device)
     return torch.empty((B, nchunk, D), dtype=torch.float32, device=like.device)
 
 
 def _finish(buf: Tensor, t: Optional[Tensor]) -> Tensor:
-    """The gradient from a _grad_buffer: per-sample partial sums are reduced over chunks here."""
-    if t is None or t.dim() == 3:
+    """The gradient from a _grad_buffer: per-sample partial sums are reduced over chunks here, and the
+    per-sample gradients of a row broadcast over the batch are summed over it, in fp32, rounded once."""
+    if t is None:
         return buf
+    if t.dim() == 3:
+        return buf if buf.shape[0] == t.shape[0] else buf.sum(0, keepdim=True).to(t.dtype)
+    if t.shape[0] == 1:
+        return buf.sum((0, 1)).unsqueeze(0).to(t.dtype)
     return buf.sum(1).to(t.dtype)
 
 
