@@ -236,6 +236,20 @@ def test_flux_without_guidance_and_with_zero_text_ids(monkeypatch):
     check_roundtrip(model, inputs, FLUX_CFG["num_layers"] + FLUX_CFG["num_single_layers"], monkeypatch)
 
 
+def test_flux_rope_tables_are_views_not_copies():
+    """The patched FLUX blocks take diffusers' fp32 (L, Dh) repeat-interleaved tables as strided
+    (L, Dh/2) views: no copy per block call (a FLUX forward has 57 blocks)."""
+    from ditfast.integrations._flux import rope_tables
+
+    L, Dh = 7, 16
+    angles = torch.randn(L, Dh // 2)
+    cos, sin = (f(angles).repeat_interleave(2, dim=1) for f in (torch.cos, torch.sin))
+    tc, ts = rope_tables((cos, sin), L, Dh)
+    assert tc.data_ptr() == cos.data_ptr() and ts.data_ptr() == sin.data_ptr()
+    assert torch.equal(tc, angles.cos()) and torch.equal(ts, angles.sin())
+    assert rope_tables((cos, sin), L + 1, Dh) is None and rope_tables(None, L, Dh) == (None, None)
+
+
 def test_flux_fused_qkv_projections(monkeypatch):
     """After fuse_qkv_projections() the patched blocks read the packed to_qkv / to_added_qkv."""
     model = flux_model()

@@ -51,7 +51,10 @@ Tables = Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
 def rope_tables(image_rotary_emb, length: int, head_dim: int) -> Optional[Tables]:
     """diffusers' (cos, sin), each (L, Dh) repeat-interleaved, -> ditfast's fp32 (L, Dh/2) tables.
 
-    (None, None) when there is no RoPE; None when the argument is not in the expected format.
+    The tables are the strided views ``cos[:, 0::2]`` (no copy when diffusers' tables are fp32, as
+    FluxPosEmbed makes them): every block of a forward gets the same tensors, and the Triton kernels
+    read them through their strides. (None, None) when there is no RoPE; None when the argument is
+    not in the expected format.
     """
     if image_rotary_emb is None:
         return None, None
@@ -61,7 +64,7 @@ def rope_tables(image_rotary_emb, length: int, head_dim: int) -> Optional[Tables
     for t in (cos, sin):
         if not isinstance(t, torch.Tensor) or t.dim() != 2 or tuple(t.shape) != (length, head_dim):
             return None
-    return cos[:, 0::2].float().contiguous(), sin[:, 0::2].float().contiguous()
+    return cos[:, 0::2].float(), sin[:, 0::2].float()
 
 
 def _rows(tables: Tables, start: int, stop: int) -> Tables:
