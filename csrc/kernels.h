@@ -32,11 +32,14 @@ struct Rows {
 
 // norm_modulate / gated_residual_norm_modulate forward:
 //   xn = x (+ gate * y when gate.ptr), h = LN(xn) * (1 + scale) + shift.
+// The gated op rounds xn to xn_dt (x_new's dtype) before the LayerNorm, so h is the LN of the x_new
+// it returns, as the two-step eager computation (and the Triton kernel) gives.
 struct ModFwdArgs {
   int64_t B = 0, L = 0;
   int32_t D = 0;
   float eps = 1e-6f;
   Rows x, y, gate, shift, scale;  // y/gate absent for norm_modulate; shift may be absent
+  DType xn_dt = DType::F32;       // x_new's dtype (gated op only)
   Rows out_xn;                    // x_new output (gated op only), else absent
   Rows out_h;                     // h output
 };
@@ -50,6 +53,7 @@ struct ModBwdArgs {
   int32_t D = 0;
   float eps = 1e-6f;
   Rows x, y, gate, shift, scale;
+  DType xn_dt = DType::F32;  // x_new's dtype: the recomputed xn is rounded as in the forward
   Rows g_xn;  // grad of x_new (gated op only; may be absent)
   Rows g_h;   // grad of h (may be absent in the gated op)
   Rows dx, dy;

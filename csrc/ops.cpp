@@ -28,8 +28,8 @@ namespace {
 constexpr int64_t kCpuRowsPerChunk = 64;    // rows per partial-sum chunk (CPU modulate backward)
 constexpr int64_t kCpuHeadsPerChunk = 256;  // heads per partial-sum chunk (CPU rope backward)
 
-DType dtype_code(const Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
+DType dtype_code(at::ScalarType st, const char* name) {
+  switch (st) {
     case at::kFloat:
       return DType::F32;
     case at::kBFloat16:
@@ -37,10 +37,12 @@ DType dtype_code(const Tensor& t, const char* name) {
     case at::kHalf:
       return DType::F16;
     default:
-      TORCH_CHECK_TYPE(false, name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+      TORCH_CHECK_TYPE(false, name, " must be float32, bfloat16 or float16, got ", st);
   }
   return DType::F32;  // unreachable
 }
+
+DType dtype_code(const Tensor& t, const char* name) { return dtype_code(t.scalar_type(), name); }
 
 Tensor unit_last(const Tensor& t) {
   return (t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
@@ -165,6 +167,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mod_backward(const Tensor& g_
   if (gated) {
     a.y = rows_of(y, "y");
     a.gate = rows_of(gate, "gate");
+    a.xn_dt = dtype_code(promote({&x, &y, &gate}), "x_new");
   }
   if (g_xn.defined()) a.g_xn = rows_of(g_xn, "grad_x_new");
   if (g_h.defined()) a.g_h = rows_of(g_h, "grad_h");
@@ -379,6 +382,7 @@ std::tuple<Tensor, Tensor> gated_residual_norm_modulate_c(const Tensor& x_in, co
   a.scale = rows_of(scale, "scale");
   if (shift.defined()) a.shift = rows_of(shift, "shift");
   a.out_xn = rows_of(x_new, "x_new");
+  a.xn_dt = a.out_xn.dt;
   a.out_h = rows_of(h, "h");
   run(a, x);
   return {x_new, h};

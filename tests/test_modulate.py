@@ -222,6 +222,28 @@ def test_gated_residual_norm_modulate_mixed_dtypes():
     run_check(fn, args, "gated_residual_norm_modulate mixed")
 
 
+def _fused_backends():
+    from ditfast import _ext
+
+    no_c = pytest.mark.skipif(_ext.load() is None, reason="ditfast._C is not built")
+    return ["triton", pytest.param("cuda", marks=no_c)]
+
+
+@pytest.mark.parametrize("backend", _fused_backends())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gated_residual_norm_modulate_normalizes_the_returned_x_new(backend, dtype):
+    """h is the LayerNorm of the x_new the fused op returns (rounded to its dtype), as the two-step
+    eager computation gives, not of the unrounded fp32 sum: the same backend's norm_modulate of the
+    returned x_new reproduces h bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    B, L, D = 2, 33, 200
+    x, y = (torch.randn(B, L, D, generator=g).to(DEVICE, dtype) for _ in range(2))
+    gate, shift, scale = torch.randn(3, B, D, generator=g).to(DEVICE, dtype).unbind(0)
+    with ditfast.use_backend(backend):
+        x_new, h = ops.gated_residual_norm_modulate(x, y, gate, shift, scale, eps=EPS)
+        assert torch.equal(h, ops.norm_modulate(x_new, shift, scale, eps=EPS))
+
+
 def test_gated_residual_norm_modulate_one_output_used():
     """Only h (or only x_new) feeds the loss: the other output's gradient is absent."""
     B, L, D = 3, 7, 72

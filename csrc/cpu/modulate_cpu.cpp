@@ -29,7 +29,7 @@ Stats layer_norm_stats(const float* v, int64_t D, float eps) {
   return {mean, 1.f / std::sqrt(s2 / static_cast<float>(D) + eps)};
 }
 
-// xn = x (+ gate * y) for row (b, l); `tmp` has room for 2 * D floats.
+// xn = x (+ gate * y, rounded to x_new's dtype) for row (b, l); `tmp` has room for 2 * D floats.
 void load_xn(const ModFwdArgs& a, int64_t b, int64_t l, float* xn, float* tmp) {
   const int64_t D = a.D;
   cpu::load(a.x.ptr, a.x.dt, cpu::roff(a.x, b, l), D, xn);
@@ -39,6 +39,7 @@ void load_xn(const ModFwdArgs& a, int64_t b, int64_t l, float* xn, float* tmp) {
     cpu::load(a.gate.ptr, a.gate.dt, cpu::roff(a.gate, b, l), D, g);
     cpu::load(a.y.ptr, a.y.dt, cpu::roff(a.y, b, l), D, y);
     for (int64_t i = 0; i < D; ++i) xn[i] += g[i] * y[i];
+    cpu::round_to(a.xn_dt, D, xn);
   }
 }
 
@@ -84,6 +85,7 @@ void mod_bwd_cpu(const ModBwdArgs& a) {
   fa.x = a.x;
   fa.y = a.y;
   fa.gate = a.gate;
+  fa.xn_dt = a.xn_dt;
 
   at::parallel_for(0, a.B * nblk, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(9 * D);

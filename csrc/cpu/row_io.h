@@ -52,6 +52,15 @@ inline void store(void* base, DType dt, int64_t off, int64_t n, const float* src
   }
 }
 
+// Round n fp32 values in place to what dtype dt holds (nearest even); fp32: unchanged.
+inline void round_to(DType dt, int64_t n, float* v) {
+  if (dt == DType::BF16) {
+    for (int64_t i = 0; i < n; ++i) v[i] = static_cast<float>(c10::BFloat16(v[i]));
+  } else if (dt == DType::F16) {
+    for (int64_t i = 0; i < n; ++i) v[i] = static_cast<float>(c10::Half(v[i]));
+  }
+}
+
 inline int64_t roff(const Rows& t, int64_t b, int64_t l) { return b * t.sb + l * t.sl; }
 
 }  // namespace cpu

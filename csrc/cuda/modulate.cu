@@ -30,7 +30,7 @@ __global__ void __launch_bounds__(kMaxThreads) mod_fwd_kernel(const ModFwdArgs a
   const int nch = a.D / W;
   const bool gated = a.gate.ptr != nullptr;
 
-  // Pass 1: xn = x (+ gate * y), kept in registers; store x_new; sum for the mean.
+  // Pass 1: xn = x (+ gate * y, rounded to x_new's dtype), kept in registers; store x_new; sum for the mean.
   float v[MAXC][W];
   float s = 0.f;
 #pragma unroll
@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(kMaxThreads) mod_fwd_kernel(const ModFwdArgs a
         load_n<W, VEC>(a.gate.ptr, a.gate.dt, roff(a.gate, b, l) + col, g);
         load_n<W, VEC>(a.y.ptr, a.y.dt, roff(a.y, b, l) + col, y);
 #pragma unroll
-        for (int i = 0; i < W; ++i) v[c][i] = fmaf(g[i], y[i], v[c][i]);
+        for (int i = 0; i < W; ++i) v[c][i] = round_to(a.xn_dt, fmaf(g[i], y[i], v[c][i]));
         if (a.out_xn.ptr != nullptr) store_n<W, VEC>(a.out_xn.ptr, a.out_xn.dt, roff(a.out_xn, b, l) + col, v[c]);
       }
 #pragma unroll
@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kMaxThreads) mod_bwd_kernel(const ModBwdArgs a
           load_n<W, VEC>(a.gate.ptr, a.gate.dt, roff(a.gate, b, l) + col, g);
           load_n<W, VEC>(a.y.ptr, a.y.dt, roff(a.y, b, l) + col, y);
 #pragma unroll
-          for (int i = 0; i < W; ++i) xn[c][i] = fmaf(g[i], y[i], xn[c][i]);
+          for (int i = 0; i < W; ++i) xn[c][i] = round_to(a.xn_dt, fmaf(g[i], y[i], xn[c][i]));
         }
         if (has_gh) {
           load_n<W, VEC>(a.g_h.ptr, a.g_h.dt, roff(a.g_h, b, l) + col, gh[c]);

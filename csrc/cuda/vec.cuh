@@ -46,6 +46,13 @@ __device__ __forceinline__ uint16_t float_to_bf16_bits(float f) {
 __device__ __forceinline__ float f16_bits_to_float(uint16_t b) { return __half2float(__ushort_as_half(b)); }
 __device__ __forceinline__ uint16_t float_to_f16_bits(float f) { return __half_as_ushort(__float2half_rn(f)); }
 
+// fp32 v rounded to what dtype dt holds (nearest even), back as fp32.
+__device__ __forceinline__ float round_to(DType dt, float v) {
+  if (dt == DType::BF16) return bf16_bits_to_float(float_to_bf16_bits(v));
+  if (dt == DType::F16) return f16_bits_to_float(float_to_f16_bits(v));
+  return v;
+}
+
 // ---- typed vector load/store ------------------------------------------------------------------
 // Load N consecutive elements of dtype dt starting at element `off` of `base`, as fp32.
 // Alignment needed: min(16, N * sizeof(element)) bytes.
