@@ -35,16 +35,11 @@ HAS_CUDA_KERNELS = _C is not None and "cuda" in getattr(_C, "DEVICES", ())
 
 # Every test that runs the ops takes a device: "cpu" always, "cuda" where a GPU and the CUDA
 # kernels are present (skipped otherwise, with the reason).
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="ditfast._C was built without CUDA kernels"),
-        ],
-    ),
+CUDA_MARKS = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="ditfast._C was built without CUDA kernels"),
 ]
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_MARKS)]
 
 OPS = torch.ops.ditfast
 
@@ -79,8 +74,16 @@ def mod_views(leaf, kind, n, B):
     return views
 
 
-def sizes(device, cpu_cases, gpu_cases):
-    return cpu_cases + (gpu_cases if device == "cuda" else [])
+def case_id(c):
+    return "-".join(str(v) for v in c)
+
+
+def device_cases(cpu_cases, gpu_cases):
+    """(device, case) pairs: the small cases on every device, the real sizes on CUDA only (the CPU
+    kernels would take minutes on them)."""
+    pairs = [pytest.param("cpu", c, id=f"cpu-{case_id(c)}") for c in cpu_cases]
+    pairs += [pytest.param("cuda", c, marks=CUDA_MARKS, id=f"cuda-{case_id(c)}") for c in cpu_cases + gpu_cases]
+    return pairs
 
 
 # (B, L, D, x layout, modulation kind). D = 72 and 1152, 3072 take the 16-byte path on CUDA when
@@ -102,20 +105,13 @@ NM_GPU_CASES = [
 ]
 
 
-def case_id(c):
-    return "-".join(str(v) for v in c)
-
-
 # --- norm_modulate --------------------------------------------------------------------------------------
 @needs_c
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,case", device_cases(NM_CASES, NM_GPU_CASES))
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", NM_CASES + [pytest.param(c, marks=pytest.mark.cuda) for c in NM_GPU_CASES], ids=case_id)
 @pytest.mark.parametrize("with_shift", [True, False], ids=["shift", "noshift"])
 def test_norm_modulate(device, dtype, case, with_shift):
     B, L, D, layout, kind = case
-    if D >= 1024 and device == "cpu":
-        pytest.skip("real widths run on CUDA only")
 
     def fn(impl, xl, ml):
         shift, scale = mod_views(ml, kind, 6, B)[:2]
@@ -152,14 +148,11 @@ def test_norm_modulate_mixed_dtypes(device):
 
 # --- gated_residual_norm_modulate -----------------------------------------------------------------------
 @needs_c
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,case", device_cases(NM_CASES, NM_GPU_CASES))
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", NM_CASES + [pytest.param(c, marks=pytest.mark.cuda) for c in NM_GPU_CASES], ids=case_id)
 @pytest.mark.parametrize("with_shift", [True, False], ids=["shift", "noshift"])
 def test_gated_residual_norm_modulate(device, dtype, case, with_shift):
     B, L, D, layout, kind = case
-    if D >= 1024 and device == "cpu":
-        pytest.skip("real widths run on CUDA only")
 
     def fn(impl, xl, yl, ml):
         # gate of the previous half-block, shift/scale of the next one: chunks 2, 3, 4 of 6
@@ -242,14 +235,11 @@ ROPE_GPU_CASES = [(2, 512, 24, 128, "packed", False), (2, 333, 24, 64, "contig",
 
 
 @needs_c
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,case", device_cases(ROPE_CASES, ROPE_GPU_CASES))
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", ROPE_CASES + [pytest.param(c, marks=pytest.mark.cuda) for c in ROPE_GPU_CASES], ids=case_id)
 @pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "halfsplit"])
 def test_apply_rope(device, dtype, case, interleaved):
     B, L, H, Dh, layout, per_batch = case
-    if L >= 256 and device == "cpu":
-        pytest.skip("real sizes run on CUDA only")
     cos, sin = rope_tables(B, L, Dh, per_batch, device)
 
     def fn(impl, leaf):
@@ -263,19 +253,17 @@ def test_apply_rope(device, dtype, case, interleaved):
 
 
 @needs_c
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,case", device_cases(ROPE_CASES, ROPE_GPU_CASES))
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", ROPE_CASES + [pytest.param(c, marks=pytest.mark.cuda) for c in ROPE_GPU_CASES], ids=case_id)
-@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "halfsplit"])
-@pytest.mark.parametrize("variant", ["full", "noweight", "oneweight", "norope"])
+@pytest.mark.parametrize("variant,interleaved", [
+    (variant, interleaved)
+    for variant in ("full", "noweight", "oneweight", "norope")
+    for interleaved in ((True, False) if variant != "norope" else (True,))  # pairs only matter with RoPE
+], ids=lambda v: v if isinstance(v, str) else ("interleaved" if v else "halfsplit"))
 def test_qk_norm_rope(device, dtype, case, interleaved, variant):
     """full: norm with both weights, then RoPE; noweight: both weights None = RoPE only (no norm);
     oneweight: norm both, only q's weight; norope: norm only."""
     B, L, H, Dh, layout, per_batch = case
-    if L >= 256 and device == "cpu":
-        pytest.skip("real sizes run on CUDA only")
-    if variant == "norope" and not interleaved:
-        pytest.skip("the pair layout only matters with RoPE")
     cos, sin = rope_tables(B, L, Dh, per_batch, device) if variant != "norope" else (None, None)
     use_q_w, use_k_w = {"full": (1, 1), "noweight": (0, 0), "oneweight": (1, 0), "norope": (1, 1)}[variant]
 
