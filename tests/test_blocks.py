@@ -14,34 +14,7 @@ import torch.nn.functional as F
 import ditfast
 from ditfast.nn import DiTBlock, DoubleStreamBlock, FinalLayer, JointBlock, LastLayer, SingleStreamBlock
 
-RTOL = 1e-5
-
-
-def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every parameter seeded-random: matrices N(0, 1/fan_in), norm weights 1 + N(0, .09), vectors N(0, .09)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if p.dim() >= 2:
-                p.copy_(r / p[0].numel() ** 0.5)
-            elif "norm" in name:
-                p.copy_(1 + 0.3 * r)
-            else:
-                p.copy_(0.3 * r)
-    return module
-
-
-def rand(*shape, seed: int) -> torch.Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-
-
-def assert_close(ours, ref, what="out"):
-    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
-    err = (ours.double() - ref.double()).abs().max().item()
-    bound = RTOL * max(1.0, ref.abs().max().item())
-    assert err <= bound, f"{what}: max abs error {err:.3g} > {bound:.3g}"
-
+from helpers import assert_close, rand, randomize_
 
 @pytest.fixture(autouse=True)
 def _reference_backend():

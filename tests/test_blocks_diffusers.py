@@ -27,7 +27,12 @@ from diffusers.models.transformers.transformer_flux import (  # noqa: E402
     FluxTransformerBlock,
 )
 
-RTOL = 1e-5
+from helpers import assert_close, rand, randomize_  # noqa: E402
+
+
+def leaf(*shape, seed: int) -> torch.Tensor:
+    """A seeded random input whose gradient is compared."""
+    return rand(*shape, seed=seed, grad=True)
 
 # name: (D, heads, text tokens, image grid (h, w), rope axes, batch)
 SIZES = {
@@ -39,37 +44,6 @@ SIZES = {
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Overwrite every parameter with seeded random values of a sensible scale.
-
-    Matrices: N(0, 1/fan_in); norm weights: 1 + N(0, 0.3²); other vectors (biases): N(0, 0.3²).
-    Nothing stays at its (often zero) initial value.
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            r = torch.randn(p.shape, generator=g, dtype=torch.float32)
-            if p.dim() >= 2:
-                p.copy_(r / p[0].numel() ** 0.5)
-            elif "norm" in name:
-                p.copy_(1 + 0.3 * r)
-            else:
-                p.copy_(0.3 * r)
-    return module
-
-
-def rand(*shape, seed: int, grad: bool = True) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=torch.float32).requires_grad_(grad)
-
-
-def assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
-    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
-    err = (ours.double() - ref.double()).abs().max().item()
-    bound = RTOL * max(1.0, ref.abs().max().item())
-    assert err <= bound, f"{what}: max abs error {err:.3g} > {bound:.3g}"
-
-
 def compare(ours_out, ref_out, ours_in, ref_in, names, seed: int = 123) -> None:
     """Compare forward outputs, then the gradients of the inputs under one random cotangent."""
     for name, o, r in zip(names, ours_out, ref_out):
@@ -120,7 +94,7 @@ def test_double_stream_block_matches_diffusers(size):
     rope_diffusers = FluxPosEmbed(theta=10000, axes_dim=list(axes))(ids)  # (cos, sin), each (L, Dh)
     rope_ours = ditfast.ops.rope_freqs(ids, axes)  # (cos, sin), each (L, Dh/2)
 
-    img, txt, temb = rand(B, Li, D, seed=2), rand(B, Lt, D, seed=3), rand(B, D, seed=4)
+    img, txt, temb = leaf(B, Li, D, seed=2), leaf(B, Lt, D, seed=3), leaf(B, D, seed=4)
     r_in = clones(img, txt, temb)
     o_in = clones(img, txt, temb)
     r_txt, r_img = ref(hidden_states=r_in[0], encoder_hidden_states=r_in[1], temb=r_in[2],
@@ -142,7 +116,7 @@ def test_single_stream_block_matches_diffusers(size):
     rope_diffusers = FluxPosEmbed(theta=10000, axes_dim=list(axes))(ids)
     rope_ours = ditfast.ops.rope_freqs(ids, axes)
 
-    img, txt, temb = rand(B, Li, D, seed=6), rand(B, Lt, D, seed=7), rand(B, D, seed=8)
+    img, txt, temb = leaf(B, Li, D, seed=6), leaf(B, Lt, D, seed=7), leaf(B, D, seed=8)
     r_in = clones(img, txt, temb)
     o_in = clones(img, txt, temb)
     # diffusers >= 0.35: takes the streams separately, concatenates [txt, img], returns (txt, img)
@@ -165,7 +139,7 @@ def test_last_layer_matches_diffusers_norm_out(size):
     ours = LastLayer(D, 1, out_ch)
     ours.load_state_dict(convert.diffusers_to_flux_last_layer(diff_sd), strict=True)
 
-    x, vec = rand(B, L, D, seed=11), rand(B, D, seed=12)
+    x, vec = leaf(B, L, D, seed=11), leaf(B, D, seed=12)
     r_in, o_in = clones(x, vec), clones(x, vec)
     ref_out = proj_out(norm_out(r_in[0], r_in[1]))
     compare((ours(*o_in),), (ref_out,), o_in, r_in, ("out",))
@@ -196,7 +170,7 @@ def test_joint_block_matches_diffusers(size, qk_norm, dual, pre_only):
     ours = JointBlock(D, H, pre_only=pre_only, qk_norm=qk_norm, x_block_self_attn=dual)
     ours.load_state_dict(convert.diffusers_to_sd3_joint_block(ref.state_dict()), strict=True)
 
-    x, ctx, temb = rand(B, Lx, D, seed=14), rand(B, Lc, D, seed=15), rand(B, D, seed=16)
+    x, ctx, temb = leaf(B, Lx, D, seed=14), leaf(B, Lc, D, seed=15), leaf(B, D, seed=16)
     r_in, o_in = clones(x, ctx, temb), clones(x, ctx, temb)
     r_ctx, r_x = ref(hidden_states=r_in[0], encoder_hidden_states=r_in[1], temb=r_in[2])
     o_ctx, o_x = ours(o_in[1], o_in[0], o_in[2])

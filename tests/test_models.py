@@ -19,37 +19,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, SD3Transformer2DModel  # noqa: E402
 from diffusers.models.embeddings import get_2d_sincos_pos_embed  # noqa: E402
 
-RTOL = 1e-5
-
-
-def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every trainable parameter seeded-random: matrices N(0, 1/fan_in), norm weights 1 + N(0, .09),
-    vectors N(0, .09). DiT's fixed sin-cos ``pos_embed`` (requires_grad=False) keeps its table."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if not p.requires_grad:
-                continue
-            r = torch.randn(p.shape, generator=g)
-            if p.dim() >= 2:
-                p.copy_(r / p[0].numel() ** 0.5)
-            elif "norm" in name:
-                p.copy_(1 + 0.3 * r)
-            else:
-                p.copy_(0.3 * r)
-    return module
-
-
-def rand(*shape, seed: int) -> torch.Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-
-
-def assert_close(ours, ref, what="out"):
-    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
-    err = (ours.double() - ref.double()).abs().max().item()
-    bound = RTOL * max(1.0, ref.abs().max().item())
-    assert err <= bound, f"{what}: max abs error {err:.3g} > {bound:.3g}"
-
+from helpers import assert_close, rand, randomize_  # noqa: E402
 
 def assert_round_trip(model: torch.nn.Module, make, to_diffusers, to_orig, *inputs):
     """original -> diffusers -> original is bit-exact, and loads strictly into a fresh model."""
