@@ -97,6 +97,15 @@ def _to_mm(x, dtype: tl.constexpr):
         return x.to(dtype)
 
 
+@_device_fn
+def _pick(in0, a, b, TWO_STREAMS: tl.constexpr):
+    """What a program uses from its stream: a in stream 0 (in0), b in stream 1; a with one stream."""
+    if TWO_STREAMS:
+        return tl.where(in0, a, b)
+    else:
+        return a
+
+
 # ------------------------------------------------------------------------------------------------
 # Tile helpers. Per-head-dim vectors (columns, masks, weights) are computed once per program and
 # passed down, so the loops only load and compute.
@@ -376,24 +385,14 @@ def _attn_fwd_kernel(
     # this program's q stream: tiles [0, n0) are stream 0's, the rest stream 1's
     n0 = tl.cdiv(LQ0, BLOCK_M)
     in0 = pid_m < n0
-    if TWO_STREAMS:
-        Q = tl.where(in0, Q0 + off_b * sq0_b + off_h * sq0_h, Q1 + off_b * sq1_b + off_h * sq1_h)
-        O = tl.where(in0, O0 + off_b * so0_b + off_h * so0_h, O1 + off_b * so1_b + off_h * so1_h)
-        WQ = tl.where(in0, WQ0, WQ1)
-        sq_l = tl.where(in0, sq0_l, sq1_l)
-        so_l = tl.where(in0, so0_l, so1_l)
-        LQ = tl.where(in0, LQ0, LQ1)
-        q_pos0 = tl.where(in0, 0, LQ0)
-        start_m = tl.where(in0, pid_m, pid_m - n0) * BLOCK_M
-    else:
-        Q = Q0 + off_b * sq0_b + off_h * sq0_h
-        O = O0 + off_b * so0_b + off_h * so0_h
-        WQ = WQ0
-        sq_l = sq0_l
-        so_l = so0_l
-        LQ = LQ0
-        q_pos0 = 0
-        start_m = pid_m * BLOCK_M
+    Q = _pick(in0, Q0 + off_b * sq0_b + off_h * sq0_h, Q1 + off_b * sq1_b + off_h * sq1_h, TWO_STREAMS)
+    O = _pick(in0, O0 + off_b * so0_b + off_h * so0_h, O1 + off_b * so1_b + off_h * so1_h, TWO_STREAMS)
+    WQ = _pick(in0, WQ0, WQ1, TWO_STREAMS)
+    sq_l = _pick(in0, sq0_l, sq1_l, TWO_STREAMS)
+    so_l = _pick(in0, so0_l, so1_l, TWO_STREAMS)
+    LQ = _pick(in0, LQ0, LQ1, TWO_STREAMS)
+    q_pos0 = _pick(in0, 0, LQ0, TWO_STREAMS)
+    start_m = _pick(in0, pid_m, pid_m - n0, TWO_STREAMS) * BLOCK_M
     C = COS + off_b * sc_b
     S = SIN + off_b * sc_b
     ca, cb, cok = _head_cols(D, DP, ROPE)
@@ -491,32 +490,18 @@ def _attn_bwd_dq_kernel(
     off_h = (pid_bh % H).to(tl.int64)
     n0 = tl.cdiv(LQ0, BLOCK_M)
     in0 = pid_m < n0
-    if TWO_STREAMS:
-        Q = tl.where(in0, Q0 + off_b * sq0_b + off_h * sq0_h, Q1 + off_b * sq1_b + off_h * sq1_h)
-        O = tl.where(in0, O0 + off_b * so0_b + off_h * so0_h, O1 + off_b * so1_b + off_h * so1_h)
-        DO = tl.where(in0, DO0 + off_b * sdo0_b + off_h * sdo0_h, DO1 + off_b * sdo1_b + off_h * sdo1_h)
-        DQ = tl.where(in0, DQ0 + off_b * sdq0_b + off_h * sdq0_h, DQ1 + off_b * sdq1_b + off_h * sdq1_h)
-        WQ = tl.where(in0, WQ0, WQ1)
-        sq_l = tl.where(in0, sq0_l, sq1_l)
-        so_l = tl.where(in0, so0_l, so1_l)
-        sdo_l = tl.where(in0, sdo0_l, sdo1_l)
-        sdq_l = tl.where(in0, sdq0_l, sdq1_l)
-        LQ = tl.where(in0, LQ0, LQ1)
-        q_pos0 = tl.where(in0, 0, LQ0)
-        start_m = tl.where(in0, pid_m, pid_m - n0) * BLOCK_M
-    else:
-        Q = Q0 + off_b * sq0_b + off_h * sq0_h
-        O = O0 + off_b * so0_b + off_h * so0_h
-        DO = DO0 + off_b * sdo0_b + off_h * sdo0_h
-        DQ = DQ0 + off_b * sdq0_b + off_h * sdq0_h
-        WQ = WQ0
-        sq_l = sq0_l
-        so_l = so0_l
-        sdo_l = sdo0_l
-        sdq_l = sdq0_l
-        LQ = LQ0
-        q_pos0 = 0
-        start_m = pid_m * BLOCK_M
+    Q = _pick(in0, Q0 + off_b * sq0_b + off_h * sq0_h, Q1 + off_b * sq1_b + off_h * sq1_h, TWO_STREAMS)
+    O = _pick(in0, O0 + off_b * so0_b + off_h * so0_h, O1 + off_b * so1_b + off_h * so1_h, TWO_STREAMS)
+    DO = _pick(in0, DO0 + off_b * sdo0_b + off_h * sdo0_h, DO1 + off_b * sdo1_b + off_h * sdo1_h, TWO_STREAMS)
+    DQ = _pick(in0, DQ0 + off_b * sdq0_b + off_h * sdq0_h, DQ1 + off_b * sdq1_b + off_h * sdq1_h, TWO_STREAMS)
+    WQ = _pick(in0, WQ0, WQ1, TWO_STREAMS)
+    sq_l = _pick(in0, sq0_l, sq1_l, TWO_STREAMS)
+    so_l = _pick(in0, so0_l, so1_l, TWO_STREAMS)
+    sdo_l = _pick(in0, sdo0_l, sdo1_l, TWO_STREAMS)
+    sdq_l = _pick(in0, sdq0_l, sdq1_l, TWO_STREAMS)
+    LQ = _pick(in0, LQ0, LQ1, TWO_STREAMS)
+    q_pos0 = _pick(in0, 0, LQ0, TWO_STREAMS)
+    start_m = _pick(in0, pid_m, pid_m - n0, TWO_STREAMS) * BLOCK_M
     C = COS + off_b * sc_b
     S = SIN + off_b * sc_b
     ca, cb, cok = _head_cols(D, DP, ROPE)
@@ -635,32 +620,18 @@ def _attn_bwd_dkdv_kernel(
     off_h = (pid_bh % H).to(tl.int64)
     n0 = tl.cdiv(LK0, BLOCK_N)
     in0 = pid_n < n0
-    if TWO_STREAMS:
-        K = tl.where(in0, K0 + off_b * sk0_b + off_h * sk0_h, K1 + off_b * sk1_b + off_h * sk1_h)
-        V = tl.where(in0, V0 + off_b * sv0_b + off_h * sv0_h, V1 + off_b * sv1_b + off_h * sv1_h)
-        DK = tl.where(in0, DK0 + off_b * sdk0_b + off_h * sdk0_h, DK1 + off_b * sdk1_b + off_h * sdk1_h)
-        DV = tl.where(in0, DV0 + off_b * sdv0_b + off_h * sdv0_h, DV1 + off_b * sdv1_b + off_h * sdv1_h)
-        WK = tl.where(in0, WK0, WK1)
-        sk_l = tl.where(in0, sk0_l, sk1_l)
-        sv_l = tl.where(in0, sv0_l, sv1_l)
-        sdk_l = tl.where(in0, sdk0_l, sdk1_l)
-        sdv_l = tl.where(in0, sdv0_l, sdv1_l)
-        LK = tl.where(in0, LK0, LK1)
-        k_pos0 = tl.where(in0, 0, LK0)
-        start_n = tl.where(in0, pid_n, pid_n - n0) * BLOCK_N
-    else:
-        K = K0 + off_b * sk0_b + off_h * sk0_h
-        V = V0 + off_b * sv0_b + off_h * sv0_h
-        DK = DK0 + off_b * sdk0_b + off_h * sdk0_h
-        DV = DV0 + off_b * sdv0_b + off_h * sdv0_h
-        WK = WK0
-        sk_l = sk0_l
-        sv_l = sv0_l
-        sdk_l = sdk0_l
-        sdv_l = sdv0_l
-        LK = LK0
-        k_pos0 = 0
-        start_n = pid_n * BLOCK_N
+    K = _pick(in0, K0 + off_b * sk0_b + off_h * sk0_h, K1 + off_b * sk1_b + off_h * sk1_h, TWO_STREAMS)
+    V = _pick(in0, V0 + off_b * sv0_b + off_h * sv0_h, V1 + off_b * sv1_b + off_h * sv1_h, TWO_STREAMS)
+    DK = _pick(in0, DK0 + off_b * sdk0_b + off_h * sdk0_h, DK1 + off_b * sdk1_b + off_h * sdk1_h, TWO_STREAMS)
+    DV = _pick(in0, DV0 + off_b * sdv0_b + off_h * sdv0_h, DV1 + off_b * sdv1_b + off_h * sdv1_h, TWO_STREAMS)
+    WK = _pick(in0, WK0, WK1, TWO_STREAMS)
+    sk_l = _pick(in0, sk0_l, sk1_l, TWO_STREAMS)
+    sv_l = _pick(in0, sv0_l, sv1_l, TWO_STREAMS)
+    sdk_l = _pick(in0, sdk0_l, sdk1_l, TWO_STREAMS)
+    sdv_l = _pick(in0, sdv0_l, sdv1_l, TWO_STREAMS)
+    LK = _pick(in0, LK0, LK1, TWO_STREAMS)
+    k_pos0 = _pick(in0, 0, LK0, TWO_STREAMS)
+    start_n = _pick(in0, pid_n, pid_n - n0, TWO_STREAMS) * BLOCK_N
     C = COS + off_b * sc_b
     S = SIN + off_b * sc_b
     ca, cb, cok = _head_cols(D, DP, ROPE)
