@@ -12,7 +12,8 @@
 #        DITFAST_TEST_SECONDS     cap on the test step (default 240)
 #        DITFAST_SKIP_TESTS=1     skip step 2 (a benchmark-only run: the whole budget goes to it)
 #        DITFAST_BENCH_COMMIT     commit to record when the tree was copied without .git
-# OUT_DIR receives: bench_<date>_<commit>.json, its three PNGs, install.log, tests.log, bench.log.
+# OUT_DIR receives: bench_<date>_<commit>.json, its three PNGs, backend_table.json (when the run timed
+# both the triton and the cuda backend), install.log, tests.log, bench.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:?usage: bash benchmarks/gpu_run.sh OUT_DIR [bench args]}"
@@ -71,5 +72,9 @@ rc=${PIPESTATUS[0]}
 [ "$rc" -eq 0 ] || { echo "benchmark exited with $rc (see bench.log)"; status=1; }
 
 step "4/4 summary"
+# the measured triton-vs-cuda choice per op, dtype and width (copy it to ditfast/ops/backend_table.json)
+for res in "$OUT"/bench_*.json; do
+    [ -e "$res" ] && "$PY" scripts/backend_table.py "$res" --table "$OUT/backend_table.json" | tail -n 3
+done
 "$PY" -m ditfast.bench --summary "$OUT" || status=1
 exit "$status"

@@ -6,8 +6,10 @@ implementations it has with :func:`register`; :func:`select` picks one per call:
 
 1. the innermost ``with ditfast.use_backend(name):`` block, else
 2. the ``DITFAST_BACKEND`` environment variable (read when ditfast is imported), else
-3. automatic: the first backend in :data:`AUTO_ORDER` that implements the op and can run on the
-   tensors' device.
+3. automatic: on CUDA tensors, the backend a measured table prefers for the op, dtype and row
+   width (the chooser installed with :func:`set_chooser`, ditfast/ops/cuda_impl.py's table), if it
+   implements the op and can run; else the first backend in :data:`AUTO_ORDER` that implements the
+   op and can run on the tensors' device.
 
 An explicitly requested backend that cannot run raises a ``RuntimeError`` that says why; automatic
 choice never fails because "reference" always runs. Nothing here touches the GPU at import time.
@@ -32,6 +34,9 @@ _IMPLS: Dict[str, Dict[str, Callable]] = {}  # op name -> backend name -> implem
 _STACK: List[Optional[str]] = []  # use_backend() nesting; None = automatic
 _ENV_BACKEND = os.environ.get("DITFAST_BACKEND") or None
 _AVAILABILITY: Dict[Tuple[str, str], Tuple[bool, str]] = {}  # (backend, device type) -> (ok, why)
+# (op, device, dtype, row width) -> preferred backend or None; consulted for CUDA tensors only
+Chooser = Callable[[str, torch.device, torch.dtype, int], Optional[str]]
+_CHOOSER: Optional[Chooser] = None
 
 
 def _check_name(name: Optional[str]) -> Optional[str]:
@@ -94,8 +99,18 @@ def availability(backend: str, device_type: str) -> Tuple[bool, str]:
     return _AVAILABILITY[key]
 
 
-def chosen_name(op: str, device: torch.device) -> str:
-    """The name of the backend that runs ``op`` for tensors on ``device`` (raises if a requested one can't)."""
+def set_chooser(fn: Optional[Chooser]) -> None:
+    """Install (None: remove) the measured-table hook of the automatic choice: ``fn(op, device, dtype,
+    width)`` names the preferred backend for CUDA tensors of ``dtype`` whose rows have ``width``
+    elements, or returns None to leave the choice to AUTO_ORDER. It must be cheap and, under
+    torch.compile, constant for given arguments (mark it with assume_constant_result)."""
+    global _CHOOSER
+    _CHOOSER = fn
+
+
+def chosen_name(op: str, device: torch.device, like: Optional[torch.Tensor] = None) -> str:
+    """The name of the backend that runs ``op`` for tensors on ``device`` (raises if a requested one
+    can't). ``like``: the op's main input, whose dtype and last-dim size the measured table is keyed by."""
     impls = _IMPLS[op]
     name = requested_backend()
     if name is not None:
@@ -107,15 +122,19 @@ def chosen_name(op: str, device: torch.device) -> str:
         if not ok:
             raise RuntimeError(f"ditfast backend {name!r} cannot run {op} on {device.type}: {why}")
         return name
+    if _CHOOSER is not None and like is not None and device.type == "cuda":
+        pick = _CHOOSER(op, device, like.dtype, int(like.shape[-1]))
+        if pick in impls and availability(pick, device.type)[0]:
+            return pick
     for candidate in AUTO_ORDER.get(device.type, ("reference",)):
         if candidate in impls and availability(candidate, device.type)[0]:
             return candidate
     return "reference"
 
 
-def select(op: str, device: torch.device) -> Callable:
-    """The implementation of ``op`` to run for tensors on ``device``."""
-    return _IMPLS[op][chosen_name(op, device)]
+def select(op: str, device: torch.device, like: Optional[torch.Tensor] = None) -> Callable:
+    """The implementation of ``op`` to run for tensors on ``device`` (``like``: see chosen_name)."""
+    return _IMPLS[op][chosen_name(op, device, like)]
 
 
 def implemented(op: str) -> Tuple[str, ...]:

@@ -60,6 +60,64 @@ def test_automatic_choice_prefers_order(monkeypatch):
     assert calls == ["cuda", "reference"]
 
 
+def test_measured_table_steers_the_automatic_choice_on_cuda(monkeypatch):
+    """On CUDA tensors the chooser (the measured table) is asked first, keyed by the main input's dtype
+    and row width; no entry, a backend without the op or an unavailable one falls back to AUTO_ORDER;
+    an explicitly requested backend wins; CPU tensors never consult it."""
+    asked = []
+
+    def chooser(op, device, dtype, width):
+        asked.append((op, device.type, dtype, width))
+        return {1152: "cuda", 64: "cuda"}.get(width)
+
+    monkeypatch.setattr(_backend, "_STACK", [])
+    monkeypatch.setattr(_backend, "_ENV_BACKEND", None)
+    monkeypatch.setattr(_backend, "_CHOOSER", chooser)
+    for backend in ("triton", "cuda", "reference"):
+        monkeypatch.setitem(_backend._AVAILABILITY, (backend, "cuda"), (True, "faked"))
+    monkeypatch.setitem(_backend._AVAILABILITY, ("cuda", "cpu"), (True, "faked"))
+    cuda = torch.device("cuda", 0)
+    x = torch.empty(2, 3, 1152, dtype=torch.bfloat16, device="meta")
+    assert _backend.chosen_name("norm_modulate", cuda, x) == "cuda"
+    assert asked == [("norm_modulate", "cuda", torch.bfloat16, 1152)]
+    assert _backend.chosen_name("norm_modulate", cuda, x[..., :1000]) == "triton"  # no entry: AUTO_ORDER
+    assert _backend.chosen_name("norm_modulate", cuda) == "triton"  # no input given: AUTO_ORDER
+    assert _backend.chosen_name("gated_residual", cuda, x) == "triton"  # the table's pick lacks the op
+    monkeypatch.setitem(_backend._AVAILABILITY, ("cuda", "cuda"), (False, "faked"))
+    assert _backend.chosen_name("norm_modulate", cuda, x) == "triton"  # the table's pick cannot run
+    with ditfast.use_backend("reference"):
+        assert _backend.chosen_name("norm_modulate", cuda, x) == "reference"
+    asked.clear()
+    assert _backend.chosen_name("norm_modulate", torch.device("cpu"), x) == "cuda"  # AUTO_ORDER on CPU
+    assert asked == []
+
+
+def test_the_ops_pass_their_input_to_the_chooser(monkeypatch):
+    """Each op with a "cuda" implementation hands its main input to the automatic choice, and the
+    installed chooser is cuda_impl's measured table."""
+    from ditfast.ops import cuda_impl
+
+    assert _backend._CHOOSER is cuda_impl.table_choice
+    seen = []
+    real = _backend.chosen_name
+
+    def spy(op, device, like=None):
+        seen.append((op, None if like is None else tuple(like.shape)))
+        return real(op, device, like)
+
+    monkeypatch.setattr(_backend, "chosen_name", spy)
+    x, m = torch.randn(2, 3, 8), torch.randn(2, 8)
+    q = torch.randn(2, 3, 2, 8)
+    tables = torch.ones(3, 4), torch.zeros(3, 4)
+    with ditfast.use_backend("reference"):
+        ditfast.ops.norm_modulate(x, m, m)
+        ditfast.ops.gated_residual_norm_modulate(x, x, m, m, m)
+        ditfast.ops.apply_rope(q, *tables)
+        ditfast.ops.qk_norm_rope(q, q, torch.ones(8), torch.ones(8), *tables)
+    assert seen == [("norm_modulate", (2, 3, 8)), ("gated_residual_norm_modulate", (2, 3, 8)),
+                    ("apply_rope", (2, 3, 2, 8)), ("qk_norm_rope", (2, 3, 2, 8))]
+
+
 def test_env_var_is_read_at_import():
     code = "import ditfast; from ditfast import _backend; print(_backend.requested_backend())"
     env = dict(os.environ, DITFAST_BACKEND="reference")

@@ -431,6 +431,45 @@ def test_render_readme_script(tmp_path):
     assert script.main(["--results", str(tmp_path / "nothing"), "--readme", str(readme)]) == 2
 
 
+def test_backend_table_script(tmp_path, monkeypatch):
+    """scripts/backend_table.py: the faster of the forced triton / cuda backends per measured op,
+    dtype and width becomes a table entry that the automatic choice then reads; a case where one
+    backend did not run gives no entry; a CPU smoke run is refused."""
+    from ditfast.ops import cuda_impl
+
+    res = gpu_results()
+    op = res["results"][0]
+    by = {v["name"]: v for v in op["variants"]}
+    by["ditfast:cuda"].update(status="ok", reason=None, fwd=dict(by["ditfast"]["fwd"], ms=0.018),
+                              fwd_bwd=dict(by["ditfast"]["fwd_bwd"], ms=0.06))
+    op["variants"].append(dict(by["ditfast"], name="ditfast:triton", kind="backend"))  # fwd 0.02, fwd_bwd 0.05
+    rope = dict(op, case="qk_norm_rope", dims={"B": 1, "L": 4608, "H": 24, "Dh": 128},
+                variants=[dict(v, name=n, fwd=dict(v["fwd"], ms=ms), fwd_bwd=None)
+                          for v, n, ms in ((by["ditfast"], "ditfast:triton", 0.03), (by["ditfast"], "ditfast:cuda", 0.02))])
+    unmeasured = dict(op, case="apply_rope", dims={"B": 1, "L": 4608, "H": 24, "Dh": 64},
+                      variants=[dict(by["ditfast"], name="ditfast:triton")])
+    res["results"] += [rope, unmeasured]
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(res))
+    spec = importlib.util.spec_from_file_location("backend_table", ROOT / "scripts" / "backend_table.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    table = tmp_path / "table.json"
+    assert script.main([str(path), "--table", str(table)]) == 0
+    entries = cuda_impl.load_table(table)["Test GPU 80GB"]["entries"]
+    picks = {(e["op"], e["dtype"], e["width_min"], e["width_max"]): e["backend"] for e in entries}
+    # norm_modulate: cuda is faster forward, triton forward + backward (training decides)
+    assert picks == {("norm_modulate", "bfloat16", 3072, 3072): "triton",
+                     ("qk_norm_rope", "bfloat16", 128, 128): "cuda"}
+    monkeypatch.setenv(cuda_impl.TABLE_ENV, str(table))
+    monkeypatch.setattr(cuda_impl, "_device_name", lambda index: "Test GPU 80GB")
+    assert cuda_impl.table_choice("qk_norm_rope", torch.device("cuda", 0), torch.bfloat16, 128) == "cuda"
+    res["meta"]["mode"] = "cpu-smoke"
+    path.write_text(json.dumps(res))
+    assert script.main([str(path), "--table", str(tmp_path / "other.json")]) == 2
+    assert not (tmp_path / "other.json").exists()
+
+
 def test_git_commit(tmp_path, monkeypatch):
     from ditfast.bench import env
 

@@ -314,6 +314,5 @@ def table_choice(op: str, device: torch.device, dtype: torch.dtype, width: int) 
 
 _assume_constant_result(table_choice)
 
-# Hook for the automatic choice in ditfast._backend, when it offers one.
-if hasattr(_backend, "set_chooser"):
-    _backend.set_chooser(table_choice)
+# The automatic choice in ditfast._backend consults the table for CUDA tensors.
+_backend.set_chooser(table_choice)

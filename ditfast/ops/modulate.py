@@ -29,7 +29,7 @@ def norm_modulate(
     _check_x(x)
     scale = v.modulation("scale", scale, x)
     shift = None if shift is None else v.modulation("shift", shift, x)
-    return _backend.select("norm_modulate", x.device)(x, shift, scale, eps=v.eps(eps))
+    return _backend.select("norm_modulate", x.device, x)(x, shift, scale, eps=v.eps(eps))
 
 
 def norm_modulate_dual(
@@ -49,7 +49,7 @@ def norm_modulate_dual(
     scale1, scale2 = v.modulation("scale1", scale1, x), v.modulation("scale2", scale2, x)
     shift1 = None if shift1 is None else v.modulation("shift1", shift1, x)
     shift2 = None if shift2 is None else v.modulation("shift2", shift2, x)
-    impl = _backend.select("norm_modulate_dual", x.device)
+    impl = _backend.select("norm_modulate_dual", x.device, x)
     return impl(x, shift1, scale1, shift2, scale2, eps=v.eps(eps))
 
 
@@ -60,7 +60,7 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
     v.same_shape("y", y, "x", x)
     v.same_device("x", x, y=y)
     gate = v.modulation("gate", gate, x)
-    return _backend.select("gated_residual", x.device)(x, y, gate)
+    return _backend.select("gated_residual", x.device, x)(x, y, gate)
 
 
 def gated_residual_norm_modulate(
@@ -80,7 +80,7 @@ def gated_residual_norm_modulate(
     gate = v.modulation("gate", gate, x)
     scale = v.modulation("scale", scale, x)
     shift = None if shift is None else v.modulation("shift", shift, x)
-    impl = _backend.select("gated_residual_norm_modulate", x.device)
+    impl = _backend.select("gated_residual_norm_modulate", x.device, x)
     return impl(x, y, gate, shift, scale, eps=v.eps(eps))
 
 

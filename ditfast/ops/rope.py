@@ -55,7 +55,7 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], *, eps: float = 1e
     if x.dim() < 1:
         raise ValueError(f"x must have at least one dim (..., D), got shape {tuple(x.shape)}")
     _check_weight("weight", weight, x)
-    return _backend.select("rms_norm", x.device)(x, weight, eps=v.eps(eps))
+    return _backend.select("rms_norm", x.device, x)(x, weight, eps=v.eps(eps))
 
 
 def rope_freqs(
@@ -85,7 +85,7 @@ def apply_rope(
     """Rotate x (B, L, H, Dh): interleaved pairs (2i, 2i+1) by default, else half-split (i, i+Dh/2)."""
     v.tensor("x", x, 4, "(B, L, H, Dh)")
     _check_rope(cos, sin, x)
-    return _backend.select("apply_rope", x.device)(x, cos, sin, interleaved=bool(interleaved))
+    return _backend.select("apply_rope", x.device, x)(x, cos, sin, interleaved=bool(interleaved))
 
 
 def qk_norm_rope(
@@ -121,7 +121,7 @@ def qk_norm_rope(
         if cos is None:
             return q, k
         return apply_rope(q, cos, sin, interleaved=interleaved), apply_rope(k, cos, sin, interleaved=interleaved)
-    impl = _backend.select("qk_norm_rope", q.device)
+    impl = _backend.select("qk_norm_rope", q.device, q)
     return impl(q, k, q_weight, k_weight, cos, sin, eps=v.eps(eps), interleaved=bool(interleaved))
 
 
