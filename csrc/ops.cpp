@@ -66,6 +66,15 @@ at::ScalarType promote(std::initializer_list<const Tensor*> ts) {
 
 // ---- modulate family ----------------------------------------------------------------------------
 
+// The sizes of a (B, L, D) row tensor into ModFwdArgs / ModBwdArgs.
+template <class Args>
+void set_rows_shape(Args& a, const Tensor& x, double eps) {
+  a.B = x.size(0);
+  a.L = x.size(1);
+  a.D = static_cast<int32_t>(x.size(2));
+  a.eps = static_cast<float>(eps);
+}
+
 void check_x(const Tensor& x, const char* name) {
   dtype_code(x, name);
   TORCH_CHECK_VALUE(x.dim() == 3, name, " must be (B, L, D) (3 dims), got shape ", x.sizes());
@@ -157,10 +166,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mod_backward(const Tensor& g_
   const int64_t B = x.size(0), L = x.size(1), D = x.size(2);
 
   ModBwdArgs a;
-  a.B = B;
-  a.L = L;
-  a.D = static_cast<int32_t>(D);
-  a.eps = static_cast<float>(eps);
+  set_rows_shape(a, x, eps);
   a.x = rows_of(x, "x");
   a.scale = rows_of(scale, "scale");
   if (shift.defined()) a.shift = rows_of(shift, "shift");
@@ -247,6 +253,30 @@ Tensor weight_of(const OptTensor& w, const char* name, const Tensor& ref) {
                     ",) (the head dim), got ", w->sizes());
   check_device(*w, name, ref, "q");
   return w->contiguous();  // a (Dh,) parameter: contiguous already, this is no copy
+}
+
+// The sizes of a (B, L, H, Dh) head tensor into RopeFwdArgs / RopeBwdArgs.
+template <class Args>
+void set_heads_shape(Args& a, const Tensor& x, int32_t ntensor, double eps) {
+  a.B = x.size(0);
+  a.L = x.size(1);
+  a.H = x.size(2);
+  a.Dh = static_cast<int32_t>(x.size(3));
+  a.ntensor = ntensor;
+  a.eps = static_cast<float>(eps);
+}
+
+// The optional RMSNorm weights of q (slot 0) and k (slot 1).
+template <class Args>
+void set_weights(Args& a, const Tensor& qw, const Tensor& kw) {
+  if (qw.defined()) {
+    a.weight[0] = qw.data_ptr();
+    a.wdt[0] = dtype_code(qw, "q_weight");
+  }
+  if (kw.defined()) {
+    a.weight[1] = kw.data_ptr();
+    a.wdt[1] = dtype_code(kw, "k_weight");
+  }
 }
 
 // cos/sin tables: fp32 (L, Dh/2) or (B, L, Dh/2). Both are read with one pair of strides.
@@ -336,10 +366,7 @@ Tensor norm_modulate_c(const Tensor& x_in, const OptTensor& shift_in, const Tens
   const Tensor shift = shift_in.has_value() ? unit_last(*shift_in) : Tensor();
   Tensor h = at::empty(x.sizes(), x.options().dtype(promote({&x, &shift, &scale})));
   ModFwdArgs a;
-  a.B = x.size(0);
-  a.L = x.size(1);
-  a.D = static_cast<int32_t>(x.size(2));
-  a.eps = static_cast<float>(eps);
+  set_rows_shape(a, x, eps);
   a.x = rows_of(x, "x");
   a.scale = rows_of(scale, "scale");
   if (shift.defined()) a.shift = rows_of(shift, "shift");
@@ -372,10 +399,7 @@ std::tuple<Tensor, Tensor> gated_residual_norm_modulate_c(const Tensor& x_in, co
   Tensor x_new = at::empty(x.sizes(), x.options().dtype(xn_dtype));
   Tensor h = at::empty(x.sizes(), x.options().dtype(promote({&x_new, &shift, &scale})));
   ModFwdArgs a;
-  a.B = x.size(0);
-  a.L = x.size(1);
-  a.D = static_cast<int32_t>(x.size(2));
-  a.eps = static_cast<float>(eps);
+  set_rows_shape(a, x, eps);
   a.x = rows_of(x, "x");
   a.y = rows_of(y, "y");
   a.gate = rows_of(gate, "gate");
@@ -410,11 +434,7 @@ Tensor apply_rope_c(const Tensor& x_in, const Tensor& cos, const Tensor& sin, bo
   const Tensor x = unit_last(x_in);
   Tensor out = at::empty(x.sizes(), x.options());
   RopeFwdArgs a;
-  a.B = x.size(0);
-  a.L = x.size(1);
-  a.H = x.size(2);
-  a.Dh = static_cast<int32_t>(x.size(3));
-  a.ntensor = 1;
+  set_heads_shape(a, x, 1, 0.0);
   a.in[0] = heads_of(x, "x");
   a.out[0] = heads_of(out, "out");
   set_tables(tb, a.cos, a.sin, a.cb, a.cl);
@@ -436,24 +456,12 @@ std::tuple<Tensor, Tensor> qk_norm_rope_c(const Tensor& q_in, const Tensor& k_in
   const Tensor q = unit_last(q_in), k = unit_last(k_in);
   Tensor q_out = at::empty(q.sizes(), q.options()), k_out = at::empty(k.sizes(), k.options());
   RopeFwdArgs a;
-  a.B = q.size(0);
-  a.L = q.size(1);
-  a.H = q.size(2);
-  a.Dh = static_cast<int32_t>(q.size(3));
-  a.eps = static_cast<float>(eps);
-  a.ntensor = 2;
+  set_heads_shape(a, q, 2, eps);
   a.in[0] = heads_of(q, "q");
   a.in[1] = heads_of(k, "k");
   a.out[0] = heads_of(q_out, "q_out");
   a.out[1] = heads_of(k_out, "k_out");
-  if (qw.defined()) {
-    a.weight[0] = qw.data_ptr();
-    a.wdt[0] = dtype_code(qw, "q_weight");
-  }
-  if (kw.defined()) {
-    a.weight[1] = kw.data_ptr();
-    a.wdt[1] = dtype_code(kw, "k_weight");
-  }
+  set_weights(a, qw, kw);
   set_tables(tb, a.cos, a.sin, a.cb, a.cl);
   a.norm = qw.defined() || kw.defined();  // both weights None: RoPE only (DESIGN.md)
   a.interleaved = interleaved;
@@ -489,11 +497,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> qk_norm_rope_c_backward(const OptTens
   if (!qw.defined() && !kw.defined()) {
     // No norm: the forward was RoPE only (or a copy), so the backward rotates the grads back.
     RopeFwdArgs r;
-    r.B = q.size(0);
-    r.L = q.size(1);
-    r.H = q.size(2);
-    r.Dh = static_cast<int32_t>(q.size(3));
-    r.ntensor = 2;
+    set_heads_shape(r, q, 2, 0.0);
     r.in[0] = heads_of(gq, "grad_q");
     r.in[1] = heads_of(gk, "grad_k");
     r.out[0] = heads_of(dq, "dq");
@@ -506,26 +510,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> qk_norm_rope_c_backward(const OptTens
     return {dq, dk, at::empty({0}, q.options()), at::empty({0}, k.options())};
   }
   RopeBwdArgs a;
-  a.B = q.size(0);
-  a.L = q.size(1);
-  a.H = q.size(2);
-  a.Dh = static_cast<int32_t>(q.size(3));
-  a.eps = static_cast<float>(eps);
-  a.ntensor = 2;
+  set_heads_shape(a, q, 2, eps);
   a.x[0] = heads_of(q, "q");
   a.x[1] = heads_of(k, "k");
   a.g[0] = heads_of(gq, "grad_q");
   a.g[1] = heads_of(gk, "grad_k");
   a.dx[0] = heads_of(dq, "dq");
   a.dx[1] = heads_of(dk, "dk");
-  if (qw.defined()) {
-    a.weight[0] = qw.data_ptr();
-    a.wdt[0] = dtype_code(qw, "q_weight");
-  }
-  if (kw.defined()) {
-    a.weight[1] = kw.data_ptr();
-    a.wdt[1] = dtype_code(kw, "k_weight");
-  }
+  set_weights(a, qw, kw);
   set_tables(tb, a.cos, a.sin, a.cb, a.cl);
   a.interleaved = interleaved;
   const int64_t rows = a.B * a.L * a.H;
