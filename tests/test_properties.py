@@ -11,6 +11,7 @@ functions, so the kernels read the views through their strides while the gradien
 
 ``derandomize=True`` and no example database: the same examples on every run and machine.
 """
+import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, reject, settings
 from hypothesis import strategies as st
@@ -169,21 +170,21 @@ def correctly_rounded(ref_fn):
     return fn
 
 
-def run(p, fn, name):
-    """check_op of fn(ops, leaves) on the triton backend against fn(reference, leaves).
+def run(p, fn, name, backend="triton"):
+    """check_op of fn(ops, leaves) on ``backend`` against fn(reference, leaves).
 
     DESIGN.md's yardstick is the largest error of the low-precision reference over the output, which
     on a tensor of a few dozen elements can fall below the rounding any implementation must do: a
     fast path that is off by 0.7 ulp where the reference happened to land 0.2 ulp away fails
     ``2·yard``. When the triton result fails the rule, the example is therefore checked once more
-    with the correctly rounded fp32 computation in place of triton; if even that fails the rule, the
+    with the correctly rounded fp32 computation in place of the fast path; if even that fails the rule, the
     rule cannot be met for these inputs and hypothesis discards the example (it is not counted, and
     another is drawn). Otherwise the failure stands.
     """
     fast, ref = (lambda *a: fn(ops, a)), (lambda *a: fn(reference, a))
-    with ditfast.use_backend("triton"):
+    with ditfast.use_backend(backend):
         try:
-            check_op(fast, ref, p.leaves, name=name)
+            check_op(fast, ref, p.leaves, name=f"{name} [{backend}]")
         except AssertionError:
             try:
                 check_op(correctly_rounded(ref), ref, p.leaves, name=f"{name} (correctly rounded fp32)")
@@ -193,13 +194,13 @@ def run(p, fn, name):
 
 
 # --- adaLN family -------------------------------------------------------------------------------------
-def case_norm_modulate(data):
+def case_norm_modulate(data, backend="triton"):
     p = problem(data)
     B, L, D, dtype = sizes(data)
     x = draw_x(data, p, "x", B, L, D, dtype, big=True)
     shift = draw_mod(data, p, "shift", B, L, D, dtype, optional=True)
     scale = draw_mod(data, p, "scale", B, L, D, dtype)
-    run(p, lambda lib, a: lib.norm_modulate(x(a), shift(a), scale(a), eps=EPS), "norm_modulate")
+    run(p, lambda lib, a: lib.norm_modulate(x(a), shift(a), scale(a), eps=EPS), "norm_modulate", backend)
 
 
 def case_norm_modulate_dual(data):
@@ -226,7 +227,7 @@ def case_gated_residual(data):
     run(p, lambda lib, a: lib.gated_residual(x(a), y(a), gate(a)), "gated_residual")
 
 
-def case_gated_residual_norm_modulate(data):
+def case_gated_residual_norm_modulate(data, backend="triton"):
     p = problem(data)
     B, L, D, dtype = sizes(data)
     x = draw_x(data, p, "x", B, L, D, dtype, big=True)
@@ -238,7 +239,7 @@ def case_gated_residual_norm_modulate(data):
     def fn(lib, a):
         return lib.gated_residual_norm_modulate(x(a), y(a), gate(a), shift(a), scale(a), eps=EPS)
 
-    run(p, fn, "gated_residual_norm_modulate")
+    run(p, fn, "gated_residual_norm_modulate", backend)
 
 
 # --- (B, L, H, Dh) layouts ------------------------------------------------------------------------------
@@ -335,16 +336,16 @@ def case_rms_norm(data):
     run(p, lambda lib, a: lib.rms_norm(x(a), w(a), eps=EPS), "rms_norm")
 
 
-def case_apply_rope(data):
+def case_apply_rope(data, backend="triton"):
     p = problem(data)
     B, L, H, Dh, dtype = head_sizes(data)
     (x,) = draw_heads(data, p, "x", B, L, H, Dh, dtype)
     tables = draw_tables(data, p, B, L, Dh)
     interleaved = data.draw(st.booleans(), label="interleaved")
-    run(p, lambda lib, a: lib.apply_rope(x(a), *tables(a), interleaved=interleaved), "apply_rope")
+    run(p, lambda lib, a: lib.apply_rope(x(a), *tables(a), interleaved=interleaved), "apply_rope", backend)
 
 
-def case_qk_norm_rope(data):
+def case_qk_norm_rope(data, backend="triton"):
     p = problem(data)
     B, L, H, Dh, dtype = head_sizes(data)
     if data.draw(st.booleans(), label="q, k share a layout"):
@@ -364,7 +365,7 @@ def case_qk_norm_rope(data):
     def fn(lib, a):
         return lib.qk_norm_rope(q(a), k(a), qw(a), kw(a), *tables(a), eps=EPS, interleaved=interleaved)
 
-    run(p, fn, "qk_norm_rope")
+    run(p, fn, "qk_norm_rope", backend)
 
 
 # --- attention -------------------------------------------------------------------------------------------
@@ -448,3 +449,42 @@ def test_qk_norm_rope(data):
 @given(st.data())
 def test_joint_attention(data):
     case_joint_attention(data)
+
+
+# --- the compiled extension's CPU kernels (the "cuda" backend), for the ops it implements -----------------
+# Native CPU code is fast, so these draw more examples than the interpreter tests above.
+PROPS_C = settings(PROPS, max_examples=60)
+
+
+def _needs_c():
+    from ditfast import _ext
+
+    return pytest.mark.skipif(_ext.load() is None, reason=f"ditfast._C is not built: {_ext.error()}")
+
+
+@_needs_c()
+@PROPS_C
+@given(st.data())
+def test_cuda_backend_norm_modulate(data):
+    case_norm_modulate(data, backend="cuda")
+
+
+@_needs_c()
+@PROPS_C
+@given(st.data())
+def test_cuda_backend_gated_residual_norm_modulate(data):
+    case_gated_residual_norm_modulate(data, backend="cuda")
+
+
+@_needs_c()
+@PROPS_C
+@given(st.data())
+def test_cuda_backend_apply_rope(data):
+    case_apply_rope(data, backend="cuda")
+
+
+@_needs_c()
+@PROPS_C
+@given(st.data())
+def test_cuda_backend_qk_norm_rope(data):
+    case_qk_norm_rope(data, backend="cuda")
