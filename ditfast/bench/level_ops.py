@@ -13,6 +13,7 @@ from .variants import (
     Built,
     VariantSpec,
     attention_choice,
+    auto_backend,
     compile_fn,
     forced_backends,
     installed,
@@ -82,7 +83,8 @@ def op_variants(case: Case, ctx) -> List[VariantSpec]:
     leaves, invoke = op_inputs(case, ctx.device, ctx.dtype)
     op_fn, ref_fn = getattr(ops, case.name), getattr(reference, case.name)
     specs = [
-        VariantSpec("ditfast", "ditfast", _built(leaves, invoke, op_fn), backend=ctx.auto.get(case.name)),
+        VariantSpec("ditfast", "ditfast", _built(leaves, invoke, op_fn),
+                    backend=auto_backend(case.name, ctx.device, leaves[0]) or ctx.auto.get(case.name)),
         VariantSpec("eager", "peer", _built(leaves, invoke, ref_fn)),
     ]
     if ctx.compile_off(case.level):

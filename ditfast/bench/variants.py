@@ -70,10 +70,11 @@ def leaf(shape: Sequence[int], device, dtype, *, scale: float = 1.0, grad: bool 
 
 
 # ----------------------------------------------------------------------------------- ditfast backends
-def auto_backend(op: str, device: torch.device) -> Optional[str]:
-    """The backend ditfast picks automatically for ``op`` on ``device`` (None if unknown)."""
+def auto_backend(op: str, device: torch.device, like: Optional[torch.Tensor] = None) -> Optional[str]:
+    """The backend ditfast picks automatically for ``op`` on ``device`` (None if unknown); ``like``,
+    the op's main input, lets a measured backend table take part (see ditfast._backend.chosen_name)."""
     try:
-        impl = _backend.select(op, device) if _backend.requested_backend() is None else None
+        impl = _backend.select(op, device, like) if _backend.requested_backend() is None else None
     except Exception:  # noqa: BLE001 - a probe, never fatal
         return None
     for name, fn in _backend._IMPLS.get(op, {}).items():
