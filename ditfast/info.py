@@ -32,6 +32,20 @@ def _devices() -> list[str]:
     return types
 
 
+def _table_line() -> str:
+    """Whether a measured backend table steers the automatic choice on this GPU."""
+    from .ops import cuda_impl
+
+    path = cuda_impl._table_path()
+    try:
+        block = cuda_impl.load_table(path).get(torch.cuda.get_device_name(0))
+    except (OSError, ValueError) as exc:
+        return f"measured backend table {path}: unreadable ({exc}); the fixed order applies"
+    if not block:
+        return f"measured backend table {path}: no entries for this GPU; the fixed order applies"
+    return f"measured backend table {path}: {len(block.get('entries', []))} entries for this GPU"
+
+
 def report() -> str:
     out = _versions()
     devs = _devices()
@@ -50,7 +64,10 @@ def report() -> str:
         for name in _backend.BACKENDS:
             ok, why = _backend.availability(name, dev)
             out.append(f"  {name:<10} {'yes' if ok else 'no ':<4} {why}")
-        out.append(f"ops on {dev} (automatic choice; implemented by):")
+        if dev == "cuda":
+            out.append(_table_line())
+        note = " where the table has no entry" if dev == "cuda" else ""
+        out.append(f"ops on {dev} (automatic choice{note}; implemented by):")
         for op in _backend.ops():
             chosen = _backend.chosen_name(op, torch.device(dev)) if hasattr(_backend, "chosen_name") else "?"
             out.append(f"  {op:<30} -> {chosen:<10} [{', '.join(_backend.implemented(op))}]")

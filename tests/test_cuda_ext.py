@@ -634,6 +634,19 @@ def test_backend_table_choice_is_a_constant_under_compile(tmp_path, monkeypatch)
     assert torch.equal(torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(3)), torch.ones(3))
 
 
+def test_info_reports_the_backend_table(tmp_path, monkeypatch):
+    from ditfast import info
+
+    monkeypatch.setenv(cuda_impl.TABLE_ENV, str(tmp_path / "table.json"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Fake GPU")
+    assert "no entries for this GPU" in info._table_line()
+    cuda_impl.save_table([{"op": "norm_modulate", "dtype": "bfloat16", "width_min": 1, "width_max": 4096,
+                           "backend": "cuda"}], "Fake GPU")
+    assert "1 entries for this GPU" in info._table_line()
+    (tmp_path / "table.json").write_text("{}")
+    assert "unreadable" in info._table_line()
+
+
 def test_backend_table_rejects_bad_files(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"format": "something else", "devices": {}}))
