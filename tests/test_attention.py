@@ -53,7 +53,7 @@ def ref_streams(qs, ks, vs, q_weights=None, k_weights=None, rope=None, interleav
     qs2, ks2, start = [], [], 0
     for i, (q, k) in enumerate(zip(qs, ks)):
         n = q.shape[1]
-        if q_weights is not None:
+        if q_weights is not None and q_weights[i] is not None:  # a stream's None weights: no QK-norm
             q, k = reference.rms_norm(q, q_weights[i]), reference.rms_norm(k, k_weights[i])
         if rope is not None:
             cos, sin = (t[..., start : start + n, :] for t in rope)
@@ -169,6 +169,33 @@ def test_triton_streams_rope_tables_with_grad():
     args[-2].requires_grad_()
     args[-1].requires_grad_()
     check_op(fast, ref, args, name="tables with grad")
+
+
+# ------------------------------------------------------------------------------------------------
+# A stream without QK-norm beside one with it
+# ------------------------------------------------------------------------------------------------
+@needs_triton
+def test_stream_without_qk_norm_matches_on_every_backend():
+    """q_weights=(w, None), k_weights=(w, None): stream 0 is normalized, stream 1 only rotated (the
+    qk_norm_rope contract for None weights), whichever backend runs."""
+    B, H, Dh, (L0, L1) = 1, 2, 40, (5, 11)
+    q0, k0, v0 = qkv(B, L0, H, Dh, torch.float32)
+    q1, k1, v1 = qkv(B, L1, H, Dh, torch.float32)
+    wq, wk = weight(Dh, torch.float32), weight(Dh, torch.float32)
+    cos, sin = tables(B, L0 + L1, Dh)
+    args = [q0, k0, v0, q1, k1, v1, wq, wk]
+
+    def run(backend):
+        def fn(q0, k0, v0, q1, k1, v1, wq, wk):
+            return attn.joint_attention_streams((q0, q1), (k0, k1), (v0, v1), q_weights=(wq, None),
+                                                k_weights=(wk, None), rope=(cos, sin), backend=backend)
+        return fn
+
+    def ref(q0, k0, v0, q1, k1, v1, wq, wk):
+        return ref_streams((q0, q1), (k0, k1), (v0, v1), q_weights=(wq, None), k_weights=(wk, None), rope=(cos, sin))
+
+    for backend in ("triton", "reference"):
+        check_op(run(backend), ref, args, name=f"streams with one unnormalized ({backend})")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -292,7 +319,7 @@ def test_torch_compile_fullgraph():
     def f(q0, k0, v0, q1, k1, v1, wq, wk):
         a = ops.joint_attention(q0, k1, v1, backend="triton")
         t, i = attn.joint_attention_streams(
-            (q0, q1), (k0, k1), (v0, v1), q_weights=(wq, wq), k_weights=(wk, None), rope=(cos, sin), backend="triton"
+            (q0, q1), (k0, k1), (v0, v1), q_weights=(wq, wq), k_weights=(wk, wk), rope=(cos, sin), backend="triton"
         )
         return (a * t).float().sum() + i.float().pow(2).sum()
 
@@ -340,6 +367,8 @@ def _streams_inputs(Dh=40):
         (lambda a: a.update(qs=(a["qs"][0][:, :0], a["qs"][1]), ks=(a["ks"][0][:, :0], a["ks"][1]), vs=(a["vs"][0][:, :0], a["vs"][1])), ValueError, "stream 0 is empty"),
         (lambda a: a.update(q_weights=(None, None)), ValueError, "q_weights and k_weights must both"),
         (lambda a: a.update(q_weights=(None,), k_weights=(None,)), ValueError, "q_weights must be a tuple"),
+        (lambda a: a.update(q_weights=(torch.ones(40), None), k_weights=(None, None)), ValueError,
+         r"q_weights\[0\] and k_weights\[0\] must both be tensors"),
         (lambda a: a.update(q_weights=(torch.ones(39), None), k_weights=(None, None)), ValueError, r"q_weights\[0\] must have shape"),
         (lambda a: a.update(rope=(torch.ones(2, 9, 20), torch.ones(2, 9, 20))), ValueError, "must cover the joint sequence"),
         (lambda a: a.update(rope=(torch.ones(8, 20), torch.ones(2, 8, 20))), ValueError, "cos and sin must have one shape"),

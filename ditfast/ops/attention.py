@@ -70,8 +70,9 @@ def joint_attention_streams(
 
     qs, ks, vs: tuples with one (B, L_i, H, Dh) tensor per stream (strided views welcome), in the
     joint order (text first for FLUX / SD3). q_weights, k_weights: None (no QK-norm) or one
-    RMSNorm weight (Dh,) or None per stream -- given together -- applied per head before RoPE, with
-    FLUX's rounding (ditfast.ops.rms_norm). rope: None or the fp32 (cos, sin) pair of the whole joint
+    RMSNorm weight (Dh,) or None per stream -- given together; a stream's q and k weights are both
+    tensors (QK-norm) or both None (no QK-norm for that stream, as ops.qk_norm_rope) -- applied per
+    head before RoPE, with FLUX's rounding (ditfast.ops.rms_norm). rope: None or the fp32 (cos, sin) pair of the whole joint
     sequence, each (L_total, Dh/2) or (B, L_total, Dh/2); pairs interleaved (FLUX) or half-split.
     Returns a tuple of (B, L_i, H, Dh) outputs, in the dtype of q.
     """
@@ -84,7 +85,10 @@ def joint_attention_streams(
     # The fused kernel gives no gradient for the RoPE tables; tables that need one take the unfused
     # path (still on the Triton attention kernel).
     table_grad = rope is not None and torch.is_grad_enabled() and (rope[0].requires_grad or rope[1].requires_grad)
-    if name == "triton" and len(qs) <= _MAX_FUSED_STREAMS and not table_grad:
+    # The fused kernel normalizes every stream or none: a stream without QK-norm beside one with it
+    # takes the unfused path.
+    some_unnormed = q_weights is not None and any(w is None for w in q_weights)
+    if name == "triton" and len(qs) <= _MAX_FUSED_STREAMS and not table_grad and not some_unnormed:
         return _triton_streams(qs, ks, vs, q_weights, k_weights, rope, eps, bool(interleaved))
     return _unfused_streams(name, qs, ks, vs, q_weights, k_weights, rope, eps, bool(interleaved))
 
@@ -136,6 +140,10 @@ def _check_weights(q_weights, k_weights, qs):
                 raise ValueError(f"{name}[{i}] must have shape (Dh,) = ({Dh},), got {tuple(w.shape)}")
             check.same_device("qs[0]", qs[0], **{f"{name}[{i}]": w})
         out.append(tuple(ws))
+    for i, (wq, wk) in enumerate(zip(*out)):
+        if (wq is None) != (wk is None):
+            raise ValueError(f"q_weights[{i}] and k_weights[{i}] must both be tensors (QK-norm) or both be None "
+                             f"(no QK-norm for stream {i}), got {type(wq).__name__} and {type(wk).__name__}")
     return out[0], out[1]
 
 

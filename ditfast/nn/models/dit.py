@@ -122,15 +122,12 @@ def sincos_pos_embed_2d(dim: int, grid: int, *, base_size: Optional[float] = Non
     pos = torch.arange(grid, dtype=torch.float32)
     if base_size is not None:
         pos = pos / (grid / base_size)
-    pos = pos.double()
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-
-    def one_axis(p: torch.Tensor) -> torch.Tensor:
-        a = p[:, None] * omega[None]
-        return torch.cat((a.sin(), a.cos()), dim=1)
-
-    rows, cols = torch.meshgrid(pos, pos, indexing="ij")
-    return torch.cat((one_axis(cols.reshape(-1)), one_axis(rows.reshape(-1))), dim=1).float()
+    angles = pos.double()[:, None] * omega[None]
+    axis = torch.cat((angles.sin(), angles.cos()), dim=1).float()  # (grid, dim/2), one per position
+    # token (h, w) = [axis[w], axis[h]]: one axis table broadcast, not grid² rows of fp64 trig
+    cols, rows = axis[None].expand(grid, grid, -1), axis[:, None].expand(grid, grid, -1)
+    return torch.cat((cols, rows), dim=-1).reshape(grid * grid, dim)
 
 
 def unpatchify(x: torch.Tensor, p: int, c: int, h: int, w: int) -> torch.Tensor:
