@@ -102,8 +102,9 @@ def availability(backend: str, device_type: str) -> Tuple[bool, str]:
 def set_chooser(fn: Optional[Chooser]) -> None:
     """Install (None: remove) the measured-table hook of the automatic choice: ``fn(op, device, dtype,
     width)`` names the preferred backend for CUDA tensors of ``dtype`` whose rows have ``width``
-    elements, or returns None to leave the choice to AUTO_ORDER. It must be cheap and, under
-    torch.compile, constant for given arguments (mark it with assume_constant_result)."""
+    elements, or returns None to leave the choice to AUTO_ORDER. Asked only for ops the "cuda"
+    backend implements. It must be cheap and, under torch.compile, constant for given arguments
+    (mark it with ditfast._compile.constant_for_compile)."""
     global _CHOOSER
     _CHOOSER = fn
 
@@ -122,7 +123,7 @@ def chosen_name(op: str, device: torch.device, like: Optional[torch.Tensor] = No
         if not ok:
             raise RuntimeError(f"ditfast backend {name!r} cannot run {op} on {device.type}: {why}")
         return name
-    if _CHOOSER is not None and like is not None and device.type == "cuda":
+    if _CHOOSER is not None and like is not None and device.type == "cuda" and "cuda" in impls:
         pick = _CHOOSER(op, device, like.dtype, int(like.shape[-1]))
         if pick in impls and availability(pick, device.type)[0]:
             return pick

@@ -599,7 +599,7 @@ def test_backend_table_roundtrip_and_choice(tmp_path, monkeypatch):
     monkeypatch.setenv(cuda_impl.TABLE_ENV, str(path))
     monkeypatch.setattr(cuda_impl, "_device_name", lambda index: "Fake GPU")
     cuda = torch.device("cuda", 0)
-    assert cuda_impl._table_choice("norm_modulate", cuda, torch.bfloat16, 1152) is None  # no file yet
+    assert cuda_impl.table_choice("norm_modulate", cuda, torch.bfloat16, 1152) is None  # no file yet
     entries = [
         {"op": "norm_modulate", "dtype": "bfloat16", "width_min": 1, "width_max": 2048, "backend": "cuda",
          "gbps": {"cuda": 3000.0, "triton": 2800.0}},
@@ -610,11 +610,11 @@ def test_backend_table_roundtrip_and_choice(tmp_path, monkeypatch):
                            "backend": "triton"}], "Other GPU")
     data = json.loads(path.read_text())
     assert data["format"] == cuda_impl.TABLE_FORMAT and set(data["devices"]) == {"Fake GPU", "Other GPU"}
-    assert cuda_impl._table_choice("norm_modulate", cuda, torch.bfloat16, 1152) == "cuda"
-    assert cuda_impl._table_choice("norm_modulate", cuda, torch.bfloat16, 3072) == "triton"
-    assert cuda_impl._table_choice("norm_modulate", cuda, torch.float16, 1152) is None  # no fp16 entry
-    assert cuda_impl._table_choice("apply_rope", cuda, torch.float16, 64) is None  # other device's entry
-    assert cuda_impl._table_choice("norm_modulate", torch.device("cpu"), torch.bfloat16, 1152) is None
+    assert cuda_impl.table_choice("norm_modulate", cuda, torch.bfloat16, 1152) == "cuda"
+    assert cuda_impl.table_choice("norm_modulate", cuda, torch.bfloat16, 3072) == "triton"
+    assert cuda_impl.table_choice("norm_modulate", cuda, torch.float16, 1152) is None  # no fp16 entry
+    assert cuda_impl.table_choice("apply_rope", cuda, torch.float16, 64) is None  # other device's entry
+    assert cuda_impl.table_choice("norm_modulate", torch.device("cpu"), torch.bfloat16, 1152) is None
 
 
 def test_backend_table_choice_is_a_constant_under_compile(tmp_path, monkeypatch):

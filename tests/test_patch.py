@@ -372,6 +372,11 @@ def test_unsupported_models_raise_clear_errors():
         patch(bad)
     assert not is_patched(bad) and not any("forward" in m.__dict__ for m in bad.modules()), "partially patched"
 
+    weightless = sd3_model("sd3.5-large")
+    weightless.transformer_blocks[1].attn.norm_q.weight = None  # RMSNorm(elementwise_affine=False)
+    with pytest.raises(UnsupportedModelError, match=r"attn\.norm_q is an RMSNorm without a weight"):
+        patch(weightless)
+
     from diffusers.models.attention import BasicTransformerBlock
 
     unet_like = nn.ModuleList([BasicTransformerBlock(16, 2, 8)])  # norm_type="layer_norm", as in UNets

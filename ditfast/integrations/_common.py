@@ -69,6 +69,11 @@ def check_rms_pair(attn, q_name: str, k_name: str, head_dim: int, where: str, pr
             problems.append(f"{where}.{name} is {describe(norm)}; ditfast supports RMSNorm QK-norm (or none)")
             ok = False
             continue
+        if getattr(norm, "weight", None) is None:  # ops.qk_norm_rope reads weights None as "no norm"
+            problems.append(f"{where}.{name} is an RMSNorm without a weight (elementwise_affine=False); "
+                            "ditfast supports QK-norm with weights")
+            ok = False
+            continue
         shape = getattr(norm, "normalized_shape", None) or getattr(norm, "dim", None)
         if tuple(shape) != (head_dim,):
             problems.append(f"{where}.{name} normalizes over {tuple(shape)}, expected the head dim ({head_dim},)")

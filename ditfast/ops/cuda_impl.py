@@ -26,13 +26,13 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Dict, Iterable, Optional
 
 import torch
 
 from .. import _backend, _ext, reference
+from .._compile import constant_for_compile
 from . import _validate as v
 
 __all__ = ["table_choice", "load_table", "save_table", "TABLE_ENV", "DEFAULT_TABLE", "OPS"]
@@ -223,6 +223,7 @@ _backend.register("qk_norm_rope", "cuda", qk_norm_rope)
 # entry or no matching entry: table_choice returns None and the fixed AUTO_ORDER applies.
 TABLE_ENV = "DITFAST_BACKEND_TABLE"
 DEFAULT_TABLE = Path(__file__).with_name("backend_table.json")
+_DEFAULT_TABLE_STR = str(DEFAULT_TABLE)
 TABLE_FORMAT = "ditfast-backend-table/1"
 
 
@@ -289,30 +290,19 @@ def _cached_choice(op: str, device_name: str, dtype: str, width: int, path: str)
     return None
 
 
-def _table_choice(op: str, device: torch.device, dtype: torch.dtype, width: int) -> Optional[str]:
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+@constant_for_compile  # evaluated at trace time; its file reads never reach Dynamo
+def table_choice(op: str, device: torch.device, dtype: torch.dtype, width: int) -> Optional[str]:
+    """The backend the measured table prefers for ``op`` on ``device`` with ``dtype`` inputs and rows
+    of ``width`` elements (D, or Dh for the rope ops); None when it has no entry."""
     if device.type != "cuda":
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return _cached_choice(op, _device_name(index), str(dtype).replace("torch.", ""), int(width), str(_table_path()))
+    path = os.environ.get(TABLE_ENV) or _DEFAULT_TABLE_STR
+    return _cached_choice(op, _device_name(index), _DTYPE_NAMES.get(dtype, str(dtype)), int(width), path)
 
-
-def _assume_constant_result(fn):
-    """torch.compiler.assume_constant_result without importing torch._dynamo (and with it triton) when
-    ditfast is imported: it only sets this marker, which Dynamo reads."""
-    if "torch._dynamo" in sys.modules:
-        return torch.compiler.assume_constant_result(fn)
-    fn._dynamo_marked_constant = True
-    return fn
-
-
-def table_choice(op: str, device: torch.device, dtype: torch.dtype, width: int) -> Optional[str]:
-    """The backend the measured table prefers for ``op`` on ``device`` with ``dtype`` inputs and rows
-    of ``width`` elements (D, or Dh for the rope ops); None when it has no entry. Under torch.compile
-    it is evaluated once at trace time and its answer baked into the graph."""
-    return _table_choice(op, device, dtype, width)
-
-
-_assume_constant_result(table_choice)
 
 # The automatic choice in ditfast._backend consults the table for CUDA tensors.
 _backend.set_chooser(table_choice)
