@@ -40,6 +40,8 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from ._common import on_device
+
 Tensor = torch.Tensor
 
 ROPE_NONE, ROPE_INTERLEAVED, ROPE_HALF = 0, 1, 2
@@ -726,15 +728,16 @@ def _configs(dp: int, dtype: torch.dtype, device: torch.device, kernel: str, pro
     return out
 
 
-def _launch(configs: List[dict], launch_one):
-    """launch_one(cfg) with the first config the GPU has the resources for (nothing is written
-    before a launch succeeds, so retrying is safe)."""
-    for i, cfg in enumerate(configs):
-        try:
-            return launch_one(cfg)
-        except OutOfResources:
-            if i == len(configs) - 1:
-                raise
+def _launch(configs: List[dict], launch_one, like: Tensor):
+    """launch_one(cfg) on like's device with the first config the GPU has the resources for
+    (nothing is written before a launch succeeds, so retrying is safe)."""
+    with on_device(like):
+        for i, cfg in enumerate(configs):
+            try:
+                return launch_one(cfg)
+            except OutOfResources:
+                if i == len(configs) - 1:
+                    raise
 
 
 def _s(t: Tensor) -> Tuple[int, int, int]:
@@ -823,7 +826,7 @@ def attention_forward(
             EVEN_K0=p.LK0 % cfg["BLOCK_N"] == 0, EVEN_K1=p.LK1 % cfg["BLOCK_N"] == 0,
         )
 
-    _launch(_configs(p.DP, q0.dtype, q0.device, "fwd", p.prologue), launch)
+    _launch(_configs(p.DP, q0.dtype, q0.device, "fwd", p.prologue), launch, q0)
     return o0, o1, lse
 
 
@@ -881,8 +884,8 @@ def attention_backward(
         if p.norm:
             parts["k"] = dwk.view(B * H, nk, Dh).split([nk0, nk - nk0], dim=1)
 
-    _launch(_configs(p.DP, q0.dtype, q0.device, "dq", p.prologue), launch_dq)  # writes Δ first
-    _launch(_configs(p.DP, q0.dtype, q0.device, "dkdv", p.prologue), launch_dkdv)
+    _launch(_configs(p.DP, q0.dtype, q0.device, "dq", p.prologue), launch_dq, q0)  # writes Δ first
+    _launch(_configs(p.DP, q0.dtype, q0.device, "dkdv", p.prologue), launch_dkdv, q0)
 
     dws: list = [None] * 4
     if p.norm:  # sum each stream's per-program partials

@@ -24,7 +24,6 @@ ValueError here.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from typing import Optional, Tuple
@@ -32,6 +31,8 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from ._common import on_device
 
 Tensor = torch.Tensor
 
@@ -394,11 +395,6 @@ def _dtype(*tensors: Optional[Tensor]) -> torch.dtype:
     return out
 
 
-def _device(t: Tensor):
-    """Launch on t's GPU (Triton launches on the current device)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 @functools.lru_cache(maxsize=None)
 def _target_programs(device_type: str, index: Optional[int]) -> int:
     """About how many backward programs keep the device busy (queried on first use, then cached)."""
@@ -474,12 +470,13 @@ def norm_modulate_fwd(
     dual = scale2 is not None
     out1 = torch.empty((B, L, D), dtype=_dtype(x, shift1, scale1), device=x.device)
     out2 = torch.empty((B, L, D), dtype=_dtype(x, shift2, scale2), device=x.device) if dual else None
-    mean = torch.zeros((B, L), dtype=torch.float32, device=x.device)
-    rstd = torch.zeros((B, L), dtype=torch.float32, device=x.device)
+    stats = torch.empty if x.numel() else torch.zeros  # the kernel writes every row's statistics
+    mean = stats((B, L), dtype=torch.float32, device=x.device)
+    rstd = stats((B, L), dtype=torch.float32, device=x.device)
     if x.numel() == 0:
         return out1, out2, mean, rstd
     block_r, block_d, warps = _config(D, x.device)
-    with _device(x):
+    with on_device(x):
         _norm_modulate_fwd_kernel[(triton.cdiv(B * L, block_r),)](
             x, *_strides(x),
             x if shift1 is None else shift1, *_strides(shift1),
@@ -521,7 +518,7 @@ def norm_modulate_bwd(
     rows, nchunk = _chunks(B, L, block_r, x.device, _per_sample(scale1, shift1, scale2, shift2))
     dx = torch.empty((B, L, D), dtype=x.dtype, device=x.device)
     dsc1, dsh1, dsc2, dsh2 = (_grad_buffer(t, B, L, D, nchunk, x) for t in (scale1, shift1, scale2, shift2))
-    with _device(x):
+    with on_device(x):
         _norm_modulate_bwd_kernel[(B * nchunk,)](
             x, *_strides(x),
             mean, rstd,
@@ -548,7 +545,7 @@ def gated_residual_fwd(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
     if out.numel() == 0:
         return out
     block_r, block_d, warps = _config(D, x.device)
-    with _device(x):
+    with on_device(x):
         _gated_residual_fwd_kernel[(triton.cdiv(B * L, block_r),)](
             x, *_strides(x), y, *_strides(y), gate, *_strides(gate), out,
             B * L, L, D,
@@ -567,7 +564,7 @@ def gated_residual_bwd(dout: Tensor, y: Tensor, gate: Tensor) -> Tuple[Tensor, T
     rows, nchunk = _chunks(B, L, block_r, y.device, _per_sample(gate))
     dy = torch.empty((B, L, D), dtype=y.dtype, device=y.device)
     dgate = _grad_buffer(gate, B, L, D, nchunk, y)
-    with _device(y):
+    with on_device(y):
         _gated_residual_bwd_kernel[(B * nchunk,)](
             dout, *_strides(dout), y, *_strides(y), gate, *_strides(gate), dy, dgate,
             L, D, rows, nchunk,
@@ -584,12 +581,13 @@ def gated_residual_norm_modulate_fwd(
     _check_d(x)
     x_new = torch.empty((B, L, D), dtype=_dtype(x, y, gate), device=x.device)
     h = torch.empty((B, L, D), dtype=_dtype(x_new, shift, scale), device=x.device)
-    mean = torch.zeros((B, L), dtype=torch.float32, device=x.device)
-    rstd = torch.zeros((B, L), dtype=torch.float32, device=x.device)
+    stats = torch.empty if x.numel() else torch.zeros  # the kernel writes every row's statistics
+    mean = stats((B, L), dtype=torch.float32, device=x.device)
+    rstd = stats((B, L), dtype=torch.float32, device=x.device)
     if x.numel() == 0:
         return x_new, h, mean, rstd
     block_r, block_d, warps = _config(D, x.device)
-    with _device(x):
+    with on_device(x):
         _gated_residual_norm_modulate_fwd_kernel[(triton.cdiv(B * L, block_r),)](
             x, *_strides(x), y, *_strides(y), gate, *_strides(gate),
             x if shift is None else shift, *_strides(shift), scale, *_strides(scale),
@@ -628,7 +626,7 @@ def gated_residual_norm_modulate_bwd(
     dx = torch.empty((B, L, D), dtype=x_dtype, device=x_new.device)
     dy = torch.empty((B, L, D), dtype=y.dtype, device=x_new.device)
     dgate, dshift, dscale = (_grad_buffer(t, B, L, D, nchunk, x_new) for t in (gate, shift, scale))
-    with _device(x_new):
+    with on_device(x_new):
         _gated_residual_norm_modulate_bwd_kernel[(B * nchunk,)](
             x_new, mean, rstd,
             dh if dx_new is None else dx_new, *_strides(dx_new),

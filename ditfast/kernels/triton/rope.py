@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import on_device
+
 Tensor = torch.Tensor
 
 MAX_D = 65536  # widest row one program holds (rms_norm over a hidden dim); wider rows are rejected
@@ -459,20 +461,21 @@ def norm_rope_fwd(
     N = B * L * H
     plan = _Plan(N, D, rope, dev)
     kk = q if k is None else k  # unused stand-ins for absent tensors keep the signature fixed
-    _norm_rope_fwd_kernel[(plan.n_tiles,)](
-        q, kk, q_out, q_out if k_out is None else k_out,
-        q if q_weight is None else q_weight, q if k_weight is None else k_weight,
-        q_out if q_rstd is None else q_rstd, q_out if k_rstd is None else k_rstd,
-        q if cos is None else cos, q if sin is None else sin,
-        N, L, H, D, plan.P0,
-        *q.stride(), *kk.stride(),
-        0 if q_weight is None else q_weight.stride(0), 0 if k_weight is None else k_weight.stride(0),
-        *_table_strides(cos), *_table_strides(sin),
-        eps,
-        HAS_K=k is not None, DO_NORM=do_norm, HAS_QW=q_weight is not None, HAS_KW=k_weight is not None,
-        HAS_ROPE=rope, INTERLEAVED=rope and interleaved,
-        BLOCK_R=plan.BLOCK_R, BLOCK_P=plan.BLOCK_P, SOFT_BF16=dev.type != "cuda", num_warps=plan.num_warps,
-    )
+    with on_device(q):
+        _norm_rope_fwd_kernel[(plan.n_tiles,)](
+            q, kk, q_out, q_out if k_out is None else k_out,
+            q if q_weight is None else q_weight, q if k_weight is None else k_weight,
+            q_out if q_rstd is None else q_rstd, q_out if k_rstd is None else k_rstd,
+            q if cos is None else cos, q if sin is None else sin,
+            N, L, H, D, plan.P0,
+            *q.stride(), *kk.stride(),
+            0 if q_weight is None else q_weight.stride(0), 0 if k_weight is None else k_weight.stride(0),
+            *_table_strides(cos), *_table_strides(sin),
+            eps,
+            HAS_K=k is not None, DO_NORM=do_norm, HAS_QW=q_weight is not None, HAS_KW=k_weight is not None,
+            HAS_ROPE=rope, INTERLEAVED=rope and interleaved,
+            BLOCK_R=plan.BLOCK_R, BLOCK_P=plan.BLOCK_P, SOFT_BF16=dev.type != "cuda", num_warps=plan.num_warps,
+        )
     return q_out, k_out, q_rstd, k_rstd
 
 
@@ -514,21 +517,22 @@ def norm_rope_bwd(
     tab = torch.empty((n_parts, 2, N, plan.P0), **f32) if table_grad else dq.new_empty((1, 2, 0))
     kk = q if k is None else k
     dkk = dq_out if dk_out is None else dk_out
-    _norm_rope_bwd_kernel[(G,)](
-        q, kk, dq_out, dkk, dq, dq if dk is None else dk,
-        q if q_weight is None else q_weight, q if k_weight is None else k_weight,
-        dq if q_rstd is None else q_rstd, dq if k_rstd is None else k_rstd,
-        q if cos is None else cos, q if sin is None else sin,
-        dq if dqw_part is None else dqw_part, dq if dkw_part is None else dkw_part,
-        tab[0, 0], tab[0, 1], tab[-1, 0], tab[-1, 1],
-        N, plan.n_tiles, L, H, D, plan.P0,
-        *q.stride(), *kk.stride(), *dq_out.stride(), *dkk.stride(),
-        0 if q_weight is None else q_weight.stride(0), 0 if k_weight is None else k_weight.stride(0),
-        *_table_strides(cos), *_table_strides(sin),
-        HAS_K=k is not None, DO_NORM=q_rstd is not None, HAS_QW=q_weight is not None, HAS_KW=k_weight is not None,
-        HAS_ROPE=rope, TABLE_GRAD=table_grad, INTERLEAVED=rope and interleaved,
-        BLOCK_R=plan.BLOCK_R, BLOCK_P=plan.BLOCK_P, SOFT_BF16=dev.type != "cuda", num_warps=plan.num_warps,
-    )
+    with on_device(q):
+        _norm_rope_bwd_kernel[(G,)](
+            q, kk, dq_out, dkk, dq, dq if dk is None else dk,
+            q if q_weight is None else q_weight, q if k_weight is None else k_weight,
+            dq if q_rstd is None else q_rstd, dq if k_rstd is None else k_rstd,
+            q if cos is None else cos, q if sin is None else sin,
+            dq if dqw_part is None else dqw_part, dq if dkw_part is None else dkw_part,
+            tab[0, 0], tab[0, 1], tab[-1, 0], tab[-1, 1],
+            N, plan.n_tiles, L, H, D, plan.P0,
+            *q.stride(), *kk.stride(), *dq_out.stride(), *dkk.stride(),
+            0 if q_weight is None else q_weight.stride(0), 0 if k_weight is None else k_weight.stride(0),
+            *_table_strides(cos), *_table_strides(sin),
+            HAS_K=k is not None, DO_NORM=q_rstd is not None, HAS_QW=q_weight is not None, HAS_KW=k_weight is not None,
+            HAS_ROPE=rope, TABLE_GRAD=table_grad, INTERLEAVED=rope and interleaved,
+            BLOCK_R=plan.BLOCK_R, BLOCK_P=plan.BLOCK_P, SOFT_BF16=dev.type != "cuda", num_warps=plan.num_warps,
+        )
     dqw = None if dqw_part is None else dqw_part.sum(0).to(q_weight.dtype)
     dkw = None if dkw_part is None else dkw_part.sum(0).to(k_weight.dtype)
     dcos = dsin = None
