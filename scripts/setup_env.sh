@@ -10,7 +10,8 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
     # shellcheck disable=SC1091
     . .venv/bin/activate
 fi
-pip_q() { python -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+# pip's own failure fails the script (pipefail); only grep's "no line left" is forgiven
+pip_q() { python -m pip install -q --disable-pip-version-check "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }
 python -c "import torch" 2>/dev/null || pip_q "torch==${DITFAST_TORCH_VERSION:-2.14.1}"
 pip_q setuptools wheel ninja pybind11
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
