@@ -4,8 +4,9 @@ usage: python scripts/backend_table.py benchmarks/results/bench_<date>_<commit>.
 
 For every "ops" case of an op with both a "triton" and a "cuda" implementation where the run timed
 both forced backends ("ditfast:triton", "ditfast:cuda"), the faster one becomes the entry for that
-op, dtype and row width (D, or Dh for the rope ops), exactly that width: other widths keep the
-fixed AUTO_ORDER. Forward + backward times decide when both have them (training), else forward.
+op, dtype and row width (D, or Dh for the rope ops), exactly that width, by the total time over
+the shapes of that width: other widths keep the fixed AUTO_ORDER. Forward + backward times decide
+when both backends have them (training), else forward.
 The device's entries in the table file are replaced; other devices' are kept. A CPU smoke run is
 refused: its timings say nothing about a GPU.
 """
@@ -17,9 +18,14 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ditfast.ops import cuda_impl
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout that is not installed
 
-OPS = ("norm_modulate", "gated_residual_norm_modulate", "apply_rope", "qk_norm_rope")
+from ditfast import _backend  # noqa: E402
+from ditfast.ops import cuda_impl  # noqa: E402,F401  (registers the "cuda" implementations)
+
+
+def _ops_with_a_choice() -> set:
+    return {op for op in _backend.ops() if {"triton", "cuda"} <= set(_backend.implemented(op))}
 
 
 def _time(variant: Optional[dict], direction: str) -> Optional[float]:
@@ -29,9 +35,12 @@ def _time(variant: Optional[dict], direction: str) -> Optional[float]:
 
 
 def entries_from_results(results: dict) -> List[dict]:
-    out = {}
+    """One entry per (op, dtype, width): the backend with the smaller total time over every shape of
+    that width the run measured (e.g. FLUX's image and text lengths share D), so no one shape decides."""
+    ops = _ops_with_a_choice()
+    totals = {}
     for case in results.get("results", []):
-        if case.get("level") != "ops" or case.get("case") not in OPS:
+        if case.get("level") != "ops" or case.get("case") not in ops:
             continue
         by = {v["name"]: v for v in case.get("variants", [])}
         tri, cu = by.get("ditfast:triton"), by.get("ditfast:cuda")
@@ -41,11 +50,14 @@ def entries_from_results(results: dict) -> List[dict]:
             continue
         dims = case["dims"]
         width = int(dims["Dh"] if "Dh" in dims else dims["D"])
-        key = (case["case"], case["dtype"], width)
-        out[key] = {"op": case["case"], "dtype": case["dtype"], "width_min": width, "width_max": width,
-                    "backend": "cuda" if t_cu < t_tri else "triton",
-                    "ms": {"cuda": t_cu, "triton": t_tri, "direction": direction, "shape": case.get("label")}}
-    return list(out.values())
+        total = totals.setdefault((case["case"], case["dtype"], width), {"cuda": 0.0, "triton": 0.0, "shapes": []})
+        total["cuda"] += t_cu
+        total["triton"] += t_tri
+        total["shapes"].append(f"{case.get('label')} ({direction})")
+    return [{"op": op, "dtype": dtype, "width_min": width, "width_max": width,
+             "backend": "cuda" if t["cuda"] < t["triton"] else "triton",
+             "ms": {"cuda": t["cuda"], "triton": t["triton"], "shapes": t["shapes"]}}
+            for (op, dtype, width), t in totals.items()]
 
 
 def main(argv=None) -> int:

@@ -178,7 +178,9 @@ def _free(collect: bool = False) -> None:
 def _direction(ctx: Context, fn: Callable[[], object], case: C.Case, direction: str) -> dict:
     timer = ctx.timer
     first = timer.first_call_s(fn)  # includes torch.compile's compilation for compiled variants
-    t = timer.time(fn, est_ms=first * 1e3)
+    # not est_ms=first: a first call that compiles (Triton JIT, torch.compile) would make the timer
+    # take its minimum repetitions for this variant only; it estimates after its warm-up instead
+    t = timer.time(fn)
     rec = {"ms": t.median_ms, **{k: v for k, v in t.to_dict().items() if k != "median_ms"}}
     rec["first_call_s"] = first
     rec["peak_mem_mb"] = timer.peak_memory_mb(fn)

@@ -73,14 +73,12 @@ def leaf(shape: Sequence[int], device, dtype, *, scale: float = 1.0, grad: bool 
 def auto_backend(op: str, device: torch.device, like: Optional[torch.Tensor] = None) -> Optional[str]:
     """The backend ditfast picks automatically for ``op`` on ``device`` (None if unknown); ``like``,
     the op's main input, lets a measured backend table take part (see ditfast._backend.chosen_name)."""
+    if _backend.requested_backend() is not None:
+        return None
     try:
-        impl = _backend.select(op, device, like) if _backend.requested_backend() is None else None
+        return _backend.chosen_name(op, device, like)
     except Exception:  # noqa: BLE001 - a probe, never fatal
         return None
-    for name, fn in _backend._IMPLS.get(op, {}).items():
-        if fn is impl:
-            return name
-    return None
 
 
 def attention_choice(device: torch.device, dtype: torch.dtype, H: int, Dh: int) -> Optional[str]:
