@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ditfast
-from ditfast import _backend, ops
+from ditfast import _backend, ops, reference
 from ditfast.ops import attention as attn
 from ditfast.ops import attention_backends as backends
 from ditfast.ops.attention_backends import Spec
@@ -270,3 +270,15 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_float64_runs_on_attention_backends_asked_for_by_name():
+    """fp64 (the truth for fp32 checks) runs where the attention backend is named: backend="reference"
+    or "sdpa_math"; the automatic choice rejects it, naming the dtype."""
+    q, k, v = (torch.randn(1, 5, 2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    want = reference.joint_attention(q, k, v)
+    for name in ("reference", "sdpa_math"):
+        got = ops.joint_attention(q, k, v, backend=name)
+        assert got.dtype == torch.float64 and torch.allclose(got, want, rtol=1e-12, atol=1e-12), name
+    with pytest.raises(TypeError, match="q is float64"):
+        ops.joint_attention(q, k, v)

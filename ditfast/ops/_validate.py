@@ -9,15 +9,16 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def float_dtype(name: str, t: torch.Tensor) -> None:
+def float_dtype(name: str, t: torch.Tensor, *, fp64_ok: bool = False) -> None:
     """fp32/bf16/fp16 everywhere; fp64 too, but only on the reference backend (for checking the
-    fp32 paths against an fp64 truth)."""
+    fp32 paths against an fp64 truth). ``fp64_ok``: the caller already knows a backend that runs
+    fp64 was requested (attention's own ``backend=`` argument)."""
     if t.dtype in FLOAT_DTYPES:
         return
     if t.dtype == torch.float64:
         from .._backend import requested_backend
 
-        if requested_backend() == "reference":
+        if fp64_ok or requested_backend() == "reference":
             return
         raise TypeError(
             f"{name} is float64, which only the reference backend runs (ditfast.use_backend('reference')); "
@@ -26,11 +27,11 @@ def float_dtype(name: str, t: torch.Tensor) -> None:
     raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
 
 
-def tensor(name: str, t, ndim: int, layout: str) -> torch.Tensor:
+def tensor(name: str, t, ndim: int, layout: str, *, fp64_ok: bool = False) -> torch.Tensor:
     """t must be a floating-point tensor (fp32/bf16/fp16) with ``ndim`` dims laid out as ``layout``."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    float_dtype(name, t)
+    float_dtype(name, t, fp64_ok=fp64_ok)
     if t.dim() != ndim:
         raise ValueError(f"{name} must be {layout} ({ndim} dims), got shape {tuple(t.shape)}")
     return t

@@ -39,9 +39,10 @@ def joint_attention(q: Tensor, k: Tensor, v: Tensor, *, backend: Optional[str] =
     backend: an attention backend name (``ditfast.ops.attention_backends.NAMES``), "auto" or None
     (see the module docstring of attention_backends for the order of precedence).
     """
-    check.tensor("q", q, 4, "(B, L, H, Dh)")
-    check.tensor("k", k, 4, "(B, L, H, Dh)")
-    check.tensor("v", v, 4, "(B, L, H, Dh)")
+    fp64_ok = backends.requested(backend)[0] in backends.FP64_BACKENDS
+    check.tensor("q", q, 4, "(B, L, H, Dh)", fp64_ok=fp64_ok)
+    check.tensor("k", k, 4, "(B, L, H, Dh)", fp64_ok=fp64_ok)
+    check.tensor("v", v, 4, "(B, L, H, Dh)", fp64_ok=fp64_ok)
     check.same_shape("v", v, "k", k)
     if k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
         raise ValueError(f"k must have shape (B, Lk, H, Dh) matching q {tuple(q.shape)} in B, H and Dh, got {tuple(k.shape)}")

@@ -313,6 +313,8 @@ BACKENDS: Dict[str, AttentionBackend] = {
     )
 }
 NAMES: Tuple[str, ...] = tuple(BACKENDS)
+# backends that run float64 when asked for by name (ditfast.ops.joint_attention lets fp64 through then)
+FP64_BACKENDS = frozenset(n for n, b in BACKENDS.items() if torch.float64 in b.dtypes)
 _GENERIC = ("auto", "cuda")  # besides the backend names; "reference" and "triton" are both
 
 
