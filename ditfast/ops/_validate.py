@@ -51,7 +51,8 @@ def same_shape(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> 
 def modulation(name: str, t, x: torch.Tensor) -> torch.Tensor:
     """A shift/scale/gate for x (B, L, D): (B, D) per sample or (B, L, D) per token.
 
-    A batch dim of 1 broadcasts over B; it is expanded to a stride-0 view (no copy).
+    A batch dim of 1 broadcasts over B; it is passed on as it is (every backend broadcasts it, and the
+    kernels sum its gradient over the batch in fp32, rounding once).
     """
     B, L, D = x.shape
     if not isinstance(t, torch.Tensor):
@@ -63,22 +64,8 @@ def modulation(name: str, t, x: torch.Tensor) -> torch.Tensor:
             f"{name} must have shape (B, D) = ({B}, {D}) or (B, L, D) = ({B}, {L}, {D}) to match x "
             f"{tuple(x.shape)}, got {tuple(t.shape)}"
         )
-    if t.shape[0] != B:
-        t = t.expand((B,) + tuple(t.shape[1:]))
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move them to one device")
-    return t
-
-
-def one_row(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """Undo modulation()'s batch expansion: a stride-0 (B, ...) view becomes its single (1, ...) row.
-
-    Kernels that take the row broadcast it themselves and sum its gradient over the batch in fp32,
-    rounding once; the expanded view's backward would sum per-sample gradients already rounded to a
-    low-precision dtype, rounding twice.
-    """
-    if t is not None and t.shape[0] > 1 and t.stride(0) == 0:
-        return t[:1]
     return t
 
 

@@ -13,8 +13,8 @@ This module adds what the C++ side leaves to Python, once ``_C`` is loaded (ditf
   - qk_norm_rope_c -> qk_norm_rope_c_backward (RMSNorm + RoPE backward, weight grads included;
     with both weights None the op is RoPE only and its backward the inverse rotation).
   cos/sin get no gradient from these ops: calls whose tables require grad go to the reference.
-  A (1, D) modulation that ditfast.ops expanded over the batch is passed to the C++ op as its one
-  row, so its grad is summed over the batch in fp32 and rounded once.
+  A (1, D) / (1, L, D) modulation reaches the C++ op as it is: the op broadcasts it and sums its
+  grad over the batch in fp32, rounding once.
 
 It also registers the backend implementations with ditfast._backend (availability is probed
 there, lazily: importing this module does not load _C) and keeps the measured backend table
@@ -175,15 +175,13 @@ def _tables_need_grad(cos, sin) -> bool:
 def norm_modulate(x, shift, scale, *, eps=1e-6):
     if x.is_cuda and x.shape[-1] > _MAX_ROW_CUDA:
         return reference.norm_modulate(x, shift, scale, eps=eps)
-    return torch.ops.ditfast.norm_modulate_c(x, v.one_row(shift), v.one_row(scale), eps)
+    return torch.ops.ditfast.norm_modulate_c(x, shift, scale, eps)
 
 
 def gated_residual_norm_modulate(x, y, gate, shift, scale, *, eps=1e-6):
     if x.is_cuda and x.shape[-1] > _MAX_ROW_CUDA:
         return reference.gated_residual_norm_modulate(x, y, gate, shift, scale, eps=eps)
-    return tuple(
-        torch.ops.ditfast.gated_residual_norm_modulate_c(x, y, v.one_row(gate), v.one_row(shift), v.one_row(scale), eps)
-    )
+    return tuple(torch.ops.ditfast.gated_residual_norm_modulate_c(x, y, gate, shift, scale, eps))
 
 
 def apply_rope(x, cos, sin, *, interleaved=True):

@@ -370,7 +370,6 @@ def _direct(*tensors: Optional[Tensor]) -> bool:
 def _triton_norm_modulate(x, shift, scale, *, eps=1e-6):
     if _too_wide(x):
         return reference.norm_modulate(x, shift, scale, eps=eps)
-    shift, scale = v.one_row(shift), v.one_row(scale)
     if _direct(x, shift, scale):
         return _kernels().norm_modulate_fwd(x, shift, scale, eps=eps)[0]
     return _norm_modulate_op(x, shift, scale, eps)[0]
@@ -379,7 +378,6 @@ def _triton_norm_modulate(x, shift, scale, *, eps=1e-6):
 def _triton_norm_modulate_dual(x, shift1, scale1, shift2, scale2, *, eps=1e-6):
     if _too_wide(x):
         return reference.norm_modulate_dual(x, shift1, scale1, shift2, scale2, eps=eps)
-    shift1, scale1, shift2, scale2 = (v.one_row(t) for t in (shift1, scale1, shift2, scale2))
     if _direct(x, shift1, scale1, shift2, scale2):
         out1, out2, _, _ = _kernels().norm_modulate_fwd(x, shift1, scale1, shift2, scale2, eps=eps)
     else:
@@ -390,7 +388,6 @@ def _triton_norm_modulate_dual(x, shift1, scale1, shift2, scale2, *, eps=1e-6):
 def _triton_gated_residual(x, y, gate):
     if _too_wide(x):
         return reference.gated_residual(x, y, gate)
-    gate = v.one_row(gate)
     if _direct(x, y, gate):
         return _kernels().gated_residual_fwd(x, y, gate)
     return _gated_residual_op(x, y, gate)
@@ -399,7 +396,6 @@ def _triton_gated_residual(x, y, gate):
 def _triton_gated_residual_norm_modulate(x, y, gate, shift, scale, *, eps=1e-6):
     if _too_wide(x):
         return reference.gated_residual_norm_modulate(x, y, gate, shift, scale, eps=eps)
-    gate, shift, scale = v.one_row(gate), v.one_row(shift), v.one_row(scale)
     if _direct(x, y, gate, shift, scale):
         x_new, h, _, _ = _kernels().gated_residual_norm_modulate_fwd(x, y, gate, shift, scale, eps=eps)
     else:
