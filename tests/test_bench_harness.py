@@ -17,7 +17,7 @@ from ditfast.bench import cases as C
 from ditfast.bench import report, runner, timing
 from ditfast.bench.cli import main
 from ditfast.bench.level_models import count_linear_flops
-from ditfast.bench.level_ops import _normalize_report, op_inputs
+from ditfast.bench.level_ops import attention_backends, op_inputs
 from ditfast.bench.variants import Built, VariantSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,16 +204,13 @@ def test_add_speedups():
     assert rec["fastest"] == {"fwd": "compile", "fwd_bwd": "ditfast"}
 
 
-def test_normalize_backend_report():
-    got = _normalize_report({"a": True, "b": (False, "no GPU"), "c": {"available": False, "reason": "missing"}})
-    assert got == {"a": (True, ""), "b": (False, "no GPU"), "c": (False, "missing")}
+def test_attention_backends_listed_from_the_dispatcher():
+    from ditfast.ops import attention_backends as backends
 
-    class D:
-        def __init__(self, name, ok, why):
-            self.name, self.available, self.not_supported_reasons = name, ok, why
-
-    got = _normalize_report([D("x", False, ["dh > 256", "fp32"]), ("y", True), {"name": "z", "ok": True}])
-    assert got == {"x": (False, "dh > 256; fp32"), "y": (True, ""), "z": (True, "")}
+    got = dict(attention_backends("cpu", None))
+    assert set(got) == set(backends.NAMES) - {"reference"}  # the reference is the "eager" peer
+    assert got["sdpa_math"] is None and "cuda tensors only" in got["sdpa_flash"]
+    assert dict(attention_backends("cpu", {"sdpa_math"}))["triton"] == "not selected (--backends)"
 
 
 # ----------------------------------------------------------------------------------------- end to end

@@ -8,6 +8,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from .. import ops, reference
+from ..ops import attention_backends as attention_backends_mod
 from .cases import Case
 from .variants import (
     Built,
@@ -121,78 +122,22 @@ def _liger_rms_norm(case: Case, ctx, leaves) -> VariantSpec:
 
 
 # ------------------------------------------------------------------------------------------ attention
-ATTENTION_BACKENDS = (
-    "flash_attn2", "flash_attn3", "flash_attn4", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math",
-    "triton", "cuda",
-)
+# every attention backend but the reference, which is measured as the "eager" peer
+ATTENTION_BACKENDS = tuple(n for n in attention_backends_mod.NAMES if n != "reference")
 SDPA_KERNELS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
                 "math": "MATH"}
 
 
-def _normalize_report(report) -> dict:
-    """{name: (available, reason)} from whatever shape ``backend_report`` returns.
-
-    Accepted: a dict name -> bool / (bool, reason) / object-or-dict with available/ok and reason;
-    or a list of such objects / dicts / tuples carrying a name.
-    """
-    def entry(v):
-        if isinstance(v, bool):
-            return v, ""
-        if isinstance(v, (tuple, list)) and v and isinstance(v[0], bool):
-            return v[0], str(v[1]) if len(v) > 1 else ""
-        get = v.get if isinstance(v, dict) else (lambda k, default=None: getattr(v, k, default))
-        ok = get("available", get("ok", get("supported", None)))
-        reason = get("reason", get("why", get("reasons", get("not_supported_reasons", ""))))
-        if isinstance(reason, (list, tuple)):
-            reason = "; ".join(map(str, reason))
-        return bool(ok), str(reason or "")
-
-    out = {}
-    if isinstance(report, dict):
-        items = report.items()
-    else:
-        items = []
-        for v in report:
-            name = v.get("name") if isinstance(v, dict) else getattr(v, "name", None)
-            if name is None and isinstance(v, (tuple, list)) and v:
-                name, v = v[0], tuple(v[1:]) if len(v) > 2 else v[1]
-            items.append((name, v))
-    for name, v in items:
-        try:
-            out[str(name)] = entry(v)
-        except Exception as exc:  # noqa: BLE001
-            out[str(name)] = (False, f"could not read backend_report entry: {exc}")
-    return out
-
-
 def attention_backends(device_type: str, allowed) -> List[Tuple[str, Optional[str]]]:
     """[(backend name, skip reason or None)] for ditfast's attention backends on ``device_type``."""
-    from ..ops import attention as attn_mod
-
-    report_fn = getattr(attn_mod, "backend_report", None)
-    names: List[str]
-    report: dict = {}
-    if report_fn is not None:
-        try:
-            report = _normalize_report(report_fn(device_type))
-        except Exception as exc:  # noqa: BLE001
-            report = {}
-            note = f"backend_report failed: {type(exc).__name__}: {exc}"
-            return [(n, note) for n in ATTENTION_BACKENDS]
-        names = list(report) or list(ATTENTION_BACKENDS)
-    else:
-        names = list(ATTENTION_BACKENDS)
     out = []
-    for n in names:
-        if n == "reference":  # measured as the "eager" peer
+    for name, ok, why in attention_backends_mod.backend_report(device_type):
+        if name not in ATTENTION_BACKENDS:
             continue
-        if allowed is not None and n not in allowed:
-            out.append((n, "not selected (--backends)"))
-        elif n in report:
-            ok, why = report[n]
-            out.append((n, None if ok else (why or "unavailable")))
+        if allowed is not None and name not in allowed:
+            out.append((name, "not selected (--backends)"))
         else:
-            out.append((n, None))  # unknown availability: try it; an error is recorded as the reason
+            out.append((name, None if ok else (why or "unavailable")))
     return out
 
 
