@@ -1,6 +1,7 @@
-"""Tests of the benchmark harness (ditfast.bench) on CPU: the bytes / FLOPs formulas, the timers'
-bookkeeping, the JSON schema, the targets, the table and README renderers, the plots, and one
-end-to-end ``--quick`` smoke. Nothing here asserts a speed."""
+"""Tests of the benchmark harness (ditfast.bench) on CPU: the bytes / FLOPs formulas, the timer (CPU
+median; on CUDA the call into triton.testing.do_bench), the JSON schema, the targets, the table and
+README renderers, the plot, the sm_90 report lookup, and one end-to-end ``--quick`` smoke. Nothing here
+asserts a speed."""
 from __future__ import annotations
 
 import copy
@@ -16,9 +17,7 @@ from ditfast import reference
 from ditfast.bench import cases as C
 from ditfast.bench import report, runner, timing
 from ditfast.bench.cli import main
-from ditfast.bench.level_models import count_linear_flops
-from ditfast.bench.level_ops import attention_backends, op_inputs
-from ditfast.bench.variants import Built, VariantSpec
+from ditfast.bench.variants import Built, VariantSpec, attention_backends, count_linear_flops, op_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
@@ -78,14 +77,14 @@ def test_attention_flops():
     assert flux == pytest.approx(4 * 24 * 4608 ** 2 * 128)
 
 
-@pytest.mark.parametrize("case", C.block_cases(tiny=True, quick=False, full=False), ids=lambda c: c.name)
+@pytest.mark.parametrize("case", C.block_cases(tiny=True, quick=False), ids=lambda c: c.name)
 def test_block_linear_flops_match_hooks(case):
     """The block formula's linear part equals the matmul FLOPs counted on the real module."""
-    from ditfast.bench.level_blocks import BlockInputs, ditfast_block
+    from ditfast.bench.variants import block_callers, ditfast_block
 
     m = ditfast_block(case, "cpu", torch.float32)
-    inputs = BlockInputs(case, "cpu", torch.float32)
-    counted = count_linear_flops(m, lambda: inputs.call_ditfast(m))
+    _, call, _ = block_callers(case, "cpu", torch.float32)
+    counted = count_linear_flops(m, lambda: call(m))
     f = C.block_flops(case.name, case.dims)
     assert f["linear_fwd"] == pytest.approx(counted)
     d = case.dims
@@ -101,38 +100,45 @@ def test_rate_units():
 
 
 def test_plan_targets_first_and_real_shapes():
-    plan = C.plan(C.LEVELS, 2, tiny=False, quick=False, full=False)
+    plan = C.plan(C.LEVELS, 2, tiny=False, quick=False)
     flags = [c.target for c in plan]
     assert flags == sorted(flags, reverse=True), "target cases must come first"
     keys = {c.key for c in plan}
     assert "ops/norm_modulate/FLUX-dev" in keys
     att = {(c.dims["B"], c.dims["L"], c.dims["H"], c.dims["Dh"]) for c in plan if c.level == "attention"}
-    assert {(1, 4608, 24, 128), (2, 4429, 24, 64), (8, 256, 16, 72), (8, 1024, 16, 72)} <= att
+    assert {(1, 4608, 24, 128), (2, 4429, 38, 64), (8, 256, 16, 72), (8, 1024, 16, 72)} <= att
     flux = next(c for c in plan if c.key == "ops/norm_modulate/FLUX-dev")
     assert flux.dims == dict(B=1, L=4608, D=3072)
     assert any(c.graph for c in plan if c.level == "ops"), "the text-stream shapes need the graph column"
 
 
 # ----------------------------------------------------------------------------------------- timing
-def test_summarize_and_reps():
-    t = timing.summarize([3.0, 1.0, 2.0, 10.0, 4.0], "wall-clock")
-    assert (t.median_ms, t.min_ms, t.reps) == (3.0, 1.0, 5)
-    assert t.p20_ms == pytest.approx(1.8) and t.p80_ms == pytest.approx(5.2)
-    assert timing.choose_reps(1.0, 0.1, 5, 50) == 50  # 100 fit, capped
-    assert timing.choose_reps(100.0, 0.1, 5, 50) == 5  # 1 fits, floor
-    assert timing.choose_reps(10.0, 0.1, 5, 50) == 10
-    with pytest.raises(ValueError):
-        timing.summarize([], "x")
-
-
-def test_cpu_timer_counts_calls():
+def test_cpu_timer_takes_a_median():
     calls = []
-    timer = timing.Timer("cpu", warmup=2, min_reps=3, max_reps=4, budget_s=10.0)
-    t = timer.time(lambda: calls.append(1), est_ms=1e9)  # a huge estimate: no estimating calls
-    assert t.method == "wall-clock" and t.reps == 3
-    assert len(calls) == 2 + 3
-    assert timer.peak_memory_mb(lambda: None) is None
-    assert timer.describe()["l2_flush_bytes"] == 0
+    t = timing.bench(lambda: calls.append(1), torch.device("cpu"), quick=True)
+    assert len(calls) == 3 and t["ms"] >= 0 and t["p20_ms"] <= t["ms"] <= t["p80_ms"]
+    assert "wall clock" in t["method"]
+    slow = timing.bench(lambda: __import__("time").sleep(0.06), torch.device("cpu"), quick=True)
+    assert slow["ms"] >= 60 and "median of 1" in slow["method"]  # one call when a call outlasts the budget
+    assert timing.peak_memory_mb(lambda: None, torch.device("cpu")) is None
+
+
+def test_cuda_timer_is_triton_do_bench(monkeypatch):
+    """On CUDA the harness times with triton.testing.do_bench (L2 flush + CUDA events) and reports its
+    median; launch-bound forwards use do_bench_cudagraph. Faked here: no GPU is needed to check the call."""
+    tt = pytest.importorskip("triton.testing")
+    seen = {}
+
+    def fake(fn, warmup=None, rep=None, quantiles=None, **kw):
+        seen.update(warmup=warmup, rep=rep, quantiles=quantiles)
+        return [2.0, 1.5, 3.0]
+
+    monkeypatch.setattr(tt, "do_bench", fake)
+    monkeypatch.setattr(tt, "do_bench_cudagraph", lambda fn, rep=None, quantiles=None: [0.5, 0.4, 0.6])
+    t = timing.bench(lambda: None, torch.device("cuda"))
+    assert (t["ms"], t["p20_ms"], t["p80_ms"]) == (2.0, 1.5, 3.0) and "do_bench" in t["method"]
+    assert seen == {"warmup": 25, "rep": 100, "quantiles": [0.5, 0.2, 0.8]}
+    assert timing.bench(lambda: None, torch.device("cuda"), graph=True)["ms"] == 0.5
 
 
 # ----------------------------------------------------------------------------------------- runner pieces
@@ -144,8 +150,7 @@ def test_classify():
 
 
 def _ctx(**kw):
-    opts = runner.Options(device="cpu", quick=True, backends=[], **kw)
-    return runner.Context(opts)
+    return runner.Context(runner.Options(device="cpu", quick=True, backends=[], **kw))
 
 
 def test_measure_variant_records_failures():
@@ -179,18 +184,6 @@ def test_measure_variant_records_failures():
     assert rec["status"] == "skipped" and "time limit" in rec["reason"]
 
 
-def test_budget_shares_levels():
-    plan = [C.Case("ops", "a", "t", {}, "GB/s", target=True), C.Case("blocks", "b", "t", {}, "TFLOP/s", target=True),
-            C.Case("ops", "c", "t", {}, "GB/s")]
-    b = runner.Budget(100.0, plan)
-    start = b.end - 100.0
-    ops_end = b.deadline(plan[0])
-    assert ops_end - start == pytest.approx(100.0 * 2.0 / (2.0 + 3.0), abs=0.5)
-    assert b.deadline(plan[2]) == b.end  # non-target cases share what is left of the whole limit
-    assert runner.Budget(None, plan).deadline(plan[0]) is None
-    assert runner.Budget.expired(0.0) and not runner.Budget.expired(None)
-
-
 def test_add_speedups():
     def v(name, fwd, bwd=None):
         return {"name": name, "speedup": {}, "fwd": {"ms": fwd}, "fwd_bwd": {"ms": bwd} if bwd else None}
@@ -207,10 +200,10 @@ def test_add_speedups():
 def test_attention_backends_listed_from_the_dispatcher():
     from ditfast.ops import attention_backends as backends
 
-    got = dict(attention_backends("cpu", None))
+    got = dict(attention_backends(torch.device("cpu"), None))
     assert set(got) == set(backends.NAMES) - {"reference"}  # the reference is the "eager" peer
-    assert got["sdpa_math"] is None and "cuda tensors only" in got["sdpa_flash"]
-    assert dict(attention_backends("cpu", {"sdpa_math"}))["triton"] == "not selected (--backends)"
+    assert got["sdpa_math"] is None and got["sdpa_flash"]  # a reason why SDPA's flash kernel cannot run on CPU
+    assert dict(attention_backends(torch.device("cpu"), {"sdpa_math"}))["triton"] == "not selected (--backends)"
 
 
 # ----------------------------------------------------------------------------------------- end to end
@@ -247,6 +240,7 @@ def test_smoke_run(smoke):
         if case["level"] != "models":  # the models level needs diffusers, which may be absent
             comp = next(v for v in case["variants"] if v["name"] == "compile")
             assert comp["status"] == "skipped" and "--quick" in comp["reason"]
+            assert [v["kind"] for v in case["variants"]][-1] == "peer"  # the costly peers come last
         base = case["variants"][0]
         for v in case["variants"]:
             if v["status"] == "ok" and base["status"] == "ok":
@@ -256,10 +250,11 @@ def test_smoke_run(smoke):
     assert "Summary: performance targets" in text
     assert "== ops | norm_modulate | tiny" in text
     assert all(t["met"] is None for t in res["targets"]), "a CPU smoke never judges targets"
-    # plots are on by default; without matplotlib they are skipped with a message
+    assert "no offline report" in text or "sm_90" in text  # the register report, or why there is none
+    # the plot is on by default; without matplotlib it is skipped with a message
     pngs = sorted(p.name for p in out.glob("*.png"))
     if HAVE_MPL:
-        assert pngs == ["bench_test_attention_tflops.png", "bench_test_pct_peak.png", "bench_test_speedup.png"]
+        assert pngs == ["bench_test.png"]
     else:
         assert pngs == [] and "matplotlib is not installed" in text
 
@@ -268,6 +263,7 @@ def test_time_limit_zero_skips_everything(tmp_path):
     opts = runner.Options(device="cpu", quick=True, backends=[], levels=("ops",), time_limit=0.0)
     res = runner.run(opts, out_json=str(tmp_path / "r.json"))
     assert res["results"] and all(not c["variants"] and "time limit" in c["notes"][0] for c in res["results"])
+    assert not list(tmp_path.glob("*.tmp"))  # written atomically
     assert report.validate(report.load_json(str(tmp_path / "r.json"))) == []
 
 
@@ -302,7 +298,7 @@ def test_json_is_strict(tmp_path):
 def gpu_results() -> dict:
     """A small synthetic GPU results dict (numbers invented for the renderer, never published)."""
     def meas(ms, rate=None, pct=None, mem=None):
-        return {"ms": ms, "min_ms": ms, "p20_ms": ms, "p80_ms": ms, "reps": 10, "method": "cuda-events",
+        return {"ms": ms, "p20_ms": ms, "p80_ms": ms, "method": "triton.testing.do_bench",
                 "rate": rate, "pct_peak": pct, "peak_mem_mb": mem, "first_call_s": 0.01}
 
     def var(name, kind, fwd, bwd, backend=None, status="ok", reason=None):
@@ -325,8 +321,8 @@ def gpu_results() -> dict:
     res = {"schema": runner.SCHEMA, "meta": {
         "device": {"type": "cuda", "name": "Test GPU 80GB"}, "date": "2030-01-02T03:04:05Z", "dtype": "bfloat16",
         "versions": {"python": "3.12", "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0", "ditfast": "0.1.0"},
-        "commit": "0123456789abcdef", "dirty": False, "mode": "gpu",
-        "timing": {"method": "cuda-events", "min_reps": 5, "max_reps": 200, "warmup": 3, "l2_flush_bytes": 2**28}},
+        "commit": "0123456789abcdef", "dirty": False, "mode": "gpu", "shapes": "default",
+        "timing": timing.METHOD[True]},
         "peaks": {"copy": {"gbps": 3100.0, "what": "copy"}, "matmul": {"tflops": 720.0, "dtype": "bfloat16",
                                                                         "what": "mm"}},
         "results": [op, att], "targets": []}
@@ -366,6 +362,7 @@ def test_render_table_labels_and_reasons():
     assert "Test GPU 80GB" in text and "NOT a speed claim" not in text
     assert "ditfast (triton)" in text and "skipped: ditfast._C is not built" in text
     assert "4.00x/4.00x" in text  # eager: 0.08/0.02 fwd, 0.2/0.05 fwd+bwd
+    assert "sm_90: no offline report" in text  # next to the Triton kernel's row
     assert text.rstrip().splitlines()[-1].startswith("joint_attention [FLUX-dev]")  # the summary is last
     res["meta"]["mode"] = "cpu-smoke"
     assert "NOT a speed claim" in report.render_table(res)
@@ -385,21 +382,42 @@ def test_markdown_and_readme_markers():
         report.update_readme("# no markers\n", md)
 
 
+def test_sm90_report_next_to_the_triton_kernels(tmp_path):
+    entries = [{"kernel": "_norm_modulate_fwd", "config": {}, "shape": [1, 4608, 3072], "registers": 40, "spills": 0,
+                "shared_bytes": 0, "ctas_per_sm": 12, "waves": 0.3},
+               {"kernel": "_flash_attn_fwd", "config": {}, "shape": [], "registers": 255, "spills": 16,
+                "shared_bytes": 98304, "ctas_per_sm": 1, "waves": 2.1}]
+    path = tmp_path / "sm90.json"
+    path.write_text(json.dumps(entries))
+    sm90 = report.load_sm90(str(path))
+    assert sm90["source"] == str(path) and len(sm90["entries"]) == 2
+    assert report.sm90_for("norm_modulate", sm90) == "_norm_modulate_fwd: 40 regs/0 spills/12 CTA/SM"
+    assert "255 regs/16 spills/1 CTA/SM" in report.sm90_for("joint_attention", sm90)
+    assert report.sm90_for("apply_rope", sm90) == "not in the offline report"
+    assert report.sm90_for("apply_rope", None) == "no offline report"
+    text = report.render_table(gpu_results(), sm90)
+    assert "sm_90: _norm_modulate_fwd: 40 regs/0 spills/12 CTA/SM" in text and str(path) in text
+
+
 @pytest.mark.skipif(not HAVE_MPL, reason="matplotlib is not installed")
-def test_plots(tmp_path):
-    from ditfast.bench import plots
-
-    paths, msg = plots.make_plots(gpu_results(), str(tmp_path), "t")
-    assert sorted(os.path.basename(p) for p in paths) == ["t_attention_tflops.png", "t_pct_peak.png", "t_speedup.png"]
-    assert all(os.path.getsize(p) > 1000 for p in paths)
+def test_plot(tmp_path):
+    msg = report.make_plot(gpu_results(), str(tmp_path / "t.png"))
+    assert "written" in msg and (tmp_path / "t.png").stat().st_size > 1000
 
 
-def test_plots_without_matplotlib(tmp_path, monkeypatch):
-    from ditfast.bench import plots
+def test_plot_without_matplotlib(tmp_path, monkeypatch):
+    import builtins
 
-    monkeypatch.setattr(plots, "_pyplot", lambda: None)
-    paths, msg = plots.make_plots(gpu_results(), str(tmp_path / "none"), "t")
-    assert paths == [] and "matplotlib is not installed" in msg
+    real_import = builtins.__import__
+
+    def no_mpl(name, *a, **kw):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_mpl)
+    assert "matplotlib is not installed" in report.make_plot(gpu_results(), str(tmp_path / "none.png"))
+    assert not (tmp_path / "none.png").exists()
 
 
 def test_render_readme_script(tmp_path):
@@ -472,11 +490,10 @@ def test_backend_table_script(tmp_path, monkeypatch):
     assert not (tmp_path / "other.json").exists()
 
 
-def test_git_commit(tmp_path, monkeypatch):
-    from ditfast.bench import env
-
-    monkeypatch.delenv("DITFAST_BENCH_COMMIT", raising=False)
-    assert env.git_commit(tmp_path) == ("unknown", None)
+def test_git_commit(monkeypatch):
     monkeypatch.setenv("DITFAST_BENCH_COMMIT", "abc")
-    assert env.git_commit(tmp_path) == ("abc", None)
-    assert env.slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
+    assert timing.git_commit() == ("abc", None)
+    monkeypatch.delenv("DITFAST_BENCH_COMMIT")
+    sha, _ = timing.git_commit()
+    assert sha == "unknown" or len(sha) == 40
+    assert timing.slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3" and timing.slug("NVIDIA H200") == "h200"

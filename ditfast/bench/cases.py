@@ -1,7 +1,7 @@
 """What the benchmark measures: the shapes per level, and the bytes / FLOPs formulas behind GB/s and TFLOP/s.
 
-Shapes come from REFERENCE.md's "Typical shapes" table. On a GPU the real shapes run; on CPU (the
-smoke) tiny, deliberately awkward ones do (D = 200, L = 77, Dh = 72), as in the interpreter tests.
+Shapes are the models' real ones (docs/upstream.md): FLUX.1-dev at 1024 px, SD3.5 with CFG, DiT-XL/2.
+On CPU (the smoke) tiny, deliberately awkward ones run instead (D = 200, L = 77, Dh = 72).
 
 Memory-bound ops are scored in GB/s: the bytes that *must* move (every input read once, every output
 written once, nothing else) divided by the time. Attention is scored in TFLOP/s with the usual
@@ -160,14 +160,13 @@ class Case:
         return f"{self.level}/{self.name}/{self.label}"
 
 
-# Real shapes (REFERENCE.md) --------------------------------------------------------------------------
+# Real shapes (docs/upstream.md) ---------------------------------------------------------------------
 FLUX = dict(B=1, L=4608, D=3072)  # FLUX.1-dev @1024: 4096 image + 512 text tokens
-FLUX_TXT = dict(B=1, L=512, D=3072)  # its text stream alone: small, launch-bound
+FLUX_TXT = dict(B=1, L=512, D=3072)  # its text stream alone: small, launch-bound (CUDA-graph column)
 DIT = dict(B=32, L=256, D=1152)  # DiT-XL/2 @256, batch 32
-SD35M = dict(B=2, L=4429, D=1536)  # SD3.5-medium @1024 with CFG (4096 + 333 tokens)
-SD35L = dict(B=2, L=4429, D=2432)  # SD3.5-large @1024 with CFG
-# Tiny, awkward shapes for the CPU smoke (reference / Triton interpreter)
-TINY = dict(B=2, L=77, D=200)
+SD35L = dict(B=2, L=4429, D=2432)  # SD3.5-large @1024 with CFG (4096 + 333 tokens)
+TINY = dict(B=2, L=77, D=200)  # the CPU smoke: tiny and awkward
+MOD_OPS = ("norm_modulate", "gated_residual", "gated_residual_norm_modulate")
 
 
 def _op_case(name: str, label: str, dims: dict, elt: int, *, graph=False, target=False) -> Case:
@@ -182,132 +181,93 @@ def _heads(d: dict, H: int) -> dict:
     return dict(B=d["B"], L=d["L"], H=H, Dh=d["D"] // H)
 
 
-def op_cases(elt: int, *, tiny: bool, quick: bool, full: bool) -> List[Case]:
-    mod_ops = ("norm_modulate", "gated_residual", "gated_residual_norm_modulate")
+def op_cases(elt: int, *, tiny: bool, quick: bool) -> List[Case]:
     if tiny:
         heads = dict(B=2, L=77, H=3, Dh=72)
-        cases = [_op_case(op, "tiny", TINY, elt, graph=True, target=True) for op in mod_ops]
-        cases.append(_op_case("norm_modulate_dual", "tiny", TINY, elt))
-        cases.append(_op_case("qk_norm_rope", "tiny", heads, elt, graph=True, target=True))
-        if not quick:
-            cases += [_op_case("rms_norm", "tiny", heads, elt), _op_case("apply_rope", "tiny", heads, elt)]
-        return cases
-    flux_heads, txt_heads = _heads(FLUX, 24), _heads(FLUX_TXT, 24)
-    cases = [_op_case(op, "FLUX-dev", FLUX, elt, target=True) for op in mod_ops]
-    cases.append(_op_case("qk_norm_rope", "FLUX-dev", flux_heads, elt, target=True))
+        cases = [_op_case(op, "tiny", TINY, elt, graph=True, target=True) for op in MOD_OPS]
+        cases += [_op_case("norm_modulate_dual", "tiny", TINY, elt),
+                  _op_case("qk_norm_rope", "tiny", heads, elt, graph=True, target=True)]
+        return cases if quick else cases + [_op_case(op, "tiny", heads, elt) for op in ("rms_norm", "apply_rope")]
+    cases = [_op_case(op, "FLUX-dev", FLUX, elt, target=True) for op in MOD_OPS]
+    cases.append(_op_case("qk_norm_rope", "FLUX-dev", _heads(FLUX, 24), elt, target=True))
     if quick:
         return cases
-    cases += [_op_case(op, "FLUX text", FLUX_TXT, elt, graph=True) for op in mod_ops]
-    cases.append(_op_case("qk_norm_rope", "FLUX text", txt_heads, elt, graph=True))
+    cases += [_op_case(op, "FLUX text", FLUX_TXT, elt, graph=True) for op in MOD_OPS]
+    cases.append(_op_case("qk_norm_rope", "FLUX text", _heads(FLUX_TXT, 24), elt, graph=True))
+    cases += [_op_case(op, "SD3.5-large CFG", SD35L, elt) for op in MOD_OPS + ("norm_modulate_dual",)]
+    cases.append(_op_case("qk_norm_rope", "SD3.5-large CFG", _heads(SD35L, 38), elt))
     cases += [_op_case(op, "DiT-XL/2 b32", DIT, elt) for op in ("norm_modulate", "gated_residual_norm_modulate")]
-    cases.append(_op_case("norm_modulate_dual", "SD3.5-medium CFG", SD35M, elt))
-    if full:
-        cases += [_op_case(op, "SD3.5-large CFG", SD35L, elt) for op in mod_ops]
-        cases.append(_op_case("rms_norm", "SD3.5-large CFG", _heads(SD35L, 38), elt))
-        cases.append(_op_case("apply_rope", "FLUX-dev", flux_heads, elt))
-    return cases
+    return cases + [_op_case(op, "FLUX-dev", _heads(FLUX, 24), elt) for op in ("rms_norm", "apply_rope")]
 
 
 def _attn_case(label: str, B: int, L: int, H: int, Dh: int, *, target=False, graph=False) -> Case:
-    dims = dict(B=B, L=L, H=H, Dh=Dh)
-    return Case("attention", "joint_attention", label, dims, "TFLOP/s", attention_flops(B, H, L, L, Dh),
-                graph=graph, target=target)
+    return Case("attention", "joint_attention", label, dict(B=B, L=L, H=H, Dh=Dh), "TFLOP/s",
+                attention_flops(B, H, L, L, Dh), graph=graph, target=target)
 
 
-def attention_cases(*, tiny: bool, quick: bool, full: bool) -> List[Case]:
+def attention_cases(*, tiny: bool, quick: bool) -> List[Case]:
     if tiny:
         return [_attn_case("tiny", 2, 77, 3, 72, target=True)]
-    cases = [
-        _attn_case("FLUX-dev", 1, 4608, 24, 128, target=True),
-        _attn_case("SD3.5 CFG", 2, 4429, 24, 64, target=True),
-        _attn_case("DiT-XL/2 256px", 8, 256, 16, 72, target=True, graph=True),
-        _attn_case("DiT-XL/2 512px", 8, 1024, 16, 72, target=True),
-    ]
-    if quick:
-        return cases[:1]
-    if full:
-        cases.append(_attn_case("SD3.5-large CFG", 2, 4429, 38, 64))
-    return cases
+    cases = [_attn_case("FLUX-dev", 1, 4608, 24, 128, target=True),
+             _attn_case("SD3.5-large CFG", 2, 4429, 38, 64, target=True),
+             _attn_case("DiT-XL/2 256px", 8, 256, 16, 72, target=True, graph=True),
+             _attn_case("DiT-XL/2 512px", 8, 1024, 16, 72)]
+    return cases[:1] if quick else cases
 
 
-def _block_case(name: str, label: str, dims: dict, *, target=False, level="blocks", **params) -> Case:
+def _block_case(name: str, label: str, dims: dict, *, target=True, level="blocks", **params) -> Case:
     work = block_flops(name, dims)
     if params.get("depth"):
         work = {k: v * params["depth"] for k, v in work.items()}
     return Case(level, name, label, dict(dims), "TFLOP/s", work, target=target, params=params)
 
 
-def block_cases(*, tiny: bool, quick: bool, full: bool) -> List[Case]:
-    if tiny:
-        # Dh = 64 / 36: even (RoPE) and small; axes (8, 28, 28) sum to 64 like FLUX's (16, 56, 56) to 128
-        return [
-            _block_case("DiTBlock", "tiny", dict(B=2, L=77, D=72, H=2, M=288), target=True),
-            _block_case("DoubleStreamBlock", "tiny", dict(B=2, Li=64, Lt=13, D=128, H=2, M=512), target=True,
-                        axes_dim=(8, 28, 28)),
-            _block_case("SingleStreamBlock", "tiny", dict(B=2, L=77, D=128, H=2, M=512), target=True,
-                        axes_dim=(8, 28, 28), txt=13),
-            _block_case("JointBlock", "tiny", dict(B=2, Lx=64, Lc=13, D=128, H=2, M=512), target=True, qk_norm="rms"),
-        ]
-    cases = [
-        _block_case("DoubleStreamBlock", "FLUX-dev", dict(B=1, Li=4096, Lt=512, D=3072, H=24, M=12288), target=True,
-                    axes_dim=(16, 56, 56)),
-        _block_case("SingleStreamBlock", "FLUX-dev", dict(B=1, L=4608, D=3072, H=24, M=12288), target=True,
-                    axes_dim=(16, 56, 56), txt=512),
-        _block_case("JointBlock", "SD3.5-large CFG", dict(B=2, Lx=4096, Lc=333, D=2432, H=38, M=9728), target=True,
-                    qk_norm="rms"),
-        _block_case("DiTBlock", "DiT-XL/2 256px b32", dict(B=32, L=256, D=1152, H=16, M=4608), target=True),
-    ]
-    if quick:
-        return cases[:1]
-    if full:
-        cases.append(_block_case("JointBlock", "SD3-medium CFG", dict(B=2, Lx=4096, Lc=154, D=1536, H=24, M=6144)))
-        cases.append(_block_case("DiTBlock", "DiT-XL/2 512px b8", dict(B=8, L=1024, D=1152, H=16, M=4608)))
-    return cases
+def block_cases(*, tiny: bool, quick: bool) -> List[Case]:
+    if tiny:  # Dh = 64: even (RoPE); axes (8, 28, 28) sum to 64 like FLUX's (16, 56, 56) to 128
+        return [_block_case("DiTBlock", "tiny", dict(B=2, L=77, D=72, H=2, M=288)),
+                _block_case("DoubleStreamBlock", "tiny", dict(B=2, Li=64, Lt=13, D=128, H=2, M=512), axes_dim=(8, 28, 28)),
+                _block_case("SingleStreamBlock", "tiny", dict(B=2, L=77, D=128, H=2, M=512), axes_dim=(8, 28, 28), txt=13),
+                _block_case("JointBlock", "tiny", dict(B=2, Lx=64, Lc=13, D=128, H=2, M=512), qk_norm="rms")]
+    cases = [_block_case("DoubleStreamBlock", "FLUX-dev", dict(B=1, Li=4096, Lt=512, D=3072, H=24, M=12288),
+                         axes_dim=(16, 56, 56)),
+             _block_case("SingleStreamBlock", "FLUX-dev", dict(B=1, L=4608, D=3072, H=24, M=12288),
+                         axes_dim=(16, 56, 56), txt=512),
+             _block_case("JointBlock", "SD3.5-large CFG", dict(B=2, Lx=4096, Lc=333, D=2432, H=38, M=9728), qk_norm="rms"),
+             _block_case("DiTBlock", "DiT-XL/2 256px b32", dict(B=32, L=256, D=1152, H=16, M=4608))]
+    return cases[:1] if quick else cases
 
 
-def train_cases(*, tiny: bool, quick: bool, full: bool) -> List[Case]:
-    """Training steps (forward + backward, peak memory) of a DiT-XL/2 block stack."""
+def train_cases(*, tiny: bool, quick: bool) -> List[Case]:
+    """A training step (forward + backward, peak memory) of a DiT-XL/2 block stack."""
     if tiny:
-        return [_block_case("DiTBlock", "stack of 2, tiny", dict(B=2, L=77, D=72, H=2, M=288), target=True,
-                            level="train", depth=2)]
+        return [_block_case("DiTBlock", "stack of 2, tiny", dict(B=2, L=77, D=72, H=2, M=288), level="train", depth=2)]
+    return [] if quick else [_block_case("DiTBlock", "DiT-XL/2 stack of 28, 256px b32",
+                                         dict(B=32, L=256, D=1152, H=16, M=4608), level="train", depth=28)]
+
+
+def model_cases(*, tiny: bool, quick: bool) -> List[Case]:
+    """Whole diffusers transformers at the real widths, a few blocks deep (FLOPs counted on the model)."""
+    if tiny:
+        return [Case("models", "FluxTransformer2DModel", "tiny", dict(B=1, Li=64, Lt=13, D=32, H=2), "TFLOP/s", target=True,
+                     params=dict(double=1, single=1, axes_dim=(4, 6, 6), in_channels=16, ctx=32, pooled=32)),
+                Case("models", "SD3Transformer2DModel", "tiny", dict(B=2, S=16, Lc=13, D=32, H=2), "TFLOP/s", target=True,
+                     params=dict(layers=2, in_channels=4, ctx=32, pooled=32, qk_norm="rms_norm", pos_max=8))]
     if quick:
         return []
-    return [_block_case("DiTBlock", "DiT-XL/2 stack of 28, 256px b32", dict(B=32, L=256, D=1152, H=16, M=4608),
-                        target=True, level="train", depth=28)]
+    return [Case("models", "FluxTransformer2DModel", "FLUX.1-dev widths, 2/19 double + 4/38 single blocks",
+                 dict(B=1, Li=4096, Lt=512, D=3072, H=24), "TFLOP/s", target=True,
+                 params=dict(double=2, single=4, axes_dim=(16, 56, 56), in_channels=64, ctx=4096, pooled=768)),
+            Case("models", "SD3Transformer2DModel", "SD3.5-large widths, 4/38 blocks, CFG",
+                 dict(B=2, S=128, Lc=333, D=2432, H=38), "TFLOP/s", target=True,
+                 params=dict(layers=4, in_channels=16, ctx=4096, pooled=2048, qk_norm="rms_norm", pos_max=192))]
 
 
-def model_cases(*, tiny: bool, quick: bool, full: bool) -> List[Case]:
-    """Whole diffusers transformers (FLOPs are counted on the model itself, see level_models)."""
-    if tiny:
-        return [
-            Case("models", "FluxTransformer2DModel", "tiny", dict(B=1, Li=64, Lt=13, D=32, H=2), "TFLOP/s",
-                 target=True, params=dict(double=1, single=1, axes_dim=(4, 6, 6), in_channels=16, ctx=32, pooled=32)),
-            Case("models", "SD3Transformer2DModel", "tiny", dict(B=2, S=16, Lc=13, D=32, H=2), "TFLOP/s",
-                 target=True, params=dict(layers=2, in_channels=4, ctx=32, pooled=32, qk_norm="rms_norm", pos_max=8)),
-        ]
-    if quick:
-        return []
-    n_double, n_single, n_sd3 = (19, 38, 38) if full else (2, 4, 4)
-    return [
-        Case("models", "FluxTransformer2DModel",
-             f"FLUX.1-dev widths, {n_double}/19 double + {n_single}/38 single blocks",
-             dict(B=1, Li=4096, Lt=512, D=3072, H=24), "TFLOP/s", target=True,
-             params=dict(double=n_double, single=n_single, axes_dim=(16, 56, 56), in_channels=64, ctx=4096,
-                         pooled=768)),
-        Case("models", "SD3Transformer2DModel", f"SD3.5-large widths, {n_sd3}/38 blocks, CFG",
-             dict(B=2, S=128, Lc=333, D=2432, H=38), "TFLOP/s", target=True,
-             params=dict(layers=n_sd3, in_channels=16, ctx=4096, pooled=2048, qk_norm="rms_norm", pos_max=192)),
-    ]
-
-
-def plan(levels, elt: int, *, tiny: bool, quick: bool, full: bool) -> List[Case]:
+def plan(levels, elt: int, *, tiny: bool, quick: bool) -> List[Case]:
     """The cases to run, target shapes first (across levels), then the rest, each in level order."""
-    makers = {
-        "ops": lambda: op_cases(elt, tiny=tiny, quick=quick, full=full),
-        "attention": lambda: attention_cases(tiny=tiny, quick=quick, full=full),
-        "blocks": lambda: block_cases(tiny=tiny, quick=quick, full=full),
-        "train": lambda: train_cases(tiny=tiny, quick=quick, full=full),
-        "models": lambda: model_cases(tiny=tiny, quick=quick, full=full),
-    }
+    makers = {"ops": lambda: op_cases(elt, tiny=tiny, quick=quick),
+              "attention": lambda: attention_cases(tiny=tiny, quick=quick),
+              "blocks": lambda: block_cases(tiny=tiny, quick=quick),
+              "train": lambda: train_cases(tiny=tiny, quick=quick),
+              "models": lambda: model_cases(tiny=tiny, quick=quick)}
     cases = [c for level in LEVELS if level in levels for c in makers[level]()]
     return [c for c in cases if c.target] + [c for c in cases if not c.target]

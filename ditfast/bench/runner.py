@@ -1,7 +1,9 @@
-"""Runs the plan: for each case, each variant's forward (inference, no_grad), forward + backward,
-CUDA-graph replay (launch-bound shapes), peak memory and compile time; then the speedups of
-ditfast over every alternative. Failures are recorded per variant, never fatal. The results JSON is
-rewritten after every case, so a run cut short still leaves its numbers behind.
+"""Runs the plan: for each case, each variant's forward (under no_grad), forward + backward (autograd.grad
+of its inputs and parameters), a CUDA-graph replay for launch-bound shapes, peak memory and, for
+torch.compile variants, the compile time; then the speedup of ditfast over every alternative.
+A failure is recorded against its variant, never fatal. The JSON is rewritten (atomically) after every
+case, so a run cut short keeps what it measured; ``--time-limit`` stops new measurements, and what it
+cut is recorded as skipped.
 """
 from __future__ import annotations
 
@@ -9,195 +11,100 @@ import gc
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional
 
 import torch
 
 from . import cases as C
-from . import env, report
-from .peaks import measure_peaks
-from .timing import Timer
-from .variants import (
-    Built,
-    VariantSpec,
-    attention_choice,
-    auto_backends,
-    backend_availability,
-    compile_unavailable,
-    flat_tensors,
-    raise_recompile_limit,
-    reset_compiled,
-)
+from . import report, timing
+from .variants import Built, VariantSpec, skipped
 
-SCHEMA = "ditfast-bench/1"
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
-LEVEL_WEIGHTS = {"ops": 2.0, "attention": 1.5, "blocks": 3.0, "train": 1.5, "models": 2.0}
+SCHEMA = "ditfast-bench/2"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
 class Options:
     levels: tuple = C.LEVELS
     device: str = "auto"
-    dtype: Optional[str] = None
+    dtype: Optional[str] = None  # default: bf16 on a GPU, fp32 on CPU
     quick: bool = False
-    full: bool = False
-    tiny: Optional[bool] = None  # None: tiny shapes exactly when running on CPU
-    compile: Optional[bool] = None  # None: on, except a CPU --quick run
+    compile: Optional[bool] = None  # None: on, except in a CPU --quick smoke
     graph: bool = True
-    backends: Optional[List[str]] = None  # forced ditfast backends to try; None: all
+    backends: Optional[List[str]] = None  # forced ditfast backends to measure; None: all
     filter: Optional[str] = None
     time_limit: Optional[float] = None
-    warmup: Optional[int] = None
-    max_reps: Optional[int] = None
-    budget_s: Optional[float] = None
-    threads: Optional[int] = None  # torch CPU threads; None: 1 in the CPU smoke, else torch's default
     argv: List[str] = field(default_factory=list)
 
 
 class Context:
-    """Everything a level's variant builders need: device, dtype, the timer, switches."""
+    """What the variant builders need: device, dtype, switches, the peaks."""
 
     def __init__(self, opts: Options):
-        dev = opts.device
-        if dev == "auto":
-            dev = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = opts.device if opts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         if dev == "cuda" and not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA device is available")
         self.device = torch.device(dev)
         self.is_cuda = self.device.type == "cuda"
-        self.dtype = DTYPES[opts.dtype] if opts.dtype else (torch.bfloat16 if self.is_cuda else torch.float32)
-        self.tiny = (not self.is_cuda) if opts.tiny is None else opts.tiny
         self.smoke = not self.is_cuda  # a CPU run is a demonstration, never a speed claim
-        self.quick = opts.quick
-        if opts.compile is False:
-            self.compile_reason = "off (--no-compile)"
-        elif opts.compile is None and self.smoke and opts.quick:
-            self.compile_reason = "off in a CPU --quick smoke (compiling dominates it); run without --quick"
-        else:
-            self.compile_reason = compile_unavailable(self.device)
-        # A CPU smoke compiles the ops only by default: blocks and models take minutes to compile there.
-        self.compile_small_only = opts.compile is None and self.smoke
-        self.graph = opts.graph and self.is_cuda
-        self.backends = opts.backends
-        # CPU smoke: the first (untimed) call is the warm-up, and a few repetitions show that it works;
-        # a slow call (the Triton interpreter: seconds) is timed once.
-        warmup = opts.warmup if opts.warmup is not None else (3 if self.is_cuda else 0)
-        max_reps = opts.max_reps or (200 if self.is_cuda else (5 if opts.quick else 20))
-        budget = opts.budget_s or (0.4 if self.is_cuda else (0.05 if opts.quick else 0.3))
-        min_reps = 5 if self.is_cuda else 1
-        self.timer = Timer(self.device, warmup=warmup, min_reps=min(min_reps, max_reps), max_reps=max_reps,
-                           budget_s=budget, flush_l2=True)
-        self.auto = auto_backends(self.device)
-        # the automatic op backend(s), attention aside (its choice depends on the shapes)
-        self.auto_ops = "+".join(sorted({b for op, b in self.auto.items() if b and op != "joint_attention"})) or None
-
-    def auto_label(self, H: int, Dh: int) -> str:
-        """"<op backend> | attn <attention backend>": what ditfast runs automatically in a block."""
-        return f"{self.auto_ops} | attn {attention_choice(self.device, self.dtype, H, Dh)}"
+        self.dtype = DTYPES[opts.dtype] if opts.dtype else (torch.bfloat16 if self.is_cuda else torch.float32)
+        self.quick, self.backends, self.graph = opts.quick, opts.backends, opts.graph and self.is_cuda
         self.peaks: dict = {}
+        if opts.compile is False:
+            self.compile_off = "off (--no-compile)"
+        elif opts.compile is None and self.smoke and opts.quick:
+            self.compile_off = "off in a CPU --quick smoke (compiling dominates it); --compile turns it on"
+        elif self.is_cuda and importlib_missing("triton"):
+            self.compile_off = "torch.compile on CUDA needs triton"
+        else:
+            self.compile_off = None
+        # a CPU smoke compiles ops and attention only: blocks and models take minutes to compile there
+        self.compile_small_only = opts.compile is None and self.smoke
 
-    def compile_off(self, level: str) -> Optional[str]:
-        """Why the torch.compile peers do not run at ``level`` (None: they run)."""
-        if self.compile_reason:
-            return self.compile_reason
-        if self.compile_small_only and level not in ("ops", "attention"):
-            return "off for blocks and models in the CPU smoke (minutes of compiling); --compile turns it on"
-        return None
-
-
-class Budget:
-    """Splits --time-limit over the levels' target cases (by weight), then the rest of the plan."""
-
-    def __init__(self, limit_s: Optional[float], plan: List[C.Case]):
-        self.end = None if limit_s is None else time.monotonic() + limit_s
-        self.target_levels = [lv for lv in C.LEVELS if any(c.target and c.level == lv for c in plan)]
-        self.level_end: Dict[str, float] = {}
-
-    def deadline(self, case: C.Case) -> Optional[float]:
-        if self.end is None or not case.target:
-            return self.end
-        if case.level not in self.level_end:
-            rest = self.target_levels[self.target_levels.index(case.level):]
-            share = LEVEL_WEIGHTS[case.level] / sum(LEVEL_WEIGHTS[lv] for lv in rest)
-            now = time.monotonic()
-            self.level_end[case.level] = now + max(0.0, self.end - now) * share
-        return self.level_end[case.level]
-
-    @staticmethod
-    def expired(deadline: Optional[float]) -> bool:
-        return deadline is not None and time.monotonic() > deadline
+    def compile_spec(self, name: str, case: C.Case, build: Callable[[], Built], **kw) -> VariantSpec:
+        why = self.compile_off
+        if why is None and self.compile_small_only and case.level not in ("ops", "attention"):
+            why = "off for blocks and models in the CPU smoke (minutes of compiling); --compile turns it on"
+        return skipped(name, "peer", why) if why else VariantSpec(name, "peer", build, compiled=True, **kw)
 
 
-class Progress:
-    """A one-line progress bar on a terminal; one line per finished case otherwise (logs)."""
+def importlib_missing(module: str) -> bool:
+    import importlib.util
 
-    def __init__(self, total: int, stream=None, width: int = 24):
-        self.total, self.done, self.width = total, 0, width
-        self.stream = stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-
-    def start(self, label: str) -> None:
-        if self.tty:
-            filled = int(self.width * self.done / max(1, self.total))
-            bar = "#" * filled + "." * (self.width - filled)
-            self.stream.write(f"\r[{bar}] {self.done}/{self.total} {label[:60]:<60}")
-            self.stream.flush()
-
-    def finish(self, label: str, summary: str) -> None:
-        self.done += 1
-        if not self.tty:
-            self.stream.write(f"[{self.done}/{self.total}] {label}: {summary}\n")
-            self.stream.flush()
-        elif self.done == self.total:
-            self.stream.write("\r" + " " * (self.width + 75) + "\r")
-            self.stream.flush()
+    return importlib.util.find_spec(module) is None
 
 
 def classify(exc: BaseException) -> tuple:
-    """(status, reason) for an exception raised while building or running a variant."""
+    """(status, reason) of an exception raised while building or running a variant."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     reason = f"{type(exc).__name__}: {text}"[:400]
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return "error", "out of memory: " + text[:300]
-    unsupported = ("ditfast backend", "unknown ditfast backend", "No available kernel", "not supported",
-                   "is not available", "not implemented for")
+    unsupported = ("ditfast backend", "No available kernel", "not supported", "is not available", "not implemented for",
+                   "cannot run")
     if isinstance(exc, (ImportError, NotImplementedError)) or any(s in text for s in unsupported):
         return "skipped", reason
     return "error", reason
 
 
 def _free(collect: bool = False) -> None:
-    """Return cached CUDA memory; ``collect`` also runs the garbage collector (slow: per case only)."""
     if collect:
         gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
-def _direction(ctx: Context, fn: Callable[[], object], case: C.Case, direction: str) -> dict:
-    timer = ctx.timer
-    first = timer.first_call_s(fn)  # includes torch.compile's compilation for compiled variants
-    # not est_ms=first: a first call that compiles (Triton JIT, torch.compile) would make the timer
-    # take its minimum repetitions for this variant only; it estimates after its warm-up instead
-    t = timer.time(fn)
-    rec = {"ms": t.median_ms, **{k: v for k, v in t.to_dict().items() if k != "median_ms"}}
-    rec["first_call_s"] = first
-    rec["peak_mem_mb"] = timer.peak_memory_mb(fn)
-    work = (case.work or {}).get(direction)
-    rec["rate"] = C.rate(work, t.median_ms, case.metric)
-    peak = report.peak_for(ctx.peaks, case.metric)
-    rec["pct_peak"] = 100.0 * rec["rate"] / peak if rec["rate"] and peak else None
-    return rec
+def _flat(out) -> List[torch.Tensor]:
+    """The tensors of a (possibly nested) output that autograd can differentiate."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.requires_grad else []
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flat(o)]
+    return []
 
 
-def callables(built: Built) -> Tuple[Callable[[], object], Callable[[], object]]:
-    """(forward under no_grad, forward + backward) of a built variant.
-
-    The backward is ``torch.autograd.grad`` of the outputs with fixed random output gradients,
-    with respect to the variant's leaves (inputs and parameters): new gradient tensors every call,
-    nothing accumulated into ``.grad``.
-    """
+def callables(built: Built):
+    """(forward under no_grad, forward + backward with fixed random output gradients, nothing accumulated)."""
     def fwd():
         with torch.no_grad():
             return built.forward()
@@ -205,7 +112,7 @@ def callables(built: Built) -> Tuple[Callable[[], object], Callable[[], object]]
     grads: list = []
 
     def fwd_bwd():
-        outs = flat_tensors(built.forward())
+        outs = _flat(built.forward())
         if not grads:
             grads.extend(torch.randn_like(o) for o in outs)
         return torch.autograd.grad(outs, built.leaves, grads, allow_unused=True)
@@ -213,58 +120,55 @@ def callables(built: Built) -> Tuple[Callable[[], object], Callable[[], object]]
     return fwd, fwd_bwd
 
 
+def _measure(ctx: Context, fn, case: C.Case, direction: str) -> dict:
+    first = timing.first_call_s(fn, ctx.device)  # a torch.compile variant compiles here
+    rec = timing.bench(fn, ctx.device, quick=ctx.quick)
+    rec["first_call_s"] = first
+    rec["peak_mem_mb"] = timing.peak_memory_mb(fn, ctx.device)
+    rec["rate"] = C.rate((case.work or {}).get(direction), rec["ms"], case.metric)
+    peak = report.peak_for(ctx.peaks, case.metric)
+    rec["pct_peak"] = 100.0 * rec["rate"] / peak if rec["rate"] and peak else None
+    return rec
+
+
 def measure_variant(ctx: Context, case: C.Case, spec: VariantSpec, deadline: Optional[float]) -> dict:
-    rec = {"name": spec.name, "kind": spec.kind, "backend": spec.backend, "compiled": spec.compiled,
-           "status": "skipped", "reason": spec.reason, "fwd": None, "fwd_bwd": None, "graph": None,
-           "compile_s": None, "speedup": {}, "notes": []}
+    rec = {"name": spec.name, "kind": spec.kind, "backend": spec.backend, "compiled": spec.compiled, "status": "skipped",
+           "reason": spec.reason, "fwd": None, "fwd_bwd": None, "graph": None, "compile_s": None, "speedup": {}, "notes": []}
     if spec.build is None:
         return rec
-    if Budget.expired(deadline):
+    if deadline is not None and time.monotonic() > deadline:
         rec["reason"] = "time limit reached (--time-limit)"
         return rec
     try:
         built = spec.build()
+        rec["notes"] += built.notes
+        fwd, fwd_bwd = callables(built)
+        rec["fwd"] = _measure(ctx, fwd, case, "fwd")
+        rec["status"], rec["reason"] = "ok", None
     except Exception as exc:  # noqa: BLE001 - every failure becomes a recorded reason
         rec["status"], rec["reason"] = classify(exc)
         _free(collect=True)
         return rec
-    rec["notes"] += built.notes
-    fwd, fwd_bwd = callables(built)
-
     try:
-        try:
-            rec["fwd"] = _direction(ctx, fwd, case, "fwd")
-            rec["status"], rec["reason"] = "ok", None
-        except Exception as exc:  # noqa: BLE001
-            rec["status"], rec["reason"] = classify(exc)
-            if isinstance(exc, torch.cuda.OutOfMemoryError):
-                _free(collect=True)
-            return rec
-        if case.graph and ctx.is_cuda and built.graphable and not spec.compiled:
-            if not ctx.graph:
-                rec["graph"] = {"ms": None, "reason": "off (--no-graph)"}
-            else:
-                try:
-                    t = ctx.timer.time_graph(fwd)
-                    rec["graph"] = {"ms": t.median_ms, **{k: v for k, v in t.to_dict().items() if k != "median_ms"}}
-                except Exception as exc:  # noqa: BLE001
-                    rec["graph"] = {"ms": None, "reason": classify(exc)[1]}
-        if spec.fwd_bwd_reason:
-            rec["fwd_bwd"] = {"ms": None, "reason": spec.fwd_bwd_reason}
-        elif ctx.smoke and ctx.quick and spec.backend == "triton" and spec.kind == "backend":
-            rec["fwd_bwd"] = {"ms": None, "reason": "Triton interpreter: forward only in a --quick smoke"}
-        elif not built.leaves:
-            rec["fwd_bwd"] = {"ms": None, "reason": "nothing to differentiate"}
-        elif Budget.expired(deadline):
-            rec["fwd_bwd"] = {"ms": None, "reason": "time limit reached (--time-limit)"}
+        if case.graph and ctx.graph and not spec.compiled:
+            try:
+                rec["graph"] = timing.bench(fwd, ctx.device, quick=ctx.quick, graph=True)
+            except Exception as exc:  # noqa: BLE001
+                rec["graph"] = {"ms": None, "reason": classify(exc)[1]}
+        why = spec.fwd_only or (None if built.leaves else "nothing to differentiate")
+        if why is None and deadline is not None and time.monotonic() > deadline:
+            why = "time limit reached (--time-limit)"
+        if why is None and ctx.smoke and ctx.quick and spec.backend == "triton":
+            why = "Triton interpreter: forward only in a --quick smoke"
+        if why:
+            rec["fwd_bwd"] = {"ms": None, "reason": why}
         else:
             try:
-                rec["fwd_bwd"] = _direction(ctx, fwd_bwd, case, "fwd_bwd")
+                rec["fwd_bwd"] = _measure(ctx, fwd_bwd, case, "fwd_bwd")
             except Exception as exc:  # noqa: BLE001
                 rec["fwd_bwd"] = {"ms": None, "reason": classify(exc)[1]}
         if spec.compiled:
-            rec["compile_s"] = {d: rec[d]["first_call_s"] for d in ("fwd", "fwd_bwd")
-                                if rec.get(d) and rec[d].get("ms") is not None}
+            rec["compile_s"] = {d: rec[d]["first_call_s"] for d in ("fwd", "fwd_bwd") if (rec[d] or {}).get("ms")}
     finally:
         del built
         _free()
@@ -272,44 +176,31 @@ def measure_variant(ctx: Context, case: C.Case, spec: VariantSpec, deadline: Opt
 
 
 def add_speedups(case_rec: dict) -> None:
-    """speedup[d] = variant ms / ditfast ms (how many times faster ditfast is); fastest per direction."""
-    by_name = {v["name"]: v for v in case_rec["variants"]}
-    base = by_name.get("ditfast")
+    """speedup[d] = variant ms / ditfast ms (above 1: ditfast is faster); the fastest variant per direction."""
+    ms = lambda v, d: (v.get(d) or {}).get("ms")  # noqa: E731
+    base = next((v for v in case_rec["variants"] if v["name"] == "ditfast"), None)
     case_rec["fastest"] = {}
     for d in ("fwd", "fwd_bwd", "graph"):
-        timed = [(v[d]["ms"], v["name"]) for v in case_rec["variants"] if v.get(d) and v[d].get("ms")]
+        timed = [(ms(v, d), v["name"]) for v in case_rec["variants"] if ms(v, d)]
         if timed:
             case_rec["fastest"][d] = min(timed)[1]
-        b = base[d]["ms"] if base and base.get(d) and base[d].get("ms") else None
+        b = ms(base, d) if base else None
         for v in case_rec["variants"]:
-            ms = v[d]["ms"] if v.get(d) and v[d].get("ms") else None
-            v["speedup"][d] = (ms / b) if (ms and b) else None
+            v["speedup"][d] = ms(v, d) / b if (ms(v, d) and b) else None
 
 
 def variants_for(case: C.Case, ctx: Context) -> List[VariantSpec]:
-    if case.level == "ops":
-        from .level_ops import op_variants
+    from . import variants as V
 
-        return op_variants(case, ctx)
-    if case.level == "attention":
-        from .level_ops import attention_variants
-
-        return attention_variants(case, ctx)
-    if case.level in ("blocks", "train"):
-        from .level_blocks import block_variants
-
-        return block_variants(case, ctx)
-    from .level_models import model_variants
-
-    return model_variants(case, ctx)
+    make = {"ops": V.op_variants, "attention": V.attention_variants, "blocks": V.block_variants,
+            "train": V.block_variants, "models": V.model_variants}[case.level]
+    return make(case, ctx)
 
 
 def case_record(case: C.Case, dtype: torch.dtype) -> dict:
-    """The JSON record of a case, before any variant is measured."""
     return {"level": case.level, "case": case.name, "label": case.label, "key": case.key, "dims": case.dims,
             "dtype": str(dtype).replace("torch.", ""), "metric": case.metric, "target": case.target,
-            "graph": case.graph, "work": dict(case.work) if case.work else None, "variants": [], "fastest": {},
-            "notes": [], "elapsed_s": 0.0}
+            "graph": case.graph, "work": None, "variants": [], "fastest": {}, "notes": [], "elapsed_s": 0.0}
 
 
 def run_case(ctx: Context, case: C.Case, deadline: Optional[float]) -> dict:
@@ -318,17 +209,16 @@ def run_case(ctx: Context, case: C.Case, deadline: Optional[float]) -> dict:
     torch.manual_seed(0)
     try:
         specs = variants_for(case, ctx)
-    except Exception as exc:  # noqa: BLE001 - e.g. inputs do not fit in memory
+    except Exception as exc:  # noqa: BLE001 - e.g. the inputs do not fit in memory
         rec["notes"].append(f"case setup failed: {classify(exc)[1]}")
         specs = []
-    for spec in specs:
-        rec["variants"].append(measure_variant(ctx, case, spec, deadline))
+    rec["variants"] = [measure_variant(ctx, case, s, deadline) for s in specs]
     rec["work"] = dict(case.work) if case.work else None
     add_speedups(rec)
     if any(s.compiled for s in specs):
-        reset_compiled()
+        torch._dynamo.reset()  # drop the compiled graphs (their memory) between cases
     del specs
-    _free(collect=ctx.is_cuda)  # CPU smoke: tiny tensors, and a collection costs ~0.5 s with torch loaded
+    _free(collect=ctx.is_cuda)
     rec["elapsed_s"] = time.monotonic() - t0
     return rec
 
@@ -337,86 +227,55 @@ def case_summary(rec: dict) -> str:
     by = {v["name"]: v for v in rec["variants"]}
     d = by.get("ditfast")
     if not d or not d.get("fwd"):
-        return f"ditfast {d['status'] if d else 'missing'} ({rec['elapsed_s']:.1f} s)"
-    parts = [f"ditfast {d['fwd']['ms']:.4g} ms"]
-    for name in ("eager", "compile", "diffusers"):
-        s = by.get(name, {}).get("speedup", {}).get("fwd")
-        if s:
-            parts.append(f"{s:.2f}x vs {name}")
+        return f"ditfast {d['status'] + ': ' + str(d['reason']) if d else 'missing'} ({rec['elapsed_s']:.1f} s)"
+    parts = [f"ditfast {d['fwd']['ms']:.4g} ms"] + [f"{s:.2f}x vs {n}" for n in ("eager", "compile", "diffusers", "sdpa")
+                                                    if (s := by.get(n, {}).get("speedup", {}).get("fwd"))]
     return ", ".join(parts) + f" ({rec['elapsed_s']:.1f} s)"
 
 
-def run(opts: Options, *, out_json: Optional[str] = None, progress_stream=None) -> dict:
-    """Run the benchmark; returns the results dict (and keeps ``out_json`` up to date).
-
-    The CPU smoke runs single-threaded unless ``opts.threads`` says otherwise: its tiny shapes gain
-    nothing from threads, and a busy machine makes multi-threaded timings of them erratic.
-    """
+def run(opts: Options, *, out_json: Optional[str] = None, stream=None) -> dict:
+    """Run the benchmark; returns the results dict (and keeps ``out_json`` up to date). Progress goes to
+    ``stream`` (stderr): one line per finished case. The CPU smoke runs single-threaded (tiny shapes)."""
     ctx = Context(opts)
-    before = torch.get_num_threads()
-    threads = opts.threads or (1 if ctx.smoke else None)
-    if threads:
-        torch.set_num_threads(threads)
+    stream = stream or sys.stderr
+    threads = torch.get_num_threads()
+    if ctx.smoke:
+        torch.set_num_threads(1)
     try:
-        return _run(ctx, opts, out_json, progress_stream)
-    finally:
-        torch.set_num_threads(before)
+        import torch._dynamo.config as dcfg  # many shapes per compiled function: no fallback to eager
 
-
-def _run(ctx: Context, opts: Options, out_json: Optional[str], progress_stream) -> dict:
-    raise_recompile_limit()
-    levels = tuple(lv for lv in C.LEVELS if lv in opts.levels)
-    elt = torch.empty((), dtype=ctx.dtype).element_size()
-    plan = C.plan(levels, elt, tiny=ctx.tiny, quick=opts.quick, full=opts.full)
-    if opts.filter:
-        plan = [c for c in plan if opts.filter.lower() in c.key.lower()]
-    commit, dirty = env.git_commit()
-    results = {
-        "schema": SCHEMA,
-        "meta": {
-            "device": env.device_info(ctx.device),
-            "versions": env.versions(),
-            "commit": commit,
-            "dirty": dirty,
-            "date": env.utc_now(),
-            "mode": "cpu-smoke" if ctx.smoke else "gpu",
-            "shapes": "tiny" if ctx.tiny else ("full" if opts.full else ("quick" if opts.quick else "default")),
-            "quick": opts.quick,
-            "dtype": str(ctx.dtype).replace("torch.", ""),
-            "levels": list(levels),
-            "argv": list(opts.argv),
-            "timing": ctx.timer.describe(),
-            "time_limit_s": opts.time_limit,
-            "backends": backend_availability(ctx.device.type),
-            "auto_backends": ctx.auto,
-            "compile": ctx.compile_reason or ("ops and attention only (CPU smoke)" if ctx.compile_small_only
-                                              else "on (torch.compile, dynamic=False; first-call time reported)"),
-            "note": report.SMOKE_NOTE if ctx.smoke else report.GPU_NOTE,
-        },
-        "peaks": {},
-        "results": [],
-        "targets": [],
-    }
-    t0 = time.monotonic()
-    ctx.peaks = results["peaks"] = measure_peaks(ctx.timer, ctx.dtype, quick=opts.quick)
-    budget = Budget(None if opts.time_limit is None else max(0.0, opts.time_limit - (time.monotonic() - t0)), plan)
-    progress = Progress(len(plan), progress_stream)
-    for case in plan:
-        deadline = budget.deadline(case)
-        progress.start(case.key)
-        if Budget.expired(deadline):
-            rec = case_record(case, ctx.dtype)
-            rec["notes"].append("skipped: time limit reached (--time-limit)")
-        else:
-            rec = run_case(ctx, case, deadline)
-        results["results"].append(rec)
-        results["targets"] = report.compute_targets(results)
-        results["meta"]["elapsed_s"] = time.monotonic() - t0
-        if out_json:
+        dcfg.recompile_limit = max(256, getattr(dcfg, "recompile_limit", 8))
+        levels = tuple(lv for lv in C.LEVELS if lv in opts.levels)
+        elt = torch.empty((), dtype=ctx.dtype).element_size()
+        plan = C.plan(levels, elt, tiny=ctx.smoke, quick=opts.quick)
+        if opts.filter:
+            plan = [c for c in plan if opts.filter.lower() in c.key.lower()]
+        meta = timing.provenance(ctx.device, ctx.dtype)
+        meta.update(shapes="tiny" if ctx.smoke else ("quick" if opts.quick else "default"), levels=list(levels),
+                    argv=list(opts.argv), time_limit_s=opts.time_limit,
+                    compile=ctx.compile_off or "on (torch.compile, dynamic=False; first-call time reported)",
+                    timing=timing.METHOD[ctx.device.type == "cuda"],
+                    note=report.SMOKE_NOTE if ctx.smoke else report.GPU_NOTE)
+        results = {"schema": SCHEMA, "meta": meta, "peaks": {}, "results": [], "targets": []}
+        t0 = time.monotonic()
+        ctx.peaks = results["peaks"] = timing.measure_peaks(ctx.device, ctx.dtype, quick=opts.quick)
+        deadline = None if opts.time_limit is None else t0 + opts.time_limit
+        for i, case in enumerate(plan):
+            if deadline is not None and time.monotonic() > deadline:
+                rec = case_record(case, ctx.dtype)
+                rec["notes"].append("skipped: time limit reached (--time-limit)")
+            else:
+                rec = run_case(ctx, case, deadline)
+            results["results"].append(rec)
+            results["targets"] = report.compute_targets(results)
+            results["meta"]["elapsed_s"] = time.monotonic() - t0
+            if out_json:
+                report.write_json(results, out_json)
+            summary = case_summary(rec) if rec["variants"] else rec["notes"][0]
+            stream.write(f"[{i + 1}/{len(plan)}] {case.key}: {summary}\n")
+            stream.flush()
+        if out_json and not plan:
             report.write_json(results, out_json)
-        progress.finish(case.key, case_summary(rec) if rec["variants"] else rec["notes"][0])
-    results["meta"]["elapsed_s"] = time.monotonic() - t0
-    results["targets"] = report.compute_targets(results)
-    if out_json:
-        report.write_json(results, out_json)
-    return results
+        return results
+    finally:
+        torch.set_num_threads(threads)

@@ -1,198 +1,163 @@
-"""Timers: CUDA events on a GPU (warm-up, L2 flushed before every timed call, median of many), a
-CUDA-graph replay timer for launch-bound shapes, peak-memory probes, and a wall-clock timer for the
-CPU smoke (which is a demonstration, never a speed claim).
+"""Timing, the peaks every number is compared with, and where a result came from.
 
-The number of timed repetitions adapts to the call's cost: a few calls estimate it, then as many
-repetitions as fit in ``budget_s`` are taken, clamped to [min_reps, max_reps].
+On CUDA every time is ``triton.testing.do_bench`` (warm-up, an L2 flush before each call, CUDA
+events, quantiles of the repetitions); launch-bound forwards also get
+``triton.testing.do_bench_cudagraph``. On CPU (the smoke: a demonstration, never a speed claim) a
+plain wall-clock median of a few calls. The peaks (device-to-device copy bandwidth, large-matmul
+TFLOP/s) are measured with the same timer in the same run, not looked up in a spec sheet.
 """
 from __future__ import annotations
 
-import gc
+import datetime as _dt
+import importlib.metadata as md
+import os
+import platform
+import re
 import statistics
+import subprocess
 import time
-from dataclasses import asdict, dataclass
-from typing import Callable, List, Optional
+from pathlib import Path
+from typing import Callable, Optional, Tuple
 
 import torch
 
-
-@dataclass
-class Timing:
-    """Summary of the timed repetitions of one call, in milliseconds."""
-
-    median_ms: float
-    min_ms: float
-    p20_ms: float
-    p80_ms: float
-    reps: int
-    method: str  # "cuda-events", "cuda-graph" or "wall-clock"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+QUANTILES = (0.5, 0.2, 0.8)  # median first: the number reported
+METHOD = {True: "triton.testing.do_bench: median of the repetitions, L2 flushed before each, CUDA events",
+          False: "wall clock: median of a few calls (CPU smoke, not a speed claim)"}
 
 
-def _quantile(sorted_ms: List[float], q: float) -> float:
-    """Linear-interpolated quantile of an ascending list."""
-    if len(sorted_ms) == 1:
-        return sorted_ms[0]
-    pos = q * (len(sorted_ms) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_ms) - 1)
-    return sorted_ms[lo] + (sorted_ms[hi] - sorted_ms[lo]) * (pos - lo)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def summarize(times_ms: List[float], method: str) -> Timing:
-    """Median, min and the 20th / 80th percentiles of a list of times."""
-    if not times_ms:
-        raise ValueError("no timings to summarize")
-    s = sorted(times_ms)
-    return Timing(statistics.median(s), s[0], _quantile(s, 0.2), _quantile(s, 0.8), len(s), method)
+def bench(fn: Callable[[], object], device: torch.device, *, quick: bool = False, graph: bool = False) -> dict:
+    """{"ms" (median), "p20_ms", "p80_ms", "method"} of ``fn``; on CUDA ``graph`` replays a CUDA graph."""
+    if device.type == "cuda":
+        import triton.testing as tt
 
-
-def choose_reps(est_ms: float, budget_s: float, min_reps: int, max_reps: int) -> int:
-    """How many repetitions of a call estimated at ``est_ms`` fit in ``budget_s`` (clamped)."""
-    if est_ms <= 0:
-        return max_reps
-    return int(max(min_reps, min(max_reps, (budget_s * 1e3) // est_ms)))
-
-
-class Timer:
-    """Times zero-argument callables on one device.
-
-    CUDA: each timed call is bracketed by CUDA events recorded on the current stream, after a write
-    of a buffer larger than L2 (so no call finds its inputs cached); the median is reported.
-    CPU: wall clock around each call (CPU ops are synchronous), GC paused while timing.
-    """
-
-    def __init__(self, device: torch.device, *, warmup: int = 3, min_reps: int = 5, max_reps: int = 200,
-                 budget_s: float = 0.4, flush_l2: bool = True):
-        self.device = torch.device(device)
-        self.is_cuda = self.device.type == "cuda"
-        self.warmup, self.min_reps, self.max_reps, self.budget_s = warmup, min_reps, max_reps, budget_s
-        self.method = "cuda-events" if self.is_cuda else "wall-clock"
-        self._flush_buf = None
-        self.flush_bytes = 0
-        if self.is_cuda and flush_l2:
-            props = torch.cuda.get_device_properties(self.device)
-            l2 = int(getattr(props, "L2_cache_size", 0) or 50 * 2**20)
-            self.flush_bytes = max(4 * l2, 256 * 2**20)
-            self._flush_buf = torch.empty(self.flush_bytes, dtype=torch.int8, device=self.device)
-
-    # ------------------------------------------------------------------------------------------ basics
-    def sync(self) -> None:
-        if self.is_cuda:
-            torch.cuda.synchronize(self.device)
-
-    def flush(self) -> None:
-        if self._flush_buf is not None:
-            self._flush_buf.zero_()
-
-    def describe(self) -> dict:
-        return {
-            "method": self.method,
-            "warmup": self.warmup,
-            "min_reps": self.min_reps,
-            "max_reps": self.max_reps,
-            "budget_s_per_measurement": self.budget_s,
-            "statistic": "median",
-            "l2_flush_bytes": self.flush_bytes,
-        }
-
-    def first_call_s(self, fn: Callable[[], object]) -> float:
-        """Seconds for one synchronized call: for a torch.compile variant this is its compile time."""
-        self.sync()
-        t0 = time.perf_counter()
-        out = fn()
-        self.sync()
-        del out
-        return time.perf_counter() - t0
-
-    # ------------------------------------------------------------------------------------------ timing
-    def _estimate_ms(self, fn: Callable[[], object]) -> float:
-        """Cost of one call: one call, then ten more if that one was short (a steadier estimate)."""
-        calls, total = 0, 0.0
-        for batch in (1, 10):
-            self.sync()
-            t0 = time.perf_counter()
-            for _ in range(batch):
-                fn()
-            self.sync()
-            total += time.perf_counter() - t0
-            calls += batch
-            if total > 0.02 * self.budget_s:  # already a sizeable share of the budget
-                break
-        return total * 1e3 / calls
-
-    def time(self, fn: Callable[[], object], *, flush: bool = True, method: Optional[str] = None,
-             est_ms: Optional[float] = None) -> Timing:
-        """Warm up, estimate, then time ``reps`` calls one by one; return their summary.
-
-        ``est_ms``: a known cost of one call (e.g. a first call); if it is a sizeable share of the
-        budget already, the estimating calls are skipped.
-        """
-        for _ in range(self.warmup):
-            fn()
-        if est_ms is None or est_ms < 0.02 * self.budget_s * 1e3:
-            est_ms = self._estimate_ms(fn)
-        reps = choose_reps(est_ms, self.budget_s, self.min_reps, self.max_reps)
-        if self.is_cuda:
-            starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-            ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-            for s, e in zip(starts, ends):
-                if flush:
-                    self.flush()
-                s.record()
-                fn()
-                e.record()
-            self.sync()
-            times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        warmup, rep = (10, 40) if quick else (25, 100)  # milliseconds, as do_bench counts them
+        if graph:
+            ms = tt.do_bench_cudagraph(fn, rep=rep, quantiles=list(QUANTILES))
         else:
-            times = []
-            gc_was_enabled = gc.isenabled()
-            gc.disable()  # no collection inside a timed call (collecting first costs too much here)
-            try:
-                for _ in range(reps):
-                    t0 = time.perf_counter()
-                    fn()
-                    times.append((time.perf_counter() - t0) * 1e3)
-            finally:
-                if gc_was_enabled:
-                    gc.enable()
-        return summarize(times, method or self.method)
+            ms = tt.do_bench(fn, warmup=warmup, rep=rep, quantiles=list(QUANTILES))
+        method = "triton.testing.do_bench_cudagraph" if graph else "triton.testing.do_bench (L2 flushed)"
+        return {"ms": ms[0], "p20_ms": ms[1], "p80_ms": ms[2], "method": method}
+    times = []
+    budget_s, reps = (0.05, 3) if quick else (0.3, 10)
+    t_end = time.perf_counter() + budget_s
+    while len(times) < reps and (len(times) < 1 or time.perf_counter() < t_end):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    s = sorted(times)
+    return {"ms": statistics.median(s), "p20_ms": s[len(s) // 5], "p80_ms": s[(4 * len(s)) // 5],
+            "method": f"wall clock, median of {len(s)}"}
 
-    def time_graph(self, fn: Callable[[], object]) -> Timing:
-        """Capture ``fn`` (a forward without autograd) in a CUDA graph and time its replays.
 
-        This removes the CPU launch overhead, which dominates small, launch-bound shapes.
-        """
-        if not self.is_cuda:
-            raise RuntimeError("CUDA graphs need a CUDA device")
-        self.sync()
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # warm up on a side stream, as torch.cuda.graphs recommends
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = fn()
+def first_call_s(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one synchronized call (for a torch.compile variant: its compilation)."""
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+    """Peak CUDA memory of one call above what was allocated before it (MiB); None on CPU."""
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    out = fn()
+    _sync(device)
+    del out
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def measure_peaks(device: torch.device, dtype: torch.dtype, *, quick: bool = False) -> dict:
+    """Copy bandwidth (GB/s, read + write counted) and matmul TFLOP/s (bf16/fp16 on a GPU, fp32 on CPU)."""
+    cuda = device.type == "cuda"
+    nbytes = 2**30 if cuda else (16 if quick else 64) * 2**20
+    src = torch.randint(0, 127, (nbytes,), dtype=torch.int8, device=device)
+    dst = torch.empty_like(src)
+    t_copy = bench(lambda: dst.copy_(src), device, quick=quick)["ms"]
+    del src, dst
+    n = 8192 if cuda else (256 if quick else 512)
+    mm_dtype = (dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16) if cuda else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=mm_dtype) for _ in range(2))
+    t_mm = bench(lambda: a @ b, device, quick=quick)["ms"]
+    name = str(mm_dtype).replace("torch.", "")
+    return {"copy": {"gbps": 2 * nbytes / (t_copy * 1e-3) / 1e9, "ms": t_copy,
+                     "what": f"device-to-device copy of {nbytes // 2**20} MiB (read + write counted)"},
+            "matmul": {"tflops": 2.0 * n**3 / (t_mm * 1e-3) / 1e12, "ms": t_mm, "dtype": name,
+                       "what": f"{n}x{n} @ {n}x{n} matmul in {name}"}}
+
+
+# ----------------------------------------------------------------------------------------- provenance
+def _version(*names: str) -> Optional[str]:
+    for n in names:
         try:
-            return self.time(graph.replay, method="cuda-graph")
-        finally:
-            del out, graph
-            self.sync()
+            return md.version(n)
+        except md.PackageNotFoundError:
+            continue
+    return None
 
-    # ------------------------------------------------------------------------------------------ memory
-    def peak_memory_mb(self, fn: Callable[[], object]) -> Optional[float]:
-        """Peak CUDA memory of one call above what was allocated before it (MiB); None on CPU."""
-        if not self.is_cuda:
-            return None
-        self.sync()
-        torch.cuda.reset_peak_memory_stats(self.device)
-        base = torch.cuda.memory_allocated(self.device)
-        out = fn()
-        self.sync()
-        peak = torch.cuda.max_memory_allocated(self.device)
-        del out
-        return (peak - base) / 2**20
+
+def versions() -> dict:
+    import ditfast
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "triton": _version("triton", "pytorch-triton"), "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+            "ditfast": ditfast.__version__, "diffusers": _version("diffusers"),
+            "flash_attn": _version("flash_attn", "flash-attn"), "numpy": _version("numpy")}
+
+
+def device_info(device: torch.device) -> dict:
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        return {"type": "cuda", "name": p.name, "capability": f"{p.major}.{p.minor}", "sm_count": p.multi_processor_count,
+                "memory_gib": round(p.total_memory / 2**30, 1)}
+    name = platform.processor() or platform.machine()
+    try:
+        name = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"type": device.type, "name": name or "cpu", "threads": torch.get_num_threads()}
+
+
+def git_commit() -> Tuple[str, Optional[bool]]:
+    """(sha, dirty) of the checkout; DITFAST_BENCH_COMMIT overrides it (a copy of the tree without .git)."""
+    if os.environ.get("DITFAST_BENCH_COMMIT"):
+        return os.environ["DITFAST_BENCH_COMMIT"], None
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return "unknown", None
+        st = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                            capture_output=True, text=True, timeout=10)
+        return sha.stdout.strip(), bool(st.stdout.strip()) if st.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", None
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def provenance(device: torch.device, dtype: torch.dtype) -> dict:
+    """The "meta" block of every results file: device, versions, commit, date, dtype, mode."""
+    commit, dirty = git_commit()
+    return {"device": device_info(device), "versions": versions(), "commit": commit, "dirty": dirty,
+            "date": utc_now(), "dtype": str(dtype).replace("torch.", ""),
+            "mode": "gpu" if device.type == "cuda" else "cpu-smoke"}
+
+
+def slug(text: str) -> str:
+    """'NVIDIA H200' -> 'h200' (the folder of a device's results)."""
+    s = re.sub(r"[^a-z0-9]+", "-", re.sub(r"^nvidia\s+", "", text.strip().lower())).strip("-")
+    return s or "device"

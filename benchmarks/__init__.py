@@ -1,1 +1,0 @@
-"""pytest-benchmark microbenchmarks (see conftest.py); not part of the test command."""
