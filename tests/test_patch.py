@@ -5,7 +5,7 @@ randomized (nothing left at its zero init, so every gate, modulation and QK-norm
 In fp32 a patched model's output and all parameter / input gradients must equal the unpatched
 model's to fp32 rounding (ditfast's integration logic is checked exactly; on CPU the ops run their
 reference backend), state_dict keys and parameter storage are unchanged, every block actually ran
-ditfast (counted joint_attention calls), and unpatch restores bit-identical outputs.
+ditfast (counted attention steps), and unpatch restores bit-identical outputs.
 """
 from __future__ import annotations
 
@@ -155,17 +155,20 @@ def assert_same_run(got, ref, what: str, exact: bool = False) -> None:
 
 
 class AttentionCounter:
-    """Counts ditfast.ops.joint_attention calls (each patched block makes one or two)."""
+    """Counts attention steps (ditfast.nn.functional.attend, where every block attends; each patched
+    block makes one, two with SD3.5's dual attention)."""
 
     def __init__(self, monkeypatch):
+        from ditfast.nn import functional
+
         self.calls = 0
-        real = ditfast.ops.joint_attention
+        real = functional.attend
 
         def counting(*args, **kwargs):
             self.calls += 1
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(ditfast.ops, "joint_attention", counting)
+        monkeypatch.setattr(functional, "attend", counting)
 
 
 def storage(model: nn.Module):

@@ -1,5 +1,6 @@
 """Helpers shared by the diffusers block replacements: structure checks (run once, at patch time)
-and small pieces of the forward pass (run on every call).
+and the argument adaptation of the forward pass (run on every call); the block math itself is
+:mod:`ditfast.nn.functional`.
 
 Nothing here imports diffusers: diffusers classes are recognised by name and module
 (:func:`is_diffusers`), so ``import ditfast`` stays free of it and several diffusers versions work.
@@ -90,6 +91,17 @@ def check_rms_pair(attn, q_name: str, k_name: str, head_dim: int, where: str, pr
     return ok
 
 
+def check_qk_eps(norms: Sequence[Tuple[str, object]], where: str, problems: List[str]) -> bool:
+    """The QK-RMSNorms of one attention call (``(name, norm or None)`` pairs) must share one eps:
+    ditfast's attention takes one."""
+    eps = {name: float(n.eps) for name, n in norms if n is not None and getattr(n, "eps", None) is not None}
+    if len(set(eps.values())) > 1:
+        shown = ", ".join(f"{name}={e}" for name, e in eps.items())
+        problems.append(f"{where}: the QK-norms have different eps ({shown}); ditfast runs them with one eps")
+        return False
+    return True
+
+
 def check_linears(mod, names: Sequence[str], where: str, problems: List[str]) -> bool:
     missing = [n for n in names if getattr(mod, n, None) is None]
     if missing:
@@ -128,22 +140,13 @@ def ada_continuous(norm, cond: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.
     return shift, scale
 
 
-def heads(t: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """(B, L, H·Dh) -> (B, L, H, Dh) view."""
-    return t.unflatten(-1, (-1, head_dim))
-
-
-def packed_heads(qkv: torch.Tensor, head_dim: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, L, 3·H·Dh) packed [q | k | v] -> three strided (B, L, H, Dh) views (no copies)."""
-    return qkv.unflatten(-1, (3, -1, head_dim)).unbind(2)
-
-
 def rms_weight(norm) -> Optional[torch.Tensor]:
     return None if norm is None else getattr(norm, "weight", None)
 
 
-def rms_eps(norm, default: float = 1e-6) -> float:
-    return default if norm is None else float(norm.eps)
+def rms_eps(*norms, default: float = 1e-6) -> float:
+    """The eps of the first given QK-norm (check_qk_eps made them equal), ``default`` without one."""
+    return next((float(n.eps) for n in norms if n is not None), default)
 
 
 def out_proj(attn, o: torch.Tensor) -> torch.Tensor:

@@ -15,9 +15,10 @@ runs instead (same call, same result) when an ``attention_mask`` or non-empty
 """
 from __future__ import annotations
 
+import functools
 from typing import List
 
-from .. import ops
+from ..nn import functional as F
 from ._common import (
     BlockSpec,
     ada_chunks,
@@ -28,7 +29,6 @@ from ._common import (
     describe,
     fast_dtypes,
     feed_forward,
-    heads,
     is_diffusers,
     no_kwargs,
     out_proj,
@@ -60,15 +60,11 @@ def dit_block_forward(
             self, hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, timestep,
             cross_attention_kwargs, class_labels, added_cond_kwargs,
         )
-    x = hidden_states
-    emb = self.norm1.emb(timestep, class_labels, hidden_dtype=x.dtype)
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ada_chunks(self.norm1, emb, 6)
-    h = ops.norm_modulate(x, shift_msa, scale_msa, eps=self.norm1.norm.eps)
-    d = attn.to_k.out_features // attn.heads
-    q, k, v = heads(attn.to_q(h), d), heads(attn.to_k(h), d), heads(attn.to_v(h), d)
-    a = out_proj(attn, ops.joint_attention(q, k, v).flatten(2))
-    x, h = ops.gated_residual_norm_modulate(x, a, gate_msa, shift_mlp, scale_mlp, eps=self.norm3.eps)
-    return ops.gated_residual(x, feed_forward(self, self.ff, h), gate_mlp)
+    emb = self.norm1.emb(timestep, class_labels, hidden_dtype=hidden_states.dtype)
+    mod = ada_chunks(self.norm1, emb, 6)  # shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
+    stream = F.Stream((attn.to_q, attn.to_k, attn.to_v), functools.partial(out_proj, attn),
+                      functools.partial(feed_forward, self, self.ff), eps=self.norm1.norm.eps, eps2=self.norm3.eps)
+    return F.dit_block(hidden_states, mod, stream, head_dim=attn.to_k.out_features // attn.heads)
 
 
 def check_block(block) -> List[str]:

@@ -4,11 +4,11 @@
 signature ``(hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
 joint_attention_kwargs=None)`` and return ``(encoder_hidden_states, hidden_states)``.
 
-Per block: adaLN-Zero modulation -> ``ops.norm_modulate``; projections (separate ``to_q/k/v`` or
-the fused ``to_qkv`` after ``fuse_qkv_projections()``); ``ops.qk_norm_rope`` (per-stream RMSNorm
-weights, RoPE rows of that stream); ``ops.joint_attention`` over [text, image] (diffusers' order);
-``ops.gated_residual_norm_modulate`` after the output projection; ``ops.gated_residual`` after the
-MLP; diffusers' fp16 clipping where diffusers clips.
+The math is :func:`ditfast.nn.functional.flux_double` / :func:`~ditfast.nn.functional.flux_single`,
+the functions ``ditfast.nn``'s FLUX blocks run; this module adapts the arguments: the modulation
+chunks of diffusers' adaLN modules, the projections (separate ``to_q/k/v`` or the fused ``to_qkv``
+after ``fuse_qkv_projections()``), the QK-norm weights, the RoPE tables (below), the single block's
+[text, image] concatenation, and diffusers' fp16 clipping where diffusers clips.
 
 RoPE: diffusers passes ``image_rotary_emb = (cos, sin)``, each (L_txt + L_img, Dh) with every
 frequency repeated for the two members of an interleaved pair (``repeat_interleave_real=True``);
@@ -21,26 +21,26 @@ RoPE argument is not a (cos, sin) pair of that shape, or for dtypes other than f
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Tuple
 
 import torch
 
-from .. import ops
+from ..nn import functional as F
 from ._common import (
     BlockSpec,
     ada_chunks,
     check_ada_norm,
     check_layer_norm,
     check_linears,
+    check_qk_eps,
     check_rms_pair,
     check_signature,
     describe,
     fast_dtypes,
-    heads,
     is_diffusers,
     no_kwargs,
     out_proj,
-    packed_heads,
     rms_eps,
     rms_weight,
 )
@@ -67,29 +67,25 @@ def rope_tables(image_rotary_emb, length: int, head_dim: int) -> Optional[Tables
     return cos[:, 0::2].float(), sin[:, 0::2].float()
 
 
-def _rows(tables: Tables, start: int, stop: int) -> Tables:
-    cos, sin = tables
-    return (None, None) if cos is None else (cos[start:stop], sin[start:stop])
-
-
 def _fast(attn, kwargs, *tensors) -> bool:
     return no_kwargs(kwargs) and is_diffusers(attn.processor, "FluxAttnProcessor") and fast_dtypes(*tensors)
 
 
-def _qkv_heads(attn, h: torch.Tensor, added: bool, tables: Tables):
-    """One stream's q, k, v (B, L, H, Dh), with its QK-RMSNorm and RoPE applied to q and k."""
-    d = attn.head_dim
-    if getattr(attn, "fused_projections", False):  # after fuse_qkv_projections(): packed, strided views
-        q, k, v = packed_heads((attn.to_added_qkv if added else attn.to_qkv)(h), d)
-    elif added:
-        q, k, v = heads(attn.add_q_proj(h), d), heads(attn.add_k_proj(h), d), heads(attn.add_v_proj(h), d)
+def _stream(attn, added: bool, proj, mlp, eps: float, eps2: float = 1e-6) -> F.Stream:
+    """One stream of a FluxAttention: its q/k/v projections (packed after fuse_qkv_projections()) and
+    QK-norm weights, with the given output projection and MLP."""
+    fused = getattr(attn, "fused_projections", False)
+    if added:
+        qkv = attn.to_added_qkv if fused else (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+        nq, nk = attn.norm_added_q, attn.norm_added_k
     else:
-        q, k, v = heads(attn.to_q(h), d), heads(attn.to_k(h), d), heads(attn.to_v(h), d)
-    nq, nk = (attn.norm_added_q, attn.norm_added_k) if added else (attn.norm_q, attn.norm_k)
-    cos, sin = tables
-    if nq is not None or cos is not None:
-        q, k = ops.qk_norm_rope(q, k, rms_weight(nq), rms_weight(nk), cos, sin, eps=rms_eps(nq))
-    return q, k, v
+        qkv = attn.to_qkv if fused else (attn.to_q, attn.to_k, attn.to_v)
+        nq, nk = attn.norm_q, attn.norm_k
+    return F.Stream(qkv, proj, mlp, rms_weight(nq), rms_weight(nk), eps, eps2)
+
+
+def _rope(tables: Tables):
+    return None if tables[0] is None else tables
 
 
 def flux_block_forward(
@@ -105,26 +101,19 @@ def flux_block_forward(
         return type(self).forward(
             self, hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs
         )
-    x, c = hidden_states, encoder_hidden_states
-    x_shift, x_scale, x_gate, x_shift2, x_scale2, x_gate2 = ada_chunks(self.norm1, temb, 6)
-    c_shift, c_scale, c_gate, c_shift2, c_scale2, c_gate2 = ada_chunks(self.norm1_context, temb, 6)
-
-    q, k, v = _qkv_heads(attn, ops.norm_modulate(x, x_shift, x_scale, eps=self.norm1.norm.eps), False,
-                         _rows(tables, Lt, Lt + Li))
-    cq, ck, cv = _qkv_heads(attn, ops.norm_modulate(c, c_shift, c_scale, eps=self.norm1_context.norm.eps), True,
-                            _rows(tables, 0, Lt))
-    o = ops.joint_attention(torch.cat((cq, q), 1), torch.cat((ck, k), 1), torch.cat((cv, v), 1))
-    c_o, x_o = o.flatten(2).split((Lt, Li), dim=1)  # text first, as diffusers' FluxAttnProcessor
-
-    x, h = ops.gated_residual_norm_modulate(x, out_proj(attn, x_o), x_gate, x_shift2, x_scale2, eps=self.norm2.eps)
-    x = ops.gated_residual(x, self.ff(h), x_gate2)
-    c, h = ops.gated_residual_norm_modulate(
-        c, attn.to_add_out(c_o), c_gate, c_shift2, c_scale2, eps=self.norm2_context.eps
-    )
-    c = ops.gated_residual(c, self.ff_context(h), c_gate2)
+    img_s = _stream(attn, False, functools.partial(out_proj, attn), self.ff, self.norm1.norm.eps, self.norm2.eps)
+    txt_s = _stream(attn, True, attn.to_add_out, self.ff_context, self.norm1_context.norm.eps,
+                    self.norm2_context.eps)
+    x, c = F.flux_double(hidden_states, encoder_hidden_states, ada_chunks(self.norm1, temb, 6),
+                         ada_chunks(self.norm1_context, temb, 6), _rope(tables), img_s, txt_s,
+                         head_dim=attn.head_dim, qk_eps=rms_eps(attn.norm_q, attn.norm_added_q))
     if c.dtype == torch.float16:
         c = c.clip(-65504, 65504)
     return c, x
+
+
+def _single_mlp(block, h: torch.Tensor) -> torch.Tensor:
+    return block.act_mlp(block.proj_mlp(h))
 
 
 def flux_single_block_forward(
@@ -141,12 +130,10 @@ def flux_single_block_forward(
             self, hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs
         )
     x = torch.cat((encoder_hidden_states, hidden_states), dim=1)  # the joint sequence [text, image]
-    shift, scale, gate = ada_chunks(self.norm, temb, 3)
-    h = ops.norm_modulate(x, shift, scale, eps=self.norm.norm.eps)
-    mlp = self.act_mlp(self.proj_mlp(h))
-    q, k, v = _qkv_heads(attn, h, False, tables)
-    o = ops.joint_attention(q, k, v).flatten(2)
-    x = ops.gated_residual(x, self.proj_out(torch.cat((o, mlp), dim=2)), gate)
+    # proj_out maps [attention | MLP hidden]
+    s = _stream(attn, False, self.proj_out, functools.partial(_single_mlp, self), self.norm.norm.eps)
+    x = F.flux_single(x, ada_chunks(self.norm, temb, 3), _rope(tables), s, head_dim=attn.head_dim,
+                      qk_eps=rms_eps(attn.norm_q))
     if x.dtype == torch.float16:
         x = x.clip(-65504, 65504)
     return x[:, :Lt], x[:, Lt:]
@@ -171,6 +158,7 @@ def _check_attention(attn, dim: int, added: bool, where: str, problems: List[str
     check_rms_pair(attn, "norm_q", "norm_k", head_dim, where, problems)
     if added:
         check_rms_pair(attn, "norm_added_q", "norm_added_k", head_dim, where, problems)
+        check_qk_eps([("norm_q", attn.norm_q), ("norm_added_q", attn.norm_added_q)], where, problems)
     if attn.to_q.in_features != dim:
         problems.append(f"{where}.to_q takes {attn.to_q.in_features} features, expected {dim}")
 

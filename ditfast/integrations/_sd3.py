@@ -4,11 +4,13 @@
 Signature ``(hidden_states, encoder_hidden_states, temb, joint_attention_kwargs=None)``, returns
 ``(encoder_hidden_states, hidden_states)`` with ``encoder_hidden_states = None`` for the last,
 ``context_pre_only`` block. Covers SD3-medium (no QK-norm), SD3.5 (RMS QK-norm) and SD3.5-medium's
-dual attention (``SD35AdaLayerNormZeroX``: one LayerNorm, two modulations via
-``ops.norm_modulate_dual``; ``attn2`` is image-only self-attention added with ``gate_msa2`` after
-``attn``'s residual). The pre-only block's context stream is modulated by an
-``AdaLayerNormContinuous``, which splits its projection (scale, shift). The joint sequence is
-[image, text], diffusers' order. Feed-forward chunking (``enable_forward_chunking``) is honoured.
+dual attention (``SD35AdaLayerNormZeroX``: one LayerNorm, two modulations; ``attn2`` is image-only
+self-attention added with ``gate_msa2`` after ``attn``'s residual). The math is
+:func:`ditfast.nn.functional.sd3_joint`, as for ``ditfast.nn.JointBlock``; this module adapts the
+arguments: the pre-only block's context stream is modulated by an ``AdaLayerNormContinuous``, which
+splits its projection (scale, shift); the joint sequence is [text, image] (the SD3.5 reference's
+order; diffusers' processor puts the image first, which changes only the order of the softmax's
+sums). Feed-forward chunking (``enable_forward_chunking``) is honoured.
 
 The original forward runs instead (same call, same result) when ``joint_attention_kwargs`` is not
 empty (IP-adapter), when a processor is not diffusers' ``JointAttnProcessor2_0`` (e.g. after
@@ -16,11 +18,10 @@ empty (IP-adapter), when a processor is not diffusers' ``JointAttnProcessor2_0``
 """
 from __future__ import annotations
 
+import functools
 from typing import List
 
-import torch
-
-from .. import ops
+from ..nn import functional as F
 from ._common import (
     BlockSpec,
     ada_chunks,
@@ -28,12 +29,12 @@ from ._common import (
     check_ada_norm,
     check_layer_norm,
     check_linears,
+    check_qk_eps,
     check_rms_pair,
     check_signature,
     describe,
     fast_dtypes,
     feed_forward,
-    heads,
     is_diffusers,
     no_kwargs,
     out_proj,
@@ -44,19 +45,13 @@ from ._common import (
 _PROCESSOR = "JointAttnProcessor2_0"
 
 
-def _qkv_heads(attn, h: torch.Tensor, added: bool):
-    """q, k, v (B, L, H, Dh) of one stream, QK-RMSNorm applied when the attention has it."""
+def _stream(attn, added: bool, proj, mlp, eps: float, eps2: float = 1e-6) -> F.Stream:
+    """One stream of a diffusers Attention: its q/k/v projections and QK-norm weights (None without)."""
     if added:
-        q, k, v = attn.add_q_proj(h), attn.add_k_proj(h), attn.add_v_proj(h)
-        nq, nk = attn.norm_added_q, attn.norm_added_k
+        qkv, nq, nk = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj), attn.norm_added_q, attn.norm_added_k
     else:
-        q, k, v = attn.to_q(h), attn.to_k(h), attn.to_v(h)
-        nq, nk = attn.norm_q, attn.norm_k
-    d = k.shape[-1] // attn.heads
-    q, k, v = heads(q, d), heads(k, d), heads(v, d)
-    if nq is not None:
-        q, k = ops.qk_norm_rope(q, k, rms_weight(nq), rms_weight(nk), None, None, eps=rms_eps(nq))
-    return q, k, v
+        qkv, nq, nk = (attn.to_q, attn.to_k, attn.to_v), attn.norm_q, attn.norm_k
+    return F.Stream(qkv, proj, mlp, rms_weight(nq), rms_weight(nk), eps, eps2)
 
 
 def joint_block_forward(self, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs=None):
@@ -70,47 +65,21 @@ def joint_block_forward(self, hidden_states, encoder_hidden_states, temb, joint_
     )
     if not fast:
         return type(self).forward(self, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs)
-    x, c = hidden_states, encoder_hidden_states
-    Lx, Lc = x.shape[1], c.shape[1]
-
-    # modulation, LayerNorm + modulate
-    if self.use_dual_attention:
-        x_shift, x_scale, x_gate, x_shift_mlp, x_scale_mlp, x_gate_mlp, x_shift2, x_scale2, x_gate2 = ada_chunks(
-            self.norm1, temb, 9
-        )
-        h, h2 = ops.norm_modulate_dual(x, x_shift, x_scale, x_shift2, x_scale2, eps=self.norm1.norm.eps)
+    c = encoder_hidden_states
+    x_mod = ada_chunks(self.norm1, temb, 9 if self.use_dual_attention else 6)
+    xs = _stream(attn, False, functools.partial(out_proj, attn), functools.partial(feed_forward, self, self.ff),
+                 self.norm1.norm.eps, self.norm2.eps)
+    if self.context_pre_only:  # AdaLayerNormContinuous: (shift, scale); the context ends after the attention
+        c_mod = ada_continuous(self.norm1_context, temb, c.dtype)
+        cs = _stream(attn, True, None, None, self.norm1_context.norm.eps)
     else:
-        x_shift, x_scale, x_gate, x_shift_mlp, x_scale_mlp, x_gate_mlp = ada_chunks(self.norm1, temb, 6)
-        h = ops.norm_modulate(x, x_shift, x_scale, eps=self.norm1.norm.eps)
-    if self.context_pre_only:
-        c_shift, c_scale = ada_continuous(self.norm1_context, temb, c.dtype)
-    else:
-        c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = ada_chunks(self.norm1_context, temb, 6)
-    hc = ops.norm_modulate(c, c_shift, c_scale, eps=self.norm1_context.norm.eps)
-
-    # joint attention over [image, text]
-    q, k, v = _qkv_heads(attn, h, False)
-    cq, ck, cv = _qkv_heads(attn, hc, True)
-    o = ops.joint_attention(torch.cat((q, cq), 1), torch.cat((k, ck), 1), torch.cat((v, cv), 1))
-    x_o, c_o = o.flatten(2).split((Lx, Lc), dim=1)
-
-    # image stream: attn residual, (attn2 residual), MLP
-    a, gate = out_proj(attn, x_o), x_gate
-    if self.use_dual_attention:
-        x = ops.gated_residual(x, a, x_gate)
-        q2, k2, v2 = _qkv_heads(attn2, h2, False)
-        a, gate = out_proj(attn2, ops.joint_attention(q2, k2, v2).flatten(2)), x_gate2
-    x, h = ops.gated_residual_norm_modulate(x, a, gate, x_shift_mlp, x_scale_mlp, eps=self.norm2.eps)
-    x = ops.gated_residual(x, feed_forward(self, self.ff, h), x_gate_mlp)
-    if self.context_pre_only:
-        return None, x
-
-    # text stream
-    c, hc = ops.gated_residual_norm_modulate(
-        c, attn.to_add_out(c_o), c_gate, c_shift_mlp, c_scale_mlp, eps=self.norm2_context.eps
-    )
-    c = ops.gated_residual(c, feed_forward(self, self.ff_context, hc), c_gate_mlp)
-    return c, x
+        c_mod = ada_chunks(self.norm1_context, temb, 6)
+        cs = _stream(attn, True, attn.to_add_out, functools.partial(feed_forward, self, self.ff_context),
+                     self.norm1_context.norm.eps, self.norm2_context.eps)
+    x2 = _stream(attn2, False, functools.partial(out_proj, attn2), None, 1e-6) if self.use_dual_attention else None
+    norms = (attn.norm_q, attn.norm_added_q) + ((attn2.norm_q,) if attn2 is not None else ())
+    return F.sd3_joint(c, hidden_states, c_mod, x_mod, cs, xs, head_dim=attn.to_k.out_features // attn.heads, x2=x2,
+                       qk_eps=rms_eps(*norms))
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -133,6 +102,8 @@ def _check_attention(attn, dim: int, added: bool, pre_only: bool, where: str, pr
     check_rms_pair(attn, "norm_q", "norm_k", inner // n_heads, where, problems)
     if added:
         check_rms_pair(attn, "norm_added_q", "norm_added_k", inner // n_heads, where, problems)
+    if attn.to_v.out_features != inner or attn.to_v.in_features != dim:
+        problems.append(f"{where}.to_v maps {attn.to_v.in_features} -> {attn.to_v.out_features}, expected {dim} -> {inner}")
     if bool(getattr(attn, "context_pre_only", False)) != (pre_only and added):
         problems.append(f"{where}.context_pre_only={attn.context_pre_only} disagrees with the block")
 
@@ -166,6 +137,11 @@ def check_block(block) -> List[str]:
         check_layer_norm(getattr(block, "norm2_context", None), dim, "norm2_context", problems)
         check_linears(block, ["ff_context"], "block", problems)
     _check_attention(attn, dim, True, pre_only, "attn", problems)
+    attns = [("attn", attn)] + ([("attn2", block.attn2)] if dual and block.attn2 is not None else [])
+    check_qk_eps([(f"{w}.{n}", getattr(a, n, None)) for w, a in attns for n in ("norm_q", "norm_added_q")],
+                 "block", problems)
+    if dual and block.attn2 is not None and getattr(block.attn2, "heads", None) != attn.heads:
+        problems.append(f"attn2 has {block.attn2.heads} heads, attn {attn.heads}; ditfast expects one head dim")
     check_layer_norm(block.norm2, dim, "norm2", problems)
     return problems
 

@@ -1,4 +1,5 @@
-"""DiT blocks (facebookresearch/DiT ``models.py``) running on ditfast.ops.
+"""DiT blocks (facebookresearch/DiT ``models.py``): parameters with upstream names, math in
+:mod:`ditfast.nn.functional`.
 
 State-dict keys match upstream: ``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``,
 ``adaLN_modulation.1`` for DiTBlock; ``linear`` and ``adaLN_modulation.1`` for FinalLayer.
@@ -8,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import ops
-from .layers import Mlp, ada_ln, merge_heads, split_heads
+from . import functional as F
+from .layers import Mlp, ada_ln
 
 
 class Attention(nn.Module):
@@ -20,12 +21,9 @@ class Attention(nn.Module):
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
+        self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        q, k, v = split_heads(self.qkv(h), self.num_heads)  # (B, L, H, Dh) strided views
-        return self.proj(merge_heads(ops.joint_attention(q, k, v)))
 
 
 class DiTBlock(nn.Module):
@@ -38,10 +36,8 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = ada_ln(hidden_size, 6)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        a = self.attn(ops.norm_modulate(x, shift_msa, scale_msa))
-        x, h = ops.gated_residual_norm_modulate(x, a, gate_msa, shift_mlp, scale_mlp)
-        return ops.gated_residual(x, self.mlp(h), gate_mlp)
+        mod = self.adaLN_modulation(c).chunk(6, dim=1)
+        return F.dit_block(x, mod, F.Stream(self.attn.qkv, self.attn.proj, self.mlp), head_dim=self.attn.head_dim)
 
 
 class FinalLayer(nn.Module):
@@ -54,4 +50,4 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(ops.norm_modulate(x, shift, scale))
+        return F.final_layer(x, shift, scale, self.linear)

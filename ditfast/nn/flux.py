@@ -1,7 +1,8 @@
-"""FLUX.1 blocks (black-forest-labs/flux ``modules/layers.py``) running on ditfast.ops.
+"""FLUX.1 blocks (black-forest-labs/flux ``modules/layers.py``): parameters with upstream names, math
+in :mod:`ditfast.nn.functional`.
 
 ``rope`` is the ``(cos, sin)`` pair from ``ditfast.ops.rope_freqs(ids, axes_dim)`` for ids ordered
-[txt, img]; the blocks slice it per stream. RoPE uses FLUX's interleaved pairs.
+[txt, img] (the joint sequence). RoPE uses FLUX's interleaved pairs.
 """
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from .. import ops
-from .layers import QKNorm, attend_joint, flux_mlp, merge_heads, split_heads
+from . import functional as F
+from .layers import QKNorm, flux_mlp
 
 Rope = Optional[Tuple[torch.Tensor, torch.Tensor]]
 
@@ -36,13 +37,14 @@ class SelfAttention(nn.Module):
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
+        self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.norm = QKNorm(dim // num_heads)
         self.proj = nn.Linear(dim, dim)
 
-    def qkv_heads(self, h: torch.Tensor):
-        """Project and split into heads: (q, k, v), strided (B, L, H, Dh) views, before QK-norm."""
-        return split_heads(self.qkv(h), self.num_heads)
+    def stream(self, mlp: nn.Module) -> F.Stream:
+        """This attention's modules and QK-norm weights, with the stream's MLP."""
+        return F.Stream(self.qkv, self.proj, mlp, self.norm.query_norm.scale, self.norm.key_norm.scale)
 
 
 class DoubleStreamBlock(nn.Module):
@@ -61,24 +63,8 @@ class DoubleStreamBlock(nn.Module):
         self.txt_mlp = flux_mlp(hidden_size, mlp_hidden)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, rope: Rope):
-        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
-        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
-
-        t_q, t_k, t_v = self.txt_attn.qkv_heads(ops.norm_modulate(txt, t_shift1, t_scale1))
-        i_q, i_k, i_v = self.img_attn.qkv_heads(ops.norm_modulate(img, i_shift1, i_scale1))
-        # text first, as FLUX; QK-RMSNorm (each stream its own weights) and RoPE fused into attention
-        t_o, i_o = attend_joint(
-            (t_q, i_q), (t_k, i_k), (t_v, i_v),
-            q_weights=(self.txt_attn.norm.query_norm.scale, self.img_attn.norm.query_norm.scale),
-            k_weights=(self.txt_attn.norm.key_norm.scale, self.img_attn.norm.key_norm.scale),
-            rope=rope,
-        )
-
-        img, h = ops.gated_residual_norm_modulate(img, self.img_attn.proj(merge_heads(i_o)), i_gate1, i_shift2, i_scale2)
-        img = ops.gated_residual(img, self.img_mlp(h), i_gate2)
-        txt, h = ops.gated_residual_norm_modulate(txt, self.txt_attn.proj(merge_heads(t_o)), t_gate1, t_shift2, t_scale2)
-        txt = ops.gated_residual(txt, self.txt_mlp(h), t_gate2)
-        return img, txt
+        return F.flux_double(img, txt, self.img_mod(vec), self.txt_mod(vec), rope, self.img_attn.stream(self.img_mlp),
+                             self.txt_attn.stream(self.txt_mlp), head_dim=self.img_attn.head_dim)
 
 
 class SingleStreamBlock(nn.Module):
@@ -97,16 +83,9 @@ class SingleStreamBlock(nn.Module):
         self.modulation = Modulation(hidden_size, double=False)
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor, rope: Rope) -> torch.Tensor:
-        shift, scale, gate = self.modulation(vec)
-        qkv, mlp_in = self.linear1(ops.norm_modulate(x, shift, scale)).split(
-            [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1
-        )
-        q, k, v = split_heads(qkv, self.num_heads)  # views into linear1's output row
-        (attn,) = attend_joint((q,), (k,), (v,), q_weights=(self.norm.query_norm.scale,),
-                               k_weights=(self.norm.key_norm.scale,), rope=rope)
-        attn = merge_heads(attn)
-        out = self.linear2(torch.cat((attn, nn.functional.gelu(mlp_in, approximate="tanh")), dim=-1))
-        return ops.gated_residual(x, out, gate)
+        # linear1's output is [q | k | v | mlp]: Stream.mlp None tells flux_single to split it
+        s = F.Stream(self.linear1, self.linear2, None, self.norm.query_norm.scale, self.norm.key_norm.scale)
+        return F.flux_single(x, self.modulation(vec), rope, s, head_dim=self.hidden_size // self.num_heads)
 
 
 class LastLayer(nn.Module):
@@ -119,4 +98,4 @@ class LastLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(vec).chunk(2, dim=1)
-        return self.linear(ops.norm_modulate(x, shift, scale))
+        return F.final_layer(x, shift, scale, self.linear)

@@ -1,10 +1,9 @@
-"""Small building blocks shared by the DiT, SD3 and FLUX blocks, with upstream parameter names."""
+"""Parameter containers shared by the DiT, SD3 and FLUX blocks, with upstream parameter names (the math
+is in :mod:`ditfast.nn.functional`)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-from .. import ops
 
 
 class Mlp(nn.Module):
@@ -41,9 +40,6 @@ class RMSNormWeight(nn.Module):
     def param(self) -> torch.Tensor:
         return getattr(self, self._name)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(x, self.param, eps=1e-6)
-
 
 class QKNorm(nn.Module):
     """FLUX's ``QKNorm``: ``query_norm.scale`` and ``key_norm.scale``, each of size Dh."""
@@ -52,25 +48,3 @@ class QKNorm(nn.Module):
         super().__init__()
         self.query_norm = RMSNormWeight(head_dim, "scale")
         self.key_norm = RMSNormWeight(head_dim, "scale")
-
-
-def split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, L, 3·H·Dh) packed [q; k; v] -> three strided (B, L, H, Dh) views (no copies)."""
-    B, L, three_d = qkv.shape
-    return qkv.view(B, L, 3, num_heads, three_d // (3 * num_heads)).unbind(2)
-
-
-def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """(B, L, H, Dh) -> (B, L, H·Dh)."""
-    return x.flatten(2)
-
-
-def attend_joint(qs, ks, vs, q_weights=None, k_weights=None, rope=None) -> tuple[torch.Tensor, ...]:
-    """One attention over the concatenation of several streams' tokens; outputs split back per stream.
-
-    q/k arrive as projected (strided views, before QK-norm); ``q_weights`` / ``k_weights`` (one RMSNorm
-    weight per stream, or None for no QK-norm) and ``rope`` (the joint sequence's (cos, sin)) are
-    applied inside the attention: on the triton backend in the kernel's prologue, without
-    materializing the concatenation.
-    """
-    return ops.joint_attention_streams(qs, ks, vs, q_weights=q_weights, k_weights=k_weights, rope=rope)

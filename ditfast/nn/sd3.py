@@ -1,4 +1,5 @@
-"""SD3 / SD3.5 MM-DiT joint block (Stability-AI/sd3.5 ``mmditx.py``) running on ditfast.ops.
+"""SD3 / SD3.5 MM-DiT joint block (Stability-AI/sd3.5 ``mmditx.py``): parameters with upstream names,
+math in :mod:`ditfast.nn.functional`.
 
 Parameter names follow the SD3.5 reference: ``context_block.*`` and ``x_block.*``, each with
 ``adaLN_modulation.1``, ``attn.qkv``, ``attn.proj`` (absent for a pre-only context block),
@@ -12,8 +13,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .. import ops
-from .layers import Mlp, RMSNormWeight, ada_ln, attend_joint, merge_heads, split_heads
+from . import functional as F
+from .layers import Mlp, RMSNormWeight, ada_ln
 
 
 class JointAttention(nn.Module):
@@ -27,6 +28,7 @@ class JointAttention(nn.Module):
         if qk_norm not in (None, "rms"):
             raise ValueError(f"qk_norm must be None or 'rms', got {qk_norm!r}")
         self.num_heads = num_heads
+        self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         if not pre_only:
             self.proj = nn.Linear(dim, dim)
@@ -35,21 +37,10 @@ class JointAttention(nn.Module):
             self.ln_k = RMSNormWeight(dim // num_heads)
         self.qk_norm = qk_norm
 
-    def qkv_heads(self, h: torch.Tensor):
-        """Project and split into heads: (q, k, v), strided (B, L, H, Dh) views, before QK-norm."""
-        return split_heads(self.qkv(h), self.num_heads)
-
-    @property
-    def qk_weights(self):
-        """(q weight, k weight) of the RMS QK-norm, or (None, None) without one."""
-        return (self.ln_q.weight, self.ln_k.weight) if self.qk_norm == "rms" else (None, None)
-
-
-def _weights(*attns: "JointAttention"):
-    """q_weights, k_weights for attend_joint: None when the streams have no QK-norm."""
-    if attns[0].qk_norm is None:
-        return None, None
-    return tuple(a.qk_weights[0] for a in attns), tuple(a.qk_weights[1] for a in attns)
+    def stream(self, mlp: Optional[nn.Module]) -> F.Stream:
+        """This attention's modules and QK-norm weights (None without QK-norm), with the stream's MLP."""
+        q_norm, k_norm = (self.ln_q.weight, self.ln_k.weight) if self.qk_norm == "rms" else (None, None)
+        return F.Stream(self.qkv, getattr(self, "proj", None), mlp, q_norm, k_norm)
 
 
 class DismantledBlock(nn.Module):
@@ -86,34 +77,6 @@ class JointBlock(nn.Module):
         cb, xb = self.context_block, self.x_block
         c_mod = cb.adaLN_modulation(c).chunk(2 if self.pre_only else 6, dim=1)
         x_mod = xb.adaLN_modulation(c).chunk(9 if xb.x_block_self_attn else 6, dim=1)
-
-        # pre-attention: modulate, project, (QK-norm)
-        c_q, c_k, c_v = cb.attn.qkv_heads(ops.norm_modulate(context, c_mod[0], c_mod[1]))
-        if xb.x_block_self_attn:
-            h1, h2 = ops.norm_modulate_dual(x, x_mod[0], x_mod[1], x_mod[6], x_mod[7])
-            x_q2, x_k2, x_v2 = xb.attn2.qkv_heads(h2)
-        else:
-            h1 = ops.norm_modulate(x, x_mod[0], x_mod[1])
-        x_q, x_k, x_v = xb.attn.qkv_heads(h1)
-
-        qw, kw = _weights(cb.attn, xb.attn)  # QK-norm fused into the attention
-        c_o, x_o = attend_joint((c_q, x_q), (c_k, x_k), (c_v, x_v), qw, kw)  # context first, as the reference
-
-        # image stream: gated residuals (attn, then attn2), modulate for the MLP, MLP
-        x_shift_mlp, x_scale_mlp, x_gate_mlp = x_mod[3], x_mod[4], x_mod[5]
-        a = xb.attn.proj(merge_heads(x_o))
-        if xb.x_block_self_attn:
-            x = ops.gated_residual(x, a, x_mod[2])
-            qw2, kw2 = _weights(xb.attn2)
-            (o2,) = attend_joint((x_q2,), (x_k2,), (x_v2,), qw2, kw2)
-            a, gate = xb.attn2.proj(merge_heads(o2)), x_mod[8]
-        else:
-            gate = x_mod[2]
-        x, h = ops.gated_residual_norm_modulate(x, a, gate, x_shift_mlp, x_scale_mlp)
-        x = ops.gated_residual(x, xb.mlp(h), x_gate_mlp)
-
-        if self.pre_only:
-            return None, x
-        context, h = ops.gated_residual_norm_modulate(context, cb.attn.proj(merge_heads(c_o)), c_mod[2], c_mod[3], c_mod[4])
-        context = ops.gated_residual(context, cb.mlp(h), c_mod[5])
-        return context, x
+        x2 = xb.attn2.stream(None) if xb.x_block_self_attn else None
+        return F.sd3_joint(context, x, c_mod, x_mod, cb.attn.stream(getattr(cb, "mlp", None)), xb.attn.stream(xb.mlp),
+                           head_dim=xb.attn.head_dim, x2=x2)

@@ -1,0 +1,203 @@
+"""The math of every DiT / SD3 / FLUX block, written once.
+
+``ditfast.nn``'s modules and the diffusers integration (``ditfast.integrations``) both run these
+functions; they differ only in the modules and weights they pass:
+
+* Linear and MLP layers are callables, called as modules (so LoRA / PEFT wrappers, quantized
+  linears and forward hooks keep working in patched diffusers models).
+* A q/k/v projection (:data:`QKV`) is one packed Linear whose output is ``[q | k | v]`` (ditfast.nn;
+  diffusers after ``fuse_qkv_projections()``) or a ``(to_q, to_k, to_v)`` triple; either way q, k
+  and v are strided (B, L, H, Dh) views of the projection outputs (:func:`qkv_heads`, no copies).
+* Modulation vectors arrive already chunked, in the upstream order (shift, scale, gate, ...),
+  each (B, D).
+* Every attention goes through :func:`attend`, the only place a block calls an attention op.
+
+Joint attention orders the streams text / context first (FLUX, the SD3.5 reference); diffusers' SD3
+processor puts the image first, which only changes the order of the softmax's sums.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .. import ops
+
+Tensor = torch.Tensor
+Module = Callable[[Tensor], Tensor]
+QKV = Union[Module, Tuple[Module, Module, Module]]
+Rope = Optional[Tuple[Tensor, Tensor]]
+
+__all__ = [
+    "Stream",
+    "qkv_heads",
+    "attend",
+    "dit_block",
+    "flux_double",
+    "flux_single",
+    "sd3_joint",
+    "final_layer",
+]
+
+
+class Stream(NamedTuple):
+    """The modules and weights of one token stream of a block.
+
+    qkv: the q/k/v projection (:data:`QKV`). proj: the attention output projection (None for SD3's
+    pre-only context). mlp: the MLP applied to the modulated residual (None for a pre-only context;
+    for FLUX's single block see :func:`flux_single`). q_norm, k_norm: the per-head QK-RMSNorm
+    weights (Dh,), both None for no QK-norm. eps: the eps of the LayerNorm before attention, eps2
+    the one before the MLP.
+    """
+
+    qkv: QKV
+    proj: Optional[Module] = None
+    mlp: Optional[Module] = None
+    q_norm: Optional[Tensor] = None
+    k_norm: Optional[Tensor] = None
+    eps: float = 1e-6
+    eps2: float = 1e-6
+
+
+def qkv_heads(qkv: QKV, h: Tensor, head_dim: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Project ``h`` (B, L, D) and split into heads: q, k, v, each a strided (B, L, H, Dh) view.
+
+    qkv: one packed Linear, output (B, L, 3·H·Dh) = ``[q | k | v]``, or a (to_q, to_k, to_v) triple.
+    """
+    if isinstance(qkv, tuple):
+        to_q, to_k, to_v = qkv
+        return (to_q(h).unflatten(-1, (-1, head_dim)), to_k(h).unflatten(-1, (-1, head_dim)),
+                to_v(h).unflatten(-1, (-1, head_dim)))
+    return qkv(h).unflatten(-1, (3, -1, head_dim)).unbind(-3)
+
+
+def attend(
+    qs: Sequence[Tensor],
+    ks: Sequence[Tensor],
+    vs: Sequence[Tensor],
+    *,
+    q_weights: Optional[Sequence[Optional[Tensor]]] = None,
+    k_weights: Optional[Sequence[Optional[Tensor]]] = None,
+    rope: Rope = None,
+    eps: float = 1e-6,
+) -> Tuple[Tensor, ...]:
+    """One attention over the joint sequence ``[stream 0; stream 1; ...]``; per stream its (B, L_i, H·Dh) output.
+
+    qs, ks, vs: one (B, L_i, H, Dh) tensor per stream (strided views of the projections), before
+    QK-norm and RoPE. q_weights, k_weights: one RMSNorm weight (Dh,) or None per stream (or None:
+    no QK-norm anywhere); eps: their eps. rope: the fp32 (cos, sin) of the joint sequence
+    (``ops.rope_freqs`` layout, FLUX's interleaved pairs), or None.
+    """
+    if q_weights is not None and all(w is None for w in q_weights) and all(w is None for w in k_weights):
+        q_weights = k_weights = None
+    outs = ops.joint_attention_streams(tuple(qs), tuple(ks), tuple(vs), q_weights=q_weights,
+                                       k_weights=k_weights, rope=rope, eps=eps)
+    return tuple(o.flatten(2) for o in outs)
+
+
+def _attend_streams(streams: Sequence[Stream], qkvs, rope: Rope, eps: float) -> Tuple[Tensor, ...]:
+    qs, ks, vs = zip(*qkvs)
+    return attend(qs, ks, vs, q_weights=tuple(s.q_norm for s in streams),
+                  k_weights=tuple(s.k_norm for s in streams), rope=rope, eps=eps)
+
+
+# ------------------------------------------------------------------------------------------------
+# Blocks
+# ------------------------------------------------------------------------------------------------
+def dit_block(x: Tensor, mod: Sequence[Tensor], s: Stream, *, head_dim: int, qk_eps: float = 1e-6) -> Tensor:
+    """DiT block (adaLN-Zero, self-attention, MLP): x (B, L, D) -> (B, L, D).
+
+    mod: (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp).
+    """
+    shift1, scale1, gate1, shift2, scale2, gate2 = mod
+    (o,) = _attend_streams((s,), (qkv_heads(s.qkv, ops.norm_modulate(x, shift1, scale1, eps=s.eps), head_dim),),
+                           None, qk_eps)
+    x, h = ops.gated_residual_norm_modulate(x, s.proj(o), gate1, shift2, scale2, eps=s.eps2)
+    return ops.gated_residual(x, s.mlp(h), gate2)
+
+
+def flux_double(img: Tensor, txt: Tensor, img_mod: Sequence[Tensor], txt_mod: Sequence[Tensor], rope: Rope,
+                img_s: Stream, txt_s: Stream, *, head_dim: int, qk_eps: float = 1e-6) -> Tuple[Tensor, Tensor]:
+    """FLUX double-stream block: img (B, Li, D), txt (B, Lt, D) -> (img, txt).
+
+    *_mod: (shift1, scale1, gate1, shift2, scale2, gate2) per stream. rope: (cos, sin) of the joint
+    sequence [txt, img] or None.
+    """
+    t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = txt_mod
+    i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = img_mod
+    t_qkv = qkv_heads(txt_s.qkv, ops.norm_modulate(txt, t_shift1, t_scale1, eps=txt_s.eps), head_dim)
+    i_qkv = qkv_heads(img_s.qkv, ops.norm_modulate(img, i_shift1, i_scale1, eps=img_s.eps), head_dim)
+    t_o, i_o = _attend_streams((txt_s, img_s), (t_qkv, i_qkv), rope, qk_eps)  # text first, as FLUX
+
+    img, h = ops.gated_residual_norm_modulate(img, img_s.proj(i_o), i_gate1, i_shift2, i_scale2, eps=img_s.eps2)
+    img = ops.gated_residual(img, img_s.mlp(h), i_gate2)
+    txt, h = ops.gated_residual_norm_modulate(txt, txt_s.proj(t_o), t_gate1, t_shift2, t_scale2, eps=txt_s.eps2)
+    txt = ops.gated_residual(txt, txt_s.mlp(h), t_gate2)
+    return img, txt
+
+
+def flux_single(x: Tensor, mod: Sequence[Tensor], rope: Rope, s: Stream, *, head_dim: int,
+                qk_eps: float = 1e-6) -> Tensor:
+    """FLUX single-stream block (attention and MLP in parallel): x [txt, img] (B, L, D) -> (B, L, D).
+
+    mod: (shift, scale, gate). ``s.proj`` is the output Linear over ``[attention | MLP hidden]``
+    (FLUX's ``linear2``). ``s.mlp`` maps the modulated input to the MLP hidden activation
+    (GELU(tanh) of ``proj_mlp``), or is None when ``s.qkv`` is FLUX's ``linear1``, whose output
+    ``[q | k | v | mlp]`` is split here (one matmul) and the GELU(tanh) applied here.
+    """
+    shift, scale, gate = mod
+    h = ops.norm_modulate(x, shift, scale, eps=s.eps)
+    if s.mlp is None:
+        out, width = s.qkv(h), 3 * x.shape[-1]
+        q, k, v = out[..., :width].unflatten(-1, (3, -1, head_dim)).unbind(-3)
+        mlp = out[..., width:]
+        mlp = nn.functional.gelu(mlp, approximate="tanh")
+    else:
+        mlp = s.mlp(h)
+        q, k, v = qkv_heads(s.qkv, h, head_dim)
+    (o,) = _attend_streams((s,), ((q, k, v),), rope, qk_eps)
+    return ops.gated_residual(x, s.proj(torch.cat((o, mlp), dim=-1)), gate)
+
+
+def sd3_joint(context: Tensor, x: Tensor, c_mod: Sequence[Tensor], x_mod: Sequence[Tensor], cs: Stream,
+              xs: Stream, *, head_dim: int, x2: Optional[Stream] = None,
+              qk_eps: float = 1e-6) -> Tuple[Optional[Tensor], Tensor]:
+    """SD3 / SD3.5 MM-DiT joint block: context (B, Lc, D), x (B, Lx, D) -> (context, x).
+
+    c_mod: (shift, scale, gate, shift_mlp, scale_mlp, gate_mlp), or (shift, scale) for a pre-only
+    context (``cs.proj`` and ``cs.mlp`` None; context None on return). x_mod: the same six, plus
+    (shift2, scale2, gate2) with SD3.5-medium's dual attention, whose image-only self-attention is
+    ``x2`` (its qkv, proj and QK-norm). The joint attention runs over [context, x].
+    """
+    pre_only = len(c_mod) == 2
+    if (x2 is not None) != (len(x_mod) == 9):
+        raise ValueError(f"x_mod has {len(x_mod)} chunks: 9 with dual attention (x2 given), else 6")
+    hc = ops.norm_modulate(context, c_mod[0], c_mod[1], eps=cs.eps)
+    if x2 is not None:
+        h, h2 = ops.norm_modulate_dual(x, x_mod[0], x_mod[1], x_mod[6], x_mod[7], eps=xs.eps)
+    else:
+        h = ops.norm_modulate(x, x_mod[0], x_mod[1], eps=xs.eps)
+    c_qkv, x_qkv = qkv_heads(cs.qkv, hc, head_dim), qkv_heads(xs.qkv, h, head_dim)
+    c_o, x_o = _attend_streams((cs, xs), (c_qkv, x_qkv), None, qk_eps)
+
+    # image stream: attention residual (then attn2's), modulate for the MLP, MLP
+    a, gate = xs.proj(x_o), x_mod[2]
+    if x2 is not None:
+        x = ops.gated_residual(x, a, gate)
+        (o2,) = _attend_streams((x2,), (qkv_heads(x2.qkv, h2, head_dim),), None, qk_eps)
+        a, gate = x2.proj(o2), x_mod[8]
+    x, h = ops.gated_residual_norm_modulate(x, a, gate, x_mod[3], x_mod[4], eps=xs.eps2)
+    x = ops.gated_residual(x, xs.mlp(h), x_mod[5])
+    if pre_only:
+        return None, x
+
+    context, hc = ops.gated_residual_norm_modulate(context, cs.proj(c_o), c_mod[2], c_mod[3], c_mod[4], eps=cs.eps2)
+    context = ops.gated_residual(context, cs.mlp(hc), c_mod[5])
+    return context, x
+
+
+def final_layer(x: Tensor, shift: Optional[Tensor], scale: Tensor, linear: Module, *, eps: float = 1e-6) -> Tensor:
+    """DiT's ``FinalLayer`` and FLUX's ``LastLayer`` (diffusers' ``norm_out`` + ``proj_out``):
+    ``linear(LN(x) * (1 + scale) + shift)``; x (B, L, D), shift / scale (B, D)."""
+    return linear(ops.norm_modulate(x, shift, scale, eps=eps))
