@@ -1,39 +1,48 @@
-"""ditfast's Triton flash attention on the (B, L, H, Dh) layout: forward and backward, non-causal.
+"""ditfast's Triton FlashAttention on the (B, L, H, Dh) layout: forward, backward, log-sum-exp.
 
-Math (ditfast/reference/attention.py): ``O = softmax(q kᵀ · Dh**-0.5) v`` over the joint key sequence.
+Math (ditfast/reference/attention.py): ``O = softmax(S) V`` with ``S = Q Kᵀ · Dh**-0.5``, non-causal.
+The kernels read prepared q, k, v (QK-norm and RoPE already applied by ``ops.prepare_attention``):
+there is no prologue in any loop; each K / V tile is loaded once per query block and goes straight
+into the matmuls.
 
-Two fusions no library backend has:
+Design
+------
+* Layout. q (B, Lq, H, Dh), k and v (B, Lk, H, Dh), any (batch, token, head) strides with a unit
+  stride on Dh (views of a packed qkv projection are read in place). Dh is padded to DP = the next
+  power of two (at least 16, tl.dot's minimum) with masks, so Dh 40 / 72 run as 64 / 128 tiles.
+* Forward (one program per (query block, batch·head)): online softmax in fp32 and base 2. The scale
+  Dh**-0.5 and log2(e) are one constant c, so each score costs one FFMA, ``s·c − m``, before exp2;
+  the running max m is kept in those scaled units. Full key blocks run without key masks; only the
+  last, partial block masks its columns (a constexpr flag picks the loop body). The output is stored
+  in q's dtype; ``lse = (m + log2 l) · ln 2`` (natural log, fp32, (B, H, Lq), flash-attn's
+  ``softmax_lse`` convention) is stored for the backward and for callers that merge partial results.
+* Precision. fp16 / bf16 tiles feed the tensor cores with fp32 accumulation; fp32 inputs use
+  ``input_precision="ieee"`` (exact fp32, no TF32). P and dS are rounded to the input dtype before
+  their matmuls, as every FlashAttention does.
+* Backward, FlashAttention-2 style, 5 matmuls: a preprocess kernel computes Δ = rowsum(dO ∘ O);
+  then one program per key block (per split, below) holds K, V and the fp32 dK, dV accumulators and
+  loops over the query blocks: Sᵀ = K Qᵀ, Pᵀ = exp2(Sᵀ·c − lse₂), dV += Pᵀ dO, dPᵀ = V dOᵀ,
+  dSᵀ = Pᵀ ∘ (dPᵀ − Δ), dK += dSᵀ Q, and dQ's share dS K is added into an fp32 accumulator.
+  Deterministic by default: the key blocks of one (batch, head) are dealt round-robin to N_SPLITS
+  programs, each owning one fp32 slice of the accumulator (a slice is updated by one program only,
+  in program order, so the sum is the same on every run); the launcher sums the slices in a fixed
+  order and scales them into dq. With ``deterministic=False`` every key block is its own program
+  and all add into a single slice with fp32 atomics (order-dependent rounding, less memory).
+  N_SPLITS is chosen so split programs fill whole waves of the GPU (see :func:`num_splits`).
+* Tiles per head dim and dtype: :func:`configs`; chosen so that no forward configuration spills
+  registers on sm_90 at the FLUX / SD3.5 shapes (tests/compile_sm90.py reports registers, spills,
+  shared memory, occupancy and waves; docs/attention.md has the table). Hopper-only features
+  (TMA descriptors, warp specialization) are not used: the same code runs under the interpreter.
 
-* **Split streams.** Up to two token streams (text, image), each with its own q, k, v tensors (any
-  (b, l, h) strides, e.g. views of a packed qkv projection), are attended as ONE joint sequence
-  ``[stream 0; stream 1]`` without concatenating them; each stream's output goes to its own tensor.
-  A q tile never straddles two streams: the grid has ``cdiv(Lq0, BM) + cdiv(Lq1, BM)`` q tiles and a
-  program picks its stream's pointers with scalar selects; the key loop runs over stream 0's blocks,
-  then stream 1's. Joint positions (for the RoPE tables, the logsumexp rows) are stream 1's offset
-  by stream 0's length.
-* **Prologue.** QK-RMSNorm (per head, FLUX rounding: normalize in fp32, round to the input dtype,
-  times the weight, round) and RoPE (interleaved or half-split pairs, in fp32, rounded) are applied
-  to each q / k tile as it is loaded. The backward recomputes them and chains the gradient through.
-
-Head dim: Dh is padded to DP = max(32, next_pow2(Dh)) with masks. With RoPE a tile is held as two
-halves (a, b) of width DP/2 -- the first and second member of each rotated pair -- so the rotation
-is elementwise; ``q·k = qa·ka + qb·kb`` is unchanged by that permutation of the head dim. Without
-RoPE a tile is one (rows, DP) block and ``b`` is ``a``.
-
-Softmax runs in base 2: scores are scaled by ``Dh**-0.5 · log2(e)``, and the saved logsumexp (one fp32
-per query row, (B, H, Lq0 + Lq1)) is in the same units.
-
-Backward (S scaled scores, P = softmax, dO given): ``Δ = rowsum(dO ∘ O)``, ``dV = Pᵀ dO``,
-``dP = dO vᵀ``, ``dS = P ∘ (dP − Δ)``, ``dq = dS k · scale``, ``dk = dSᵀ q · scale``. Two kernels,
-no atomics (deterministic): the dq kernel (one program per q tile, which also writes Δ for its rows)
-and the dk/dv kernel (one program per key tile). With the prologue each then maps the gradient of
-the rotated-normalized tile back to the raw input (RoPE⁻¹, then the RMSNorm backward) and writes one
-fp32 row of weight-gradient partials per program, which the launcher sums (deterministic, no atomics).
+The Triton interpreter (CPU tensors, TRITON_INTERPRET=1) multiplies bf16 tl.dot operands as raw
+integers and converts fp32 to bf16 by truncation: there the bf16 dot operands are fp32 (MM, exact:
+they hold bf16 values) and bf16 results are rounded to nearest in fp32 arithmetic before the cast
+(ROUND_BF16). On GPUs both are off.
 """
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import triton
@@ -44,650 +53,200 @@ from ._common import on_device
 
 Tensor = torch.Tensor
 
-ROPE_NONE, ROPE_INTERLEAVED, ROPE_HALF = 0, 1, 2
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
-
-
-# ------------------------------------------------------------------------------------------------
-# The Triton interpreter (CPU tensors, TRITON_INTERPRET=1), which runs the tests without a GPU:
-# * it converts fp32 -> bf16 by truncation (GPUs round to nearest even), so _round / _to / _to_mm
-#   round bf16 in fp32 arithmetic first;
-# * its tl.dot multiplies bf16 operands as raw integers, so bf16 dot operands are fp32 there (the MM
-#   dtype; exact, since they hold bf16-rounded values);
-# * it re-patches triton.language on every call of a jit helper (~1.5 ms, which dominated the CPU
-#   tests), so there the helpers below are plain Python functions -- the interpreter runs jit code
-#   as Python anyway. On GPUs all three are no-ops: the helpers are @triton.jit, the casts plain.
-# ------------------------------------------------------------------------------------------------
+LN2 = 0.6931471805599453
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-_INTERPRET = tl.constexpr(_INTERPRETING)
-
-
-def _device_fn(fn):
-    """@triton.jit for the kernels' helpers; the plain function under the interpreter."""
-    return fn if _INTERPRETING else triton.jit(fn)
-
-
-@_device_fn
-def _round(x, dtype: tl.constexpr):
-    """fp32 x rounded to ``dtype`` (to nearest, like torch and the GPU), returned as fp32."""
-    if _INTERPRET and dtype == tl.bfloat16:
-        # Veltkamp split: hi = x rounded to 8 significant bits (the truncating cast of hi is exact)
-        t = x * 65537.0
-        hi = t - (t - x)
-        return tl.where(tl.abs(x) < 1e30, hi, x)
-    else:
-        return x.to(dtype).to(tl.float32)
-
-
-@_device_fn
-def _to(x, dtype: tl.constexpr):
-    """fp32 x rounded to ``dtype``, as ``dtype``."""
-    if _INTERPRET and dtype == tl.bfloat16:
-        return _round(x, dtype).to(dtype)
-    else:
-        return x.to(dtype)
-
-
-@_device_fn
-def _to_mm(x, dtype: tl.constexpr):
-    """fp32 x rounded to ``dtype``, as the dot-operand dtype MM: ``dtype``, except fp32 for bf16
-    under the interpreter."""
-    if _INTERPRET and dtype == tl.bfloat16:
-        return _round(x, dtype)
-    else:
-        return x.to(dtype)
-
-
-@_device_fn
-def _pick(in0, a, b, TWO_STREAMS: tl.constexpr):
-    """What a program uses from its stream: a in stream 0 (in0), b in stream 1; a with one stream."""
-    if TWO_STREAMS:
-        return tl.where(in0, a, b)
-    else:
-        return a
-
-
-# ------------------------------------------------------------------------------------------------
-# Tile helpers. Per-head-dim vectors (columns, masks, weights) are computed once per program and
-# passed down, so the loops only load and compute.
-# ------------------------------------------------------------------------------------------------
-@_device_fn
-def _head_cols(D: tl.constexpr, DP: tl.constexpr, ROPE: tl.constexpr):
-    """Head-dim column of every element of the a / b halves (of the whole tile without RoPE), and
-    which of them are real (not padding)."""
-    if ROPE == 0:
-        ca = tl.arange(0, DP)
-        cb = ca
-        ok = ca < D
-    else:
-        j = tl.arange(0, DP // 2)
-        ok = j < D // 2
-        if ROPE == 1:  # interleaved pairs (2j, 2j + 1)
-            ca = 2 * j
-            cb = 2 * j + 1
-        else:  # half-split pairs (j, j + Dh/2)
-            ca = j
-            cb = j + D // 2
-    return ca, cb, ok
-
-
-@_device_fn
-def _load_weights(
-    W,  # RMSNorm weight (Dh,), any float dtype
-    X,  # any pointer of the activations' dtype (the weight is rounded to it, as in the reference)
-    ca, cb, cok,  # from _head_cols
-    ROPE: tl.constexpr,
-    NORM: tl.constexpr,
-):
-    """(wa, wb) fp32 halves of the weight (placeholders without NORM)."""
-    if NORM:
-        dt = X.dtype.element_ty
-        wa = _round(tl.load(W + ca, mask=cok, other=0.0).to(tl.float32), dt)
-        if ROPE != 0:
-            wb = _round(tl.load(W + cb, mask=cok, other=0.0).to(tl.float32), dt)
-        else:
-            wb = wa
-    else:
-        wa = 0.0
-        wb = 0.0
-    return wa, wb
-
-
-@_device_fn
-def _load_heads(
-    ptr,  # pointer to element (token 0, col 0) of this (batch, head) of the tensor
-    rows,  # (R,) int64 token indices of the tile
-    row_ok,  # (R,) which rows exist
-    stride_l,  # element stride between tokens
-    ca, cb, cok,  # from _head_cols
-    R: tl.constexpr,
-    D: tl.constexpr,
-    DP: tl.constexpr,
-    ROPE: tl.constexpr,
-):
-    """(a, b) halves of an (R, Dh) tile in the tensor's dtype (b is a without RoPE); padding is 0."""
-    if ROPE == 1:
-        # one contiguous (R, DP) load, de-interleaved in registers
-        d = tl.arange(0, DP)
-        x = tl.load(ptr + rows[:, None] * stride_l + d[None, :], mask=row_ok[:, None] & (d < D)[None, :], other=0.0)
-        a, b = tl.split(tl.reshape(x, (R, DP // 2, 2)))
-    else:
-        m = row_ok[:, None] & cok[None, :]
-        a = tl.load(ptr + rows[:, None] * stride_l + ca[None, :], mask=m, other=0.0)
-        if ROPE == 2:
-            b = tl.load(ptr + rows[:, None] * stride_l + cb[None, :], mask=m, other=0.0)
-        else:
-            b = a
-    return a, b
-
-
-@_device_fn
-def _store_heads(
-    ptr,  # pointer to element (token 0, col 0) of this (batch, head) of the output
-    a, b,  # halves, already in the output dtype (b ignored without RoPE)
-    rows, row_ok, stride_l, ca, cb, cok,
-    R: tl.constexpr,
-    D: tl.constexpr,
-    DP: tl.constexpr,
-    ROPE: tl.constexpr,
-):
-    """Inverse of _load_heads."""
-    if ROPE == 1:
-        d = tl.arange(0, DP)
-        x = tl.reshape(tl.join(a, b), (R, DP))
-        tl.store(ptr + rows[:, None] * stride_l + d[None, :], x, mask=row_ok[:, None] & (d < D)[None, :])
-    else:
-        m = row_ok[:, None] & cok[None, :]
-        tl.store(ptr + rows[:, None] * stride_l + ca[None, :], a, mask=m)
-        if ROPE == 2:
-            tl.store(ptr + rows[:, None] * stride_l + cb[None, :], b, mask=m)
-
-
-@_device_fn
-def _prologue(
-    a, b,  # raw halves of the tile, input dtype
-    wa, wb,  # fp32 weight halves (NORM)
-    C, S,  # cos / sin tables at this batch (ROPE != 0)
-    pos,  # (R,) int64 joint positions of the rows
-    pos_ok,  # (R,)
-    cok,  # (DP/2,) real pair columns (ROPE != 0)
-    stride_cl,  # element stride between positions of the tables
-    eps,
-    D: tl.constexpr,
-    DP: tl.constexpr,
-    ROPE: tl.constexpr,
-    NORM: tl.constexpr,
-):
-    """RoPE(RMSNorm(x) · w) of the tile as (a, b) in the MM dtype, rounded to the input dtype at
-    the reference's steps: after the normalization, after the weight, after the rotation."""
-    dt = a.dtype
-    af = a.to(tl.float32)
-    bf = b.to(tl.float32)
-    if NORM:
-        ss = tl.sum(af * af, 1)
-        if ROPE != 0:
-            ss += tl.sum(bf * bf, 1)
-        r = (1.0 / tl.sqrt(ss / D + eps))[:, None]
-        af = _round(af * r, dt) * wa[None, :]
-        if ROPE != 0:
-            bf = _round(bf * r, dt) * wb[None, :]
-        if ROPE == 0:
-            a = _to_mm(af, dt)
-            b = a
-        else:
-            af = _round(af, dt)
-            bf = _round(bf, dt)
-    if ROPE != 0:
-        j = tl.arange(0, DP // 2)
-        off = pos[:, None] * stride_cl + j[None, :]
-        m = pos_ok[:, None] & cok[None, :]
-        c = tl.load(C + off, mask=m, other=0.0)
-        s = tl.load(S + off, mask=m, other=0.0)
-        a = _to_mm(af * c - bf * s, dt)
-        b = _to_mm(af * s + bf * c, dt)
-    return a, b
-
-
-@_device_fn
-def _prologue_bwd(
-    ga, gb,  # fp32 gradient w.r.t. the prologue's output halves
-    a, b,  # raw input halves (input dtype)
-    wa, wb, C, S, pos, pos_ok, cok, stride_cl, eps,
-    D: tl.constexpr,
-    DP: tl.constexpr,
-    ROPE: tl.constexpr,
-    NORM: tl.constexpr,
-):
-    """(dxa, dxb, dwa, dwb): the gradient w.r.t. the raw input halves (fp32) and the rows' summed
-    weight-gradient halves (fp32; zeros without NORM). The forward's roundings count as identity.
-
-    RoPE⁻¹ rotates by −θ. RMSNorm with n = x · rstd, y = n · w: dw = Σ_rows g · n, dn = g · w,
-    dx = rstd · dn − x · rstd³ · mean(dn · x).
-    """
-    if ROPE != 0:
-        j = tl.arange(0, DP // 2)
-        off = pos[:, None] * stride_cl + j[None, :]
-        m = pos_ok[:, None] & cok[None, :]
-        c = tl.load(C + off, mask=m, other=0.0)
-        s = tl.load(S + off, mask=m, other=0.0)
-        ga_rot = ga * c + gb * s
-        gb = gb * c - ga * s
-        ga = ga_rot
-        dwa = tl.zeros((DP // 2,), dtype=tl.float32)
-    else:
-        dwa = tl.zeros((DP,), dtype=tl.float32)
-    dwb = dwa
-    if NORM:
-        dt = a.dtype
-        af = a.to(tl.float32)
-        ss = tl.sum(af * af, 1)
-        if ROPE != 0:
-            bf = b.to(tl.float32)
-            ss += tl.sum(bf * bf, 1)
-        r = (1.0 / tl.sqrt(ss / D + eps))[:, None]
-        dwa = tl.sum(ga * _round(af * r, dt), 0)
-        ga = ga * wa[None, :]
-        dot = tl.sum(ga * af, 1)
-        if ROPE != 0:
-            dwb = tl.sum(gb * _round(bf * r, dt), 0)
-            gb = gb * wb[None, :]
-            dot += tl.sum(gb * bf, 1)
-        coef = (r * r * r) * (dot / D)[:, None]
-        ga = r * ga - af * coef
-        if ROPE != 0:
-            gb = r * gb - bf * coef
-        else:
-            gb = ga
-    return ga, gb, dwa, dwb
 
 
 # ------------------------------------------------------------------------------------------------
 # Forward
 # ------------------------------------------------------------------------------------------------
-@_device_fn
-def _fwd_inner(
-    acc, m_i, l_i,  # running output (BM, DP) fp32, row max (BM,), row sum (BM,)
-    qa, qb,  # the q tile (after the prologue)
-    K, V,  # this key stream's k, v at (batch, head)
+@triton.jit
+def _cast(x, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """fp32 x as ``dtype``; with ROUND_BF16 (interpreter only) rounded to bf16's 8 significant bits
+    to nearest first (Veltkamp split: the interpreter's truncating cast of the result is exact)."""
+    if ROUND_BF16:
+        t = x * 65537.0
+        x = tl.where(tl.abs(x) < 1e30, t - (t - x), x)
+    return x.to(dtype)
+
+
+@triton.jit
+def _fwd_block(
+    acc, m_i, l_i,  # running output (BM, DP) fp32, row max (BM,) in scaled base-2 units, row sum (BM,)
+    q,  # (BM, DP) query tile, MM dtype
+    K, V,  # k, v at this (batch, head)
     sk_l, sv_l,  # their token strides
-    wa, wb,  # k's RMSNorm weight halves of this stream
-    C, S,  # the RoPE tables at this batch
-    pos0,  # joint position of this stream's token 0
-    LK,  # this stream's length
-    ca, cb, cok, sc_l, qk_scale, eps,
+    start_n,  # first key of this block
+    LK,
+    qk_scale,  # Dh**-0.5 * log2(e)
     D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr,
-    ROPE: tl.constexpr, NORM: tl.constexpr, PROLOGUE: tl.constexpr, PREC: tl.constexpr, MM: tl.constexpr,
-    EVEN: tl.constexpr,  # LK is a multiple of BLOCK_N: no key masks
+    MASK_N: tl.constexpr,  # the block is partial: mask its missing keys
+    PREC: tl.constexpr, MM: tl.constexpr,
 ):
-    """Online softmax over the key blocks of one stream."""
+    cols = start_n + tl.arange(0, BLOCK_N)
     d = tl.arange(0, DP)
-    for start_n in range(0, LK, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        if EVEN:
-            col_ok = tl.full((BLOCK_N,), 1, tl.int1)
-        else:
-            col_ok = cols < LK
-        cols = cols.to(tl.int64)
-        ka, kb = _load_heads(K, cols, col_ok, sk_l, ca, cb, cok, BLOCK_N, D, DP, ROPE)
-        if PROLOGUE:
-            ka, kb = _prologue(ka, kb, wa, wb, C, S, pos0 + cols, col_ok, cok, sc_l, eps, D, DP, ROPE, NORM)
-        else:
-            ka = ka.to(MM)
-            kb = kb.to(MM)
-        s = tl.dot(qa, tl.trans(ka), input_precision=PREC)
-        if ROPE != 0:
-            s = tl.dot(qb, tl.trans(kb), s, input_precision=PREC)
-        s = s * qk_scale
-        if not EVEN:
-            s = tl.where(col_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + cols[:, None] * sv_l + d[None, :], mask=col_ok[:, None] & (d < D)[None, :], other=0.0)
-        acc = tl.dot(_to_mm(p, V.dtype.element_ty), v.to(MM), acc * alpha[:, None], input_precision=PREC)
-        m_i = m_new
-    return acc, m_i, l_i
+    if MASK_N:
+        kv_mask = (cols < LK)[:, None] & (d < D)[None, :]
+    else:
+        kv_mask = (d < D)[None, :]
+    rows64 = cols.to(tl.int64)[:, None]
+    k = tl.load(K + rows64 * sk_l + d[None, :], mask=kv_mask, other=0.0).to(MM)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC)
+    if MASK_N:
+        s = tl.where((cols < LK)[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    p = tl.exp2(s * qk_scale - m_new[:, None])  # one FFMA per score, then exp2
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(V + rows64 * sv_l + d[None, :], mask=kv_mask, other=0.0).to(MM)
+    acc = tl.dot(p.to(MM), v, acc * alpha[:, None], input_precision=PREC)
+    return acc, m_new, l_i
 
 
 @triton.jit
 def _attn_fwd_kernel(
-    # stream 0: q, k, v (B, L, H, Dh) inputs and o (B, Lq0, H, Dh) output; stream 1 likewise
-    Q0, K0, V0, O0, Q1, K1, V1, O1,
-    LSE,  # (B, H, Lq0 + Lq1) fp32 output: base-2 logsumexp of each query row's scaled scores
-    WQ0, WK0, WQ1, WK1,  # RMSNorm weights (Dh,) of each stream's q and k (NORM)
-    COS, SIN,  # (B or 1, Lk0 + Lk1, Dh/2) fp32 RoPE tables (ROPE != 0)
-    # (batch, token, head) strides of q0, k0, v0, o0, q1, k1, v1, o1, in elements
-    sq0_b, sq0_l, sq0_h, sk0_b, sk0_l, sk0_h, sv0_b, sv0_l, sv0_h, so0_b, so0_l, so0_h,
-    sq1_b, sq1_l, sq1_h, sk1_b, sk1_l, sk1_h, sv1_b, sv1_l, sv1_h, so1_b, so1_l, so1_h,
-    sc_b, sc_l,  # RoPE table strides (sc_b = 0: one table for the whole batch)
-    LQ0, LQ1, LK0, LK1,  # stream lengths (queries, keys)
+    Q, K, V,  # (B, Lq, H, Dh), (B, Lk, H, Dh) x 2 inputs; unit stride on Dh
+    O,  # (B, Lq, H, Dh) output, q's dtype
+    LSE,  # (B, H, Lq) fp32 output: natural-log logsumexp of each query row's scaled scores
+    sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h, so_b, so_l, so_h,  # strides, in elements
+    LQ, LK,  # sequence lengths (LK >= 1)
     H,  # heads
     qk_scale,  # Dh**-0.5 * log2(e)
-    eps,  # RMSNorm epsilon
     D: tl.constexpr,  # head dim
     DP: tl.constexpr,  # head dim padded to a power of two
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    ROPE: tl.constexpr,  # 0 none, 1 interleaved, 2 half-split
-    NORM: tl.constexpr,  # apply QK-RMSNorm
-    PROLOGUE: tl.constexpr,  # NORM or ROPE != 0
-    TWO_STREAMS: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # keys per inner step
+    EVEN_N: tl.constexpr,  # LK % BLOCK_N == 0: no partial key block
     PREC: tl.constexpr,  # tl.dot input precision ("ieee" for fp32 inputs)
-    MM: tl.constexpr,  # dtype of the tl.dot operands (the inputs'; fp32 for bf16 under the interpreter)
-    EVEN_K0: tl.constexpr,  # Lk0 (Lk1) is a multiple of BLOCK_N
-    EVEN_K1: tl.constexpr,
+    MM: tl.constexpr,  # dtype of the tl.dot operands
+    ROUND_BF16: tl.constexpr,  # interpreter with bf16 output: round before the cast
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
+    Q += off_b * sq_b + off_h * sq_h
+    K += off_b * sk_b + off_h * sk_h
+    V += off_b * sv_b + off_h * sv_h
+    O += off_b * so_b + off_h * so_h
 
-    # this program's q stream: tiles [0, n0) are stream 0's, the rest stream 1's
-    n0 = tl.cdiv(LQ0, BLOCK_M)
-    in0 = pid_m < n0
-    Q = _pick(in0, Q0 + off_b * sq0_b + off_h * sq0_h, Q1 + off_b * sq1_b + off_h * sq1_h, TWO_STREAMS)
-    O = _pick(in0, O0 + off_b * so0_b + off_h * so0_h, O1 + off_b * so1_b + off_h * so1_h, TWO_STREAMS)
-    WQ = _pick(in0, WQ0, WQ1, TWO_STREAMS)
-    sq_l = _pick(in0, sq0_l, sq1_l, TWO_STREAMS)
-    so_l = _pick(in0, so0_l, so1_l, TWO_STREAMS)
-    LQ = _pick(in0, LQ0, LQ1, TWO_STREAMS)
-    q_pos0 = _pick(in0, 0, LQ0, TWO_STREAMS)
-    start_m = _pick(in0, pid_m, pid_m - n0, TWO_STREAMS) * BLOCK_M
-    C = COS + off_b * sc_b
-    S = SIN + off_b * sc_b
-    ca, cb, cok = _head_cols(D, DP, ROPE)
-
-    rows = start_m + tl.arange(0, BLOCK_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < LQ
-    rows = rows.to(tl.int64)
-    qa, qb = _load_heads(Q, rows, row_ok, sq_l, ca, cb, cok, BLOCK_M, D, DP, ROPE)
-    if PROLOGUE:
-        wa, wb = _load_weights(WQ, Q0, ca, cb, cok, ROPE, NORM)
-        qa, qb = _prologue(qa, qb, wa, wb, C, S, q_pos0 + rows, row_ok, cok, sc_l, eps, D, DP, ROPE, NORM)
-    else:
-        qa = qa.to(MM)
-        qb = qb.to(MM)
+    rows64 = rows.to(tl.int64)
+    d = tl.arange(0, DP)
+    qmask = row_ok[:, None] & (d < D)[None, :]
+    q = tl.load(Q + rows64[:, None] * sq_l + d[None, :], mask=qmask, other=0.0).to(MM)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, DP), dtype=tl.float32)
-    wa, wb = _load_weights(WK0, Q0, ca, cb, cok, ROPE, NORM)
-    acc, m_i, l_i = _fwd_inner(
-        acc, m_i, l_i, qa, qb, K0 + off_b * sk0_b + off_h * sk0_h, V0 + off_b * sv0_b + off_h * sv0_h,
-        sk0_l, sv0_l, wa, wb, C, S, 0, LK0, ca, cb, cok, sc_l, qk_scale, eps,
-        D, DP, BLOCK_N, ROPE, NORM, PROLOGUE, PREC, MM, EVEN_K0,
-    )
-    if TWO_STREAMS:
-        wa, wb = _load_weights(WK1, Q0, ca, cb, cok, ROPE, NORM)
-        acc, m_i, l_i = _fwd_inner(
-            acc, m_i, l_i, qa, qb, K1 + off_b * sk1_b + off_h * sk1_h, V1 + off_b * sv1_b + off_h * sv1_h,
-            sk1_l, sv1_l, wa, wb, C, S, LK0, LK1, ca, cb, cok, sc_l, qk_scale, eps,
-            D, DP, BLOCK_N, ROPE, NORM, PROLOGUE, PREC, MM, EVEN_K1,
-        )
+    n_full = (LK // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K, V, sk_l, sv_l, start_n, LK, qk_scale,
+                                   D, DP, BLOCK_N, False, PREC, MM)
+    if not EVEN_N:
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K, V, sk_l, sv_l, n_full, LK, qk_scale,
+                                   D, DP, BLOCK_N, True, PREC, MM)
 
     o = acc / l_i[:, None]
-    d = tl.arange(0, DP)
-    tl.store(O + rows[:, None] * so_l + d[None, :], _to(o, O.dtype.element_ty), mask=row_ok[:, None] & (d < D)[None, :])
-    lse_rows = pid_bh.to(tl.int64) * (LQ0 + LQ1) + q_pos0 + rows
-    tl.store(LSE + lse_rows, m_i + tl.log2(l_i), mask=row_ok)
+    tl.store(O + rows64[:, None] * so_l + d[None, :], _cast(o, O.dtype.element_ty, ROUND_BF16), mask=qmask)
+    tl.store(LSE + pid_bh.to(tl.int64) * LQ + rows64, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_ok)
 
 
 # ------------------------------------------------------------------------------------------------
-# Backward: dq (and Δ)
+# Backward
 # ------------------------------------------------------------------------------------------------
-@_device_fn
-def _bwd_dq_inner(
-    dqa, dqb,  # fp32 accumulators (halves)
-    qa, qb, do, lse, delta,  # the q tile (after the prologue), its dO, logsumexp and Δ rows
-    K, V, sk_l, sv_l, wa, wb, C, S, pos0, LK, ca, cb, cok, sc_l, qk_scale, eps,
-    D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr,
-    ROPE: tl.constexpr, NORM: tl.constexpr, PROLOGUE: tl.constexpr, PREC: tl.constexpr, MM: tl.constexpr,
-):
-    """Accumulate dq over the key blocks of one stream."""
-    d = tl.arange(0, DP)
-    for start_n in range(0, LK, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        col_ok = cols < LK
-        cols = cols.to(tl.int64)
-        ka, kb = _load_heads(K, cols, col_ok, sk_l, ca, cb, cok, BLOCK_N, D, DP, ROPE)
-        if PROLOGUE:
-            ka, kb = _prologue(ka, kb, wa, wb, C, S, pos0 + cols, col_ok, cok, sc_l, eps, D, DP, ROPE, NORM)
-        else:
-            ka = ka.to(MM)
-            kb = kb.to(MM)
-        v = tl.load(V + cols[:, None] * sv_l + d[None, :], mask=col_ok[:, None] & (d < D)[None, :], other=0.0).to(MM)
-        s = tl.dot(qa, tl.trans(ka), input_precision=PREC)
-        if ROPE != 0:
-            s = tl.dot(qb, tl.trans(kb), s, input_precision=PREC)
-        p = tl.where(col_ok[None, :], tl.exp2(s * qk_scale - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = _to_mm(p * (dp - delta[:, None]), K.dtype.element_ty)
-        dqa = tl.dot(ds, ka, dqa, input_precision=PREC)
-        if ROPE != 0:
-            dqb = tl.dot(ds, kb, dqb, input_precision=PREC)
-    return dqa, dqb
-
-
 @triton.jit
-def _attn_bwd_dq_kernel(
-    Q0, K0, V0, O0, DO0, DQ0, Q1, K1, V1, O1, DO1, DQ1,  # per stream: inputs, output, its grad, dq out
-    LSE,  # (B, H, Lq0 + Lq1) fp32 from the forward
-    DELTA,  # (B, H, Lq0 + Lq1) fp32 output: rowsum(dO ∘ O)
-    WQ0, WK0, WQ1, WK1, COS, SIN,
-    DWQ,  # (B·H·n_q_tiles, Dh) fp32 output: per-program partials of the q weights' gradient (NORM)
-    sq0_b, sq0_l, sq0_h, sk0_b, sk0_l, sk0_h, sv0_b, sv0_l, sv0_h,
-    so0_b, so0_l, so0_h, sdo0_b, sdo0_l, sdo0_h, sdq0_b, sdq0_l, sdq0_h,
-    sq1_b, sq1_l, sq1_h, sk1_b, sk1_l, sk1_h, sv1_b, sv1_l, sv1_h,
-    so1_b, so1_l, so1_h, sdo1_b, sdo1_l, sdo1_h, sdq1_b, sdq1_l, sdq1_h,
-    sc_b, sc_l, LQ0, LQ1, LK0, LK1, H, sm_scale, qk_scale, eps,
-    D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ROPE: tl.constexpr, NORM: tl.constexpr, PROLOGUE: tl.constexpr, TWO_STREAMS: tl.constexpr,
-    PREC: tl.constexpr, MM: tl.constexpr,
+def _attn_bwd_preprocess_kernel(
+    O, DO,  # (B, Lq, H, Dh) forward output and its gradient
+    DELTA,  # (B, H, Lq) fp32 output: rowsum(dO * O)
+    so_b, so_l, so_h, sdo_b, sdo_l, sdo_h,
+    LQ, H,
+    D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
-    n0 = tl.cdiv(LQ0, BLOCK_M)
-    in0 = pid_m < n0
-    Q = _pick(in0, Q0 + off_b * sq0_b + off_h * sq0_h, Q1 + off_b * sq1_b + off_h * sq1_h, TWO_STREAMS)
-    O = _pick(in0, O0 + off_b * so0_b + off_h * so0_h, O1 + off_b * so1_b + off_h * so1_h, TWO_STREAMS)
-    DO = _pick(in0, DO0 + off_b * sdo0_b + off_h * sdo0_h, DO1 + off_b * sdo1_b + off_h * sdo1_h, TWO_STREAMS)
-    DQ = _pick(in0, DQ0 + off_b * sdq0_b + off_h * sdq0_h, DQ1 + off_b * sdq1_b + off_h * sdq1_h, TWO_STREAMS)
-    WQ = _pick(in0, WQ0, WQ1, TWO_STREAMS)
-    sq_l = _pick(in0, sq0_l, sq1_l, TWO_STREAMS)
-    so_l = _pick(in0, so0_l, so1_l, TWO_STREAMS)
-    sdo_l = _pick(in0, sdo0_l, sdo1_l, TWO_STREAMS)
-    sdq_l = _pick(in0, sdq0_l, sdq1_l, TWO_STREAMS)
-    LQ = _pick(in0, LQ0, LQ1, TWO_STREAMS)
-    q_pos0 = _pick(in0, 0, LQ0, TWO_STREAMS)
-    start_m = _pick(in0, pid_m, pid_m - n0, TWO_STREAMS) * BLOCK_M
-    C = COS + off_b * sc_b
-    S = SIN + off_b * sc_b
-    ca, cb, cok = _head_cols(D, DP, ROPE)
-
-    rows = start_m + tl.arange(0, BLOCK_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < LQ
-    rows = rows.to(tl.int64)
+    rows64 = rows.to(tl.int64)
     d = tl.arange(0, DP)
-    dmask = row_ok[:, None] & (d < D)[None, :]
-    do = tl.load(DO + rows[:, None] * sdo_l + d[None, :], mask=dmask, other=0.0)
-    o = tl.load(O + rows[:, None] * so_l + d[None, :], mask=dmask, other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    lse_rows = pid_bh.to(tl.int64) * (LQ0 + LQ1) + q_pos0 + rows
-    tl.store(DELTA + lse_rows, delta, mask=row_ok)
-    lse = tl.load(LSE + lse_rows, mask=row_ok, other=0.0)
-
-    xa, xb = _load_heads(Q, rows, row_ok, sq_l, ca, cb, cok, BLOCK_M, D, DP, ROPE)
-    wqa, wqb = _load_weights(WQ, Q0, ca, cb, cok, ROPE, NORM)
-    if PROLOGUE:
-        qa, qb = _prologue(xa, xb, wqa, wqb, C, S, q_pos0 + rows, row_ok, cok, sc_l, eps, D, DP, ROPE, NORM)
-    else:
-        qa = xa.to(MM)
-        qb = xb.to(MM)
-    do = do.to(MM)
-    if ROPE != 0:
-        dqa = tl.zeros((BLOCK_M, DP // 2), dtype=tl.float32)
-    else:
-        dqa = tl.zeros((BLOCK_M, DP), dtype=tl.float32)
-    dqb = dqa
-    wa, wb = _load_weights(WK0, Q0, ca, cb, cok, ROPE, NORM)
-    dqa, dqb = _bwd_dq_inner(
-        dqa, dqb, qa, qb, do, lse, delta,
-        K0 + off_b * sk0_b + off_h * sk0_h, V0 + off_b * sv0_b + off_h * sv0_h, sk0_l, sv0_l,
-        wa, wb, C, S, 0, LK0, ca, cb, cok, sc_l, qk_scale, eps, D, DP, BLOCK_N, ROPE, NORM, PROLOGUE, PREC, MM,
-    )
-    if TWO_STREAMS:
-        wa, wb = _load_weights(WK1, Q0, ca, cb, cok, ROPE, NORM)
-        dqa, dqb = _bwd_dq_inner(
-            dqa, dqb, qa, qb, do, lse, delta,
-            K1 + off_b * sk1_b + off_h * sk1_h, V1 + off_b * sv1_b + off_h * sv1_h, sk1_l, sv1_l,
-            wa, wb, C, S, LK0, LK1, ca, cb, cok, sc_l, qk_scale, eps, D, DP, BLOCK_N, ROPE, NORM, PROLOGUE, PREC, MM,
-        )
-    dqa *= sm_scale
-    dqb *= sm_scale
-    if PROLOGUE:
-        dqa, dqb, dwa, dwb = _prologue_bwd(
-            dqa, dqb, xa, xb, wqa, wqb, C, S, q_pos0 + rows, row_ok, cok, sc_l, eps, D, DP, ROPE, NORM
-        )
-        if NORM:  # this program's row of weight-gradient partials
-            DW = DWQ + (pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m) * D
-            tl.store(DW + ca, dwa, mask=cok)
-            if ROPE != 0:
-                tl.store(DW + cb, dwb, mask=cok)
-    dt = DQ.dtype.element_ty
-    _store_heads(DQ, _to(dqa, dt), _to(dqb, dt), rows, row_ok, sdq_l, ca, cb, cok, BLOCK_M, D, DP, ROPE)
-
-
-# ------------------------------------------------------------------------------------------------
-# Backward: dk, dv
-# ------------------------------------------------------------------------------------------------
-@_device_fn
-def _bwd_dkdv_inner(
-    dka, dkb, dv,  # fp32 accumulators
-    ka, kb, v,  # the key tile (after the prologue) and its values
-    col_ok,  # (BLOCK_N,) which key rows exist
-    Q, DO, sq_l, sdo_l, wa, wb, C, S, pos0, LQ, lse_row, LSE, DELTA, ca, cb, cok, sc_l, qk_scale, eps,
-    D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr,
-    ROPE: tl.constexpr, NORM: tl.constexpr, PROLOGUE: tl.constexpr, PREC: tl.constexpr, MM: tl.constexpr,
-):
-    """Accumulate dk, dv over the q blocks of one stream (scores held transposed: (keys, queries))."""
-    d = tl.arange(0, DP)
-    for start_m in range(0, LQ, BLOCK_M):
-        rows = start_m + tl.arange(0, BLOCK_M)
-        row_ok = rows < LQ
-        rows = rows.to(tl.int64)
-        qa, qb = _load_heads(Q, rows, row_ok, sq_l, ca, cb, cok, BLOCK_M, D, DP, ROPE)
-        if PROLOGUE:
-            qa, qb = _prologue(qa, qb, wa, wb, C, S, pos0 + rows, row_ok, cok, sc_l, eps, D, DP, ROPE, NORM)
-        else:
-            qa = qa.to(MM)
-            qb = qb.to(MM)
-        do = tl.load(DO + rows[:, None] * sdo_l + d[None, :], mask=row_ok[:, None] & (d < D)[None, :], other=0.0).to(MM)
-        lse = tl.load(LSE + lse_row + pos0 + rows, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + lse_row + pos0 + rows, mask=row_ok, other=0.0)
-        st = tl.dot(ka, tl.trans(qa), input_precision=PREC)
-        if ROPE != 0:
-            st = tl.dot(kb, tl.trans(qb), st, input_precision=PREC)
-        pt = tl.where(col_ok[:, None] & row_ok[None, :], tl.exp2(st * qk_scale - lse[None, :]), 0.0)
-        dv = tl.dot(_to_mm(pt, Q.dtype.element_ty), do, dv, input_precision=PREC)
-        dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
-        dst = _to_mm(pt * (dpt - delta[None, :]), Q.dtype.element_ty)
-        dka = tl.dot(dst, qa, dka, input_precision=PREC)
-        if ROPE != 0:
-            dkb = tl.dot(dst, qb, dkb, input_precision=PREC)
-    return dka, dkb, dv
+    mask = row_ok[:, None] & (d < D)[None, :]
+    o = tl.load(O + off_b * so_b + off_h * so_h + rows64[:, None] * so_l + d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + off_b * sdo_b + off_h * sdo_h + rows64[:, None] * sdo_l + d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * LQ + rows64, delta, mask=row_ok)
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(
-    Q0, K0, V0, DO0, DK0, DV0, Q1, K1, V1, DO1, DK1, DV1,  # per stream: inputs, dO, dk and dv out
-    LSE, DELTA,  # (B, H, Lq0 + Lq1) fp32 inputs
-    WQ0, WK0, WQ1, WK1, COS, SIN,
-    DWK,  # (B·H·n_k_tiles, Dh) fp32 output: per-program partials of the k weights' gradient (NORM)
-    sq0_b, sq0_l, sq0_h, sk0_b, sk0_l, sk0_h, sv0_b, sv0_l, sv0_h,
-    sdo0_b, sdo0_l, sdo0_h, sdk0_b, sdk0_l, sdk0_h, sdv0_b, sdv0_l, sdv0_h,
-    sq1_b, sq1_l, sq1_h, sk1_b, sk1_l, sk1_h, sv1_b, sv1_l, sv1_h,
-    sdo1_b, sdo1_l, sdo1_h, sdk1_b, sdk1_l, sdk1_h, sdv1_b, sdv1_l, sdv1_h,
-    sc_b, sc_l, LQ0, LQ1, LK0, LK1, H, sm_scale, qk_scale, eps,
-    D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ROPE: tl.constexpr, NORM: tl.constexpr, PROLOGUE: tl.constexpr, TWO_STREAMS: tl.constexpr,
-    PREC: tl.constexpr, MM: tl.constexpr,
+def _attn_bwd_kernel(
+    Q, K, V, DO,  # inputs and the output's gradient (B, L, H, Dh)
+    DK, DV,  # (B, Lk, H, Dh) outputs, the inputs' dtype
+    DQ_ACC,  # (slices, B, Lq, H, Dh) fp32 accumulator of dS K (zero-initialized), unscaled
+    LSE, DELTA,  # (B, H, Lq) fp32: natural-log logsumexp from the forward, rowsum(dO * O)
+    sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h, sdo_b, sdo_l, sdo_h,
+    sdk_b, sdk_l, sdk_h, sdv_b, sdv_l, sdv_h,
+    sacc_s, sacc_b, sacc_l, sacc_h,  # accumulator strides (slice, batch, token, head)
+    LQ, LK, H,
+    N_SPLITS,  # programs per (batch, head) along the keys; program s takes key blocks s, s + N_SPLITS, ...
+    sm_scale,  # Dh**-0.5
+    qk_scale,  # Dh**-0.5 * log2(e)
+    D: tl.constexpr, DP: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query rows per inner step
+    BLOCK_N: tl.constexpr,  # keys per program step
+    DETERMINISTIC: tl.constexpr,  # each split adds into its own accumulator slice (else all into slice 0)
+    PREC: tl.constexpr, MM: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
-    n0 = tl.cdiv(LK0, BLOCK_N)
-    in0 = pid_n < n0
-    K = _pick(in0, K0 + off_b * sk0_b + off_h * sk0_h, K1 + off_b * sk1_b + off_h * sk1_h, TWO_STREAMS)
-    V = _pick(in0, V0 + off_b * sv0_b + off_h * sv0_h, V1 + off_b * sv1_b + off_h * sv1_h, TWO_STREAMS)
-    DK = _pick(in0, DK0 + off_b * sdk0_b + off_h * sdk0_h, DK1 + off_b * sdk1_b + off_h * sdk1_h, TWO_STREAMS)
-    DV = _pick(in0, DV0 + off_b * sdv0_b + off_h * sdv0_h, DV1 + off_b * sdv1_b + off_h * sdv1_h, TWO_STREAMS)
-    WK = _pick(in0, WK0, WK1, TWO_STREAMS)
-    sk_l = _pick(in0, sk0_l, sk1_l, TWO_STREAMS)
-    sv_l = _pick(in0, sv0_l, sv1_l, TWO_STREAMS)
-    sdk_l = _pick(in0, sdk0_l, sdk1_l, TWO_STREAMS)
-    sdv_l = _pick(in0, sdv0_l, sdv1_l, TWO_STREAMS)
-    LK = _pick(in0, LK0, LK1, TWO_STREAMS)
-    k_pos0 = _pick(in0, 0, LK0, TWO_STREAMS)
-    start_n = _pick(in0, pid_n, pid_n - n0, TWO_STREAMS) * BLOCK_N
-    C = COS + off_b * sc_b
-    S = SIN + off_b * sc_b
-    ca, cb, cok = _head_cols(D, DP, ROPE)
-
-    cols = start_n + tl.arange(0, BLOCK_N)
-    col_ok = cols < LK
-    cols = cols.to(tl.int64)
+    Q += off_b * sq_b + off_h * sq_h
+    K += off_b * sk_b + off_h * sk_h
+    V += off_b * sv_b + off_h * sv_h
+    DO += off_b * sdo_b + off_h * sdo_h
+    DK += off_b * sdk_b + off_h * sdk_h
+    DV += off_b * sdv_b + off_h * sdv_h
+    if DETERMINISTIC:
+        DQ_ACC += pid_s.to(tl.int64) * sacc_s
+    DQ_ACC += off_b * sacc_b + off_h * sacc_h
+    LSE += pid_bh.to(tl.int64) * LQ
+    DELTA += pid_bh.to(tl.int64) * LQ
     d = tl.arange(0, DP)
-    dmask = col_ok[:, None] & (d < D)[None, :]
-    xa, xb = _load_heads(K, cols, col_ok, sk_l, ca, cb, cok, BLOCK_N, D, DP, ROPE)
-    wka, wkb = _load_weights(WK, Q0, ca, cb, cok, ROPE, NORM)
-    if PROLOGUE:
-        ka, kb = _prologue(xa, xb, wka, wkb, C, S, k_pos0 + cols, col_ok, cok, sc_l, eps, D, DP, ROPE, NORM)
-    else:
-        ka = xa.to(MM)
-        kb = xb.to(MM)
-    v = tl.load(V + cols[:, None] * sv_l + d[None, :], mask=dmask, other=0.0).to(MM)
+    d_ok = (d < D)[None, :]
 
-    if ROPE != 0:
-        dka = tl.zeros((BLOCK_N, DP // 2), dtype=tl.float32)
-    else:
-        dka = tl.zeros((BLOCK_N, DP), dtype=tl.float32)
-    dkb = dka
-    dv = tl.zeros((BLOCK_N, DP), dtype=tl.float32)
-    lse_row = pid_bh.to(tl.int64) * (LQ0 + LQ1)
-    wa, wb = _load_weights(WQ0, Q0, ca, cb, cok, ROPE, NORM)
-    dka, dkb, dv = _bwd_dkdv_inner(
-        dka, dkb, dv, ka, kb, v, col_ok,
-        Q0 + off_b * sq0_b + off_h * sq0_h, DO0 + off_b * sdo0_b + off_h * sdo0_h, sq0_l, sdo0_l,
-        wa, wb, C, S, 0, LQ0, lse_row, LSE, DELTA, ca, cb, cok, sc_l, qk_scale, eps,
-        D, DP, BLOCK_M, ROPE, NORM, PROLOGUE, PREC, MM,
-    )
-    if TWO_STREAMS:
-        wa, wb = _load_weights(WQ1, Q0, ca, cb, cok, ROPE, NORM)
-        dka, dkb, dv = _bwd_dkdv_inner(
-            dka, dkb, dv, ka, kb, v, col_ok,
-            Q1 + off_b * sq1_b + off_h * sq1_h, DO1 + off_b * sdo1_b + off_h * sdo1_h, sq1_l, sdo1_l,
-            wa, wb, C, S, LQ0, LQ1, lse_row, LSE, DELTA, ca, cb, cok, sc_l, qk_scale, eps,
-            D, DP, BLOCK_M, ROPE, NORM, PROLOGUE, PREC, MM,
-        )
-    dka *= sm_scale
-    dkb *= sm_scale
-    if PROLOGUE:
-        dka, dkb, dwa, dwb = _prologue_bwd(
-            dka, dkb, xa, xb, wka, wkb, C, S, k_pos0 + cols, col_ok, cok, sc_l, eps, D, DP, ROPE, NORM
-        )
-        if NORM:  # this program's row of weight-gradient partials
-            DW = DWK + (pid_bh.to(tl.int64) * tl.num_programs(0) + pid_n) * D
-            tl.store(DW + ca, dwa, mask=cok)
-            if ROPE != 0:
-                tl.store(DW + cb, dwb, mask=cok)
-    dt = DK.dtype.element_ty
-    _store_heads(DK, _to(dka, dt), _to(dkb, dt), cols, col_ok, sdk_l, ca, cb, cok, BLOCK_N, D, DP, ROPE)
-    tl.store(DV + cols[:, None] * sdv_l + d[None, :], _to(dv, DV.dtype.element_ty), mask=dmask)
+    for start_n in range(pid_s * BLOCK_N, LK, N_SPLITS * BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        cols64 = cols.to(tl.int64)[:, None]
+        kv_mask = (cols < LK)[:, None] & d_ok
+        k = tl.load(K + cols64 * sk_l + d[None, :], mask=kv_mask, other=0.0).to(MM)
+        v = tl.load(V + cols64 * sv_l + d[None, :], mask=kv_mask, other=0.0).to(MM)
+        dk = tl.zeros((BLOCK_N, DP), dtype=tl.float32)
+        dv = tl.zeros((BLOCK_N, DP), dtype=tl.float32)
+        for start_m in range(0, LQ, BLOCK_M):
+            rows = start_m + tl.arange(0, BLOCK_M)
+            row_ok = rows < LQ
+            rows64 = rows.to(tl.int64)
+            qmask = row_ok[:, None] & d_ok
+            q = tl.load(Q + rows64[:, None] * sq_l + d[None, :], mask=qmask, other=0.0).to(MM)
+            do = tl.load(DO + rows64[:, None] * sdo_l + d[None, :], mask=qmask, other=0.0).to(MM)
+            # missing rows get lse = +inf, so their P is exactly 0; missing keys are zero rows of k
+            # and v, so their (nonzero) P reaches nothing that is stored
+            lse2 = tl.load(LSE + rows64, mask=row_ok, other=float("inf")) * 1.4426950408889634
+            delta = tl.load(DELTA + rows64, mask=row_ok, other=0.0)
+            st = tl.dot(k, tl.trans(q), input_precision=PREC)  # (BN, BM) scores, transposed
+            pt = tl.exp2(st * qk_scale - lse2[None, :])
+            dv = tl.dot(pt.to(MM), do, dv, input_precision=PREC)
+            dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+            dst = (pt * (dpt - delta[None, :])).to(MM)
+            dk = tl.dot(dst, q, dk, input_precision=PREC)
+            dq = tl.dot(tl.trans(dst), k, input_precision=PREC)  # (BM, DP) this key block's share
+            tl.atomic_add(DQ_ACC + rows64[:, None] * sacc_l + d[None, :], dq, mask=qmask, sem="relaxed")
+        tl.store(DK + cols64 * sdk_l + d[None, :], _cast(dk * sm_scale, DK.dtype.element_ty, ROUND_BF16), mask=kv_mask)
+        tl.store(DV + cols64 * sdv_l + d[None, :], _cast(dv, DV.dtype.element_ty, ROUND_BF16), mask=kv_mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -697,46 +256,71 @@ _MM_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat1
 
 
 def padded_head_dim(head_dim: int) -> int:
-    """The power of two (≥ 32, so RoPE halves are ≥ 16 wide for tl.dot) the head dim is padded to."""
-    return max(32, triton.next_power_of_2(head_dim))
+    """The power of two (at least 16, tl.dot's minimum) the head dim is padded to."""
+    return max(16, triton.next_power_of_2(head_dim))
 
 
-def _configs(dp: int, dtype: torch.dtype, device: torch.device, kernel: str, prologue: bool) -> List[dict]:
-    """Tile sizes and launch options, preferred first; the launcher falls back along the list when
-    a GPU lacks the shared memory / registers (OutOfResources). Starting points, to be tuned.
+def configs(kernel: str, dp: int, dtype: torch.dtype, on_gpu: bool = True) -> List[dict]:
+    """Tile sizes and launch options for ``kernel`` ("fwd" or "bwd") at padded head dim ``dp``,
+    preferred first; the launcher falls back along the list on OutOfResources.
 
-    Under the interpreter (CPU tensors) every op costs about the same whatever the tile, while its
-    tl.dot is a cubic NumPy loop: 32 x 32 tiles are the fastest, and still give the CPU tests
-    streams of several blocks and partial tiles."""
-    if device.type != "cuda":
-        return [dict(BLOCK_M=32, BLOCK_N=32)]
-    wide = dtype == torch.float32 or dp > 128
-    warps = 8 if dp >= 128 else 4
-    if kernel == "fwd":  # BLOCK_M q rows per program, streaming BLOCK_N keys
-        first = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2) if wide else \
-            dict(BLOCK_M=128, BLOCK_N=64, num_warps=warps, num_stages=2 if prologue else 3)
-    elif kernel == "dq":  # BLOCK_M q rows per program, streaming BLOCK_N keys
-        first = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2) if wide else \
-            dict(BLOCK_M=128, BLOCK_N=32, num_warps=warps, num_stages=2)
-    else:  # dkdv: BLOCK_N keys per program, streaming BLOCK_M q rows
-        first = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2) if wide else \
-            dict(BLOCK_M=32, BLOCK_N=128, num_warps=warps, num_stages=2)
+    Chosen from the sm_90 compile report (tests/compile_sm90.py): no forward spills at Dh 64 / 128,
+    bf16 and fp16; fp32 tiles are half as wide (twice the registers per element and no tensor-core
+    fp32 path). Under the interpreter every tile costs about the same, so small tiles (several
+    blocks and partial tiles in small tests) are used there."""
+    if not on_gpu:
+        return [dict(BLOCK_M=16, BLOCK_N=16)] if kernel != "pre" else [dict(BLOCK_M=16)]
+    if kernel == "pre":
+        return [dict(BLOCK_M=64 if dp <= 128 else 32, num_warps=4, num_stages=1)]
+    wide = dtype == torch.float32
+    if kernel == "fwd":
+        if dp <= 64:
+            first = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+        elif dp <= 128:
+            first = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+        else:
+            first = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+        if wide:
+            first = dict(first, BLOCK_M=64, BLOCK_N=32 if dp > 64 else 64, num_warps=4 if dp <= 64 else 8, num_stages=2)
+    else:  # bwd: BLOCK_N keys held per program, BLOCK_M query rows streamed
+        if dp <= 64:
+            first = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+        elif dp <= 128:
+            first = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+        else:
+            first = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)
+        if wide:
+            first = dict(first, BLOCK_M=32, BLOCK_N=32 if dp > 64 else 64, num_stages=1)
     out = [first, dict(first, num_stages=1)]
-    small = dict(BLOCK_M=min(first["BLOCK_M"], 64), BLOCK_N=min(first["BLOCK_N"], 32), num_warps=4, num_stages=1)
-    if small != out[-1]:
-        out.append(small)
+    small = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    for c in (small,):
+        if c not in out:
+            out.append(c)
     return out
 
 
-def _launch(configs: List[dict], launch_one, like: Tensor):
+def num_splits(n_key_blocks: int, batch_heads: int, slots: int, max_splits: int = 8) -> int:
+    """Programs per (batch, head) for the deterministic backward: the split count (at most
+    ``max_splits``, the number of fp32 dq slices, and at most the key blocks) that keeps the most of
+    ``slots`` (SMs x resident programs) busy over whole waves; ties go to fewer splits."""
+    best, best_eff = 1, -1.0
+    for s in range(1, max(1, min(max_splits, n_key_blocks)) + 1):
+        programs = s * batch_heads
+        eff = programs / (triton.cdiv(programs, slots) * slots)
+        if eff > best_eff + 1e-9:
+            best, best_eff = s, eff
+    return best
+
+
+def _launch(cfgs: List[dict], launch_one, like: Tensor):
     """launch_one(cfg) on like's device with the first config the GPU has the resources for
     (nothing is written before a launch succeeds, so retrying is safe)."""
     with on_device(like):
-        for i, cfg in enumerate(configs):
+        for i, cfg in enumerate(cfgs):
             try:
                 return launch_one(cfg)
             except OutOfResources:
-                if i == len(configs) - 1:
+                if i == len(cfgs) - 1:
                     raise
 
 
@@ -745,170 +329,105 @@ def _s(t: Tensor) -> Tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-class _Problem:
-    """What the three kernels share: streams, lengths, prologue settings and the tensors it needs."""
-
-    def __init__(self, q0, k0, v0, q1, k1, v1, wq0, wk0, wq1, wk1, cos, sin, norm, rope, eps):
-        self.two = q1 is not None
-        self.q0, self.k0, self.v0 = q0, k0, v0
-        # with one stream, stream 1's pointers alias stream 0's and are never read
-        self.q1, self.k1, self.v1 = (q1, k1, v1) if self.two else (q0, k0, v0)
-        B, _, H, Dh = q0.shape
-        self.B, self.H, self.D, self.DP = B, H, Dh, padded_head_dim(Dh)
-        self.LQ0, self.LK0 = q0.shape[1], k0.shape[1]
-        self.LQ1, self.LK1 = (q1.shape[1], k1.shape[1]) if self.two else (0, 0)
-        self.norm, self.rope, self.eps = bool(norm), int(rope), float(eps)
-        self.prologue = self.norm or self.rope != 0
-        self.sm_scale = Dh ** -0.5
-        self.prec = "ieee" if q0.dtype == torch.float32 else "tf32"
-        self.mm = _MM_DTYPE[q0.dtype]
-        if q0.dtype == torch.bfloat16 and _INTERPRETING:
-            self.mm = tl.float32
-        # weights: one dtype for all four (they are selected between at run time); a missing one is
-        # ones (x · 1 rounds to x, so that is exact). Unused pointers alias q0.
-        if self.norm:
-            ws = [wq0, wk0, wq1, wk1]
-            dtypes = {w.dtype for w in ws if w is not None}
-            wdtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-            self.weights = [
-                torch.ones(Dh, dtype=wdtype, device=q0.device) if w is None else w.to(wdtype).contiguous()
-                for w in ws
-            ]
-        else:
-            self.weights = [q0] * 4
-        if self.rope:
-            self.cos, self.sin = cos.contiguous(), sin.contiguous()
-            self.sc_b = self.cos.stride(0) if self.cos.dim() == 3 else 0
-            self.sc_l = self.cos.stride(-2)
-        else:
-            self.cos = self.sin = q0
-            self.sc_b = self.sc_l = 0
-
-    def consts(self, cfg: dict) -> dict:
-        return dict(
-            D=self.D, DP=self.DP, ROPE=self.rope, NORM=self.norm, PROLOGUE=self.prologue,
-            TWO_STREAMS=self.two, PREC=self.prec, MM=self.mm, **cfg,
-        )
-
-    def tail(self, *, with_sm_scale: bool) -> list:
-        """The scalar arguments every kernel ends with."""
-        out = [self.sc_b, self.sc_l, self.LQ0, self.LQ1, self.LK0, self.LK1, self.H]
-        if with_sm_scale:
-            out.append(self.sm_scale)
-        return out + [self.sm_scale * LOG2E, self.eps]
+def _mm(dtype: torch.dtype) -> dict:
+    """The MM and ROUND_BF16 constexprs for inputs of ``dtype`` (module docstring)."""
+    quirk = dtype == torch.bfloat16 and _INTERPRETING
+    return dict(MM=tl.float32 if quirk else _MM_DTYPE[dtype], ROUND_BF16=quirk)
 
 
-def attention_forward(
-    q0: Tensor, k0: Tensor, v0: Tensor,
-    q1: Optional[Tensor], k1: Optional[Tensor], v1: Optional[Tensor],
-    wq0: Optional[Tensor], wk0: Optional[Tensor], wq1: Optional[Tensor], wk1: Optional[Tensor],
-    cos: Optional[Tensor], sin: Optional[Tensor], norm: bool, rope: int, eps: float,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """(o0, o1, lse). o_i (B, Lq_i, H, Dh) contiguous (o1 is (B, 0, H, Dh) with one stream);
-    lse (B, H, Lq0 + Lq1) fp32 base-2. Inputs: (B, L, H, Dh) with last-dim stride 1 (validated by
-    ditfast.ops); streams share B, H, Dh, dtype and device."""
-    p = _Problem(q0, k0, v0, q1, k1, v1, wq0, wk0, wq1, wk1, cos, sin, norm, rope, eps)
-    B, H, Dh = p.B, p.H, p.D
-    o0 = q0.new_empty((B, p.LQ0, H, Dh))
-    o1 = q0.new_empty((B, p.LQ1, H, Dh))
-    lse = q0.new_empty((B, H, p.LQ0 + p.LQ1), dtype=torch.float32)
-    o1_ = o1 if p.two else o0
-    if B * H == 0 or p.LQ0 + p.LQ1 == 0:
-        return o0, o1, lse
+def _split_cfg(cfg: dict) -> Tuple[dict, dict]:
+    """(constexpr block sizes, launch options) of a config."""
+    return ({k: v for k, v in cfg.items() if k.startswith("BLOCK")},
+            {k: v for k, v in cfg.items() if not k.startswith("BLOCK")})
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+    """(o, lse): o (B, Lq, H, Dh) contiguous in q's dtype, lse (B, H, Lq) fp32 natural log.
+    q, k, v validated by the caller (ditfast/ops/_attention_triton.py): one dtype and device,
+    unit stride on Dh, Dh <= MAX_HEAD_DIM. Lk = 0 gives o = 0 and lse = -inf."""
+    B, LQ, H, Dh = q.shape
+    LK = k.shape[1]
+    o = q.new_empty((B, LQ, H, Dh))
+    lse = q.new_empty((B, H, LQ), dtype=torch.float32)
+    if B * H * LQ == 0:
+        return o, lse
+    if LK == 0:
+        return o.zero_(), lse.fill_(float("-inf"))
+    dp = padded_head_dim(Dh)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
 
     def launch(cfg):
-        grid = (triton.cdiv(p.LQ0, cfg["BLOCK_M"]) + triton.cdiv(p.LQ1, cfg["BLOCK_M"]), B * H)
+        blocks, opts = _split_cfg(cfg)
+        grid = (triton.cdiv(LQ, blocks["BLOCK_M"]), B * H)
         _attn_fwd_kernel[grid](
-            p.q0, p.k0, p.v0, o0, p.q1, p.k1, p.v1, o1_, lse, *p.weights, p.cos, p.sin,
-            *_s(p.q0), *_s(p.k0), *_s(p.v0), *_s(o0),
-            *_s(p.q1), *_s(p.k1), *_s(p.v1), *_s(o1_),
-            *p.tail(with_sm_scale=False), **p.consts(cfg),
-            EVEN_K0=p.LK0 % cfg["BLOCK_N"] == 0, EVEN_K1=p.LK1 % cfg["BLOCK_N"] == 0,
+            q, k, v, o, lse, *_s(q), *_s(k), *_s(v), *_s(o), LQ, LK, H, Dh ** -0.5 * LOG2E,
+            D=Dh, DP=dp, EVEN_N=LK % blocks["BLOCK_N"] == 0, PREC=prec, **_mm(q.dtype), **blocks, **opts,
         )
 
-    _launch(_configs(p.DP, q0.dtype, q0.device, "fwd", p.prologue), launch, q0)
-    return o0, o1, lse
+    _launch(configs("fwd", dp, q.dtype, q.is_cuda), launch, q)
+    return o, lse
 
 
-def attention_backward(
-    do0: Tensor, do1: Optional[Tensor],
-    q0: Tensor, k0: Tensor, v0: Tensor,
-    q1: Optional[Tensor], k1: Optional[Tensor], v1: Optional[Tensor],
-    o0: Tensor, o1: Optional[Tensor], lse: Tensor,
-    wq0: Optional[Tensor], wk0: Optional[Tensor], wq1: Optional[Tensor], wk1: Optional[Tensor],
-    cos: Optional[Tensor], sin: Optional[Tensor], norm: bool, rope: int, eps: float,
-) -> Tuple[Tensor, ...]:
-    """(dq0, dk0, dv0, dq1, dk1, dv1, dwq0, dwk0, dwq1, dwk1): grads like the inputs (contiguous);
-    a stream-1 grad is None with one stream, a weight grad None without NORM (or with no weight)."""
-    p = _Problem(q0, k0, v0, q1, k1, v1, wq0, wk0, wq1, wk1, cos, sin, norm, rope, eps)
-    B, H, Dh = p.B, p.H, p.D
-    o1 = o1 if p.two else o0
-    do1 = do1 if p.two else do0
-    dq0, dk0, dv0 = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (p.q0, p.k0, p.v0))
-    dq1, dk1, dv1 = (
-        (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (p.q1, p.k1, p.v1))
-        if p.two else (dq0, dk0, dv0)
-    )
+def _slots(t: Tensor, cfg: dict) -> int:
+    """SMs x (an estimate of) resident backward programs per SM; 2 slots without a GPU."""
+    if not t.is_cuda:
+        return 2
+    sms = torch.cuda.get_device_properties(t.device).multi_processor_count
+    return sms * (2 if cfg.get("num_warps", 4) <= 4 else 1)
+
+
+def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                       deterministic: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv), contiguous, in the inputs' dtype, from dO (B, Lq, H, Dh) and the forward's o and
+    lse. Same input contract as :func:`attention_forward`; do needs a unit stride on Dh too."""
+    B, LQ, H, Dh = q.shape
+    LK = k.shape[1]
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if B * H == 0 or LQ == 0 or LK == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    dp = padded_head_dim(Dh)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    sm_scale = Dh ** -0.5
+
     delta = torch.empty_like(lse)
-    f32 = dict(dtype=torch.float32, device=q0.device)
 
-    parts = {}
+    def launch_pre(cfg):
+        blocks, opts = _split_cfg(cfg)
+        _attn_bwd_preprocess_kernel[(triton.cdiv(LQ, blocks["BLOCK_M"]), B * H)](
+            o, do, delta, *_s(o), *_s(do), LQ, H, D=Dh, DP=dp, **blocks, **opts,
+        )
 
-    def launch_dq(cfg):
-        nq0 = triton.cdiv(p.LQ0, cfg["BLOCK_M"])
-        nq = nq0 + triton.cdiv(p.LQ1, cfg["BLOCK_M"])
-        dwq = torch.empty((B * H * nq, Dh) if p.norm else (1,), **f32)
-        if nq and B * H:
-            _attn_bwd_dq_kernel[(nq, B * H)](
-                p.q0, p.k0, p.v0, o0, do0, dq0, p.q1, p.k1, p.v1, o1, do1, dq1,
-                lse, delta, *p.weights, p.cos, p.sin, dwq,
-                *_s(p.q0), *_s(p.k0), *_s(p.v0), *_s(o0), *_s(do0), *_s(dq0),
-                *_s(p.q1), *_s(p.k1), *_s(p.v1), *_s(o1), *_s(do1), *_s(dq1),
-                *p.tail(with_sm_scale=True), **p.consts(cfg),
-            )
-        if p.norm:  # rows are (b·h, tile) with stream 0's tiles first
-            parts["q"] = dwq.view(B * H, nq, Dh).split([nq0, nq - nq0], dim=1)
+    _launch(configs("pre", dp, q.dtype, q.is_cuda), launch_pre, q)
 
-    def launch_dkdv(cfg):
-        nk0 = triton.cdiv(p.LK0, cfg["BLOCK_N"])
-        nk = nk0 + triton.cdiv(p.LK1, cfg["BLOCK_N"])
-        dwk = torch.empty((B * H * nk, Dh) if p.norm else (1,), **f32)
-        if nk and B * H:
-            _attn_bwd_dkdv_kernel[(nk, B * H)](
-                p.q0, p.k0, p.v0, do0, dk0, dv0, p.q1, p.k1, p.v1, do1, dk1, dv1,
-                lse, delta, *p.weights, p.cos, p.sin, dwk,
-                *_s(p.q0), *_s(p.k0), *_s(p.v0), *_s(do0), *_s(dk0), *_s(dv0),
-                *_s(p.q1), *_s(p.k1), *_s(p.v1), *_s(do1), *_s(dk1), *_s(dv1),
-                *p.tail(with_sm_scale=True), **p.consts(cfg),
-            )
-        if p.norm:
-            parts["k"] = dwk.view(B * H, nk, Dh).split([nk0, nk - nk0], dim=1)
+    result = {}
 
-    _launch(_configs(p.DP, q0.dtype, q0.device, "dq", p.prologue), launch_dq, q0)  # writes Δ first
-    _launch(_configs(p.DP, q0.dtype, q0.device, "dkdv", p.prologue), launch_dkdv, q0)
+    def launch(cfg):
+        blocks, opts = _split_cfg(cfg)
+        n_blocks = triton.cdiv(LK, blocks["BLOCK_N"])
+        splits = num_splits(n_blocks, B * H, _slots(q, cfg)) if deterministic else n_blocks
+        acc = torch.zeros((splits if deterministic else 1, B, LQ, H, Dh), dtype=torch.float32, device=q.device)
+        _attn_bwd_kernel[(splits, B * H)](
+            q, k, v, do, dk, dv, acc, lse, delta,
+            *_s(q), *_s(k), *_s(v), *_s(do), *_s(dk), *_s(dv), *acc.stride()[:4],
+            LQ, LK, H, splits, sm_scale, sm_scale * LOG2E,
+            D=Dh, DP=dp, DETERMINISTIC=bool(deterministic), PREC=prec, **_mm(q.dtype), **blocks, **opts,
+        )
+        result["acc"] = acc
 
-    dws: list = [None] * 4
-    if p.norm:  # sum each stream's per-program partials
-        per_weight = [parts["q"][0], parts["k"][0], parts["q"][1], parts["k"][1]]
-        for i, (w, part) in enumerate(zip((wq0, wk0, wq1, wk1), per_weight)):
-            if w is not None:
-                dws[i] = part.sum((0, 1)).to(w.dtype)
-    if not p.two:
-        dq1 = dk1 = dv1 = None
-    return (dq0, dk0, dv0, dq1, dk1, dv1, *dws)
-
-
-def rope_mode(rope: bool, interleaved: bool) -> int:
-    return ROPE_NONE if not rope else (ROPE_INTERLEAVED if interleaved else ROPE_HALF)
+    _launch(configs("bwd", dp, q.dtype, q.is_cuda), launch, q)
+    acc = result["acc"]
+    total = acc[0] if acc.shape[0] == 1 else acc.sum(0)  # a fixed-order sum: deterministic
+    dq.copy_(total.mul_(sm_scale))
+    return dq, dk, dv
 
 
 __all__: Sequence[str] = [
     "attention_forward",
     "attention_backward",
+    "configs",
+    "num_splits",
     "padded_head_dim",
-    "rope_mode",
-    "ROPE_NONE",
-    "ROPE_INTERLEAVED",
-    "ROPE_HALF",
     "MAX_HEAD_DIM",
 ]
