@@ -1,7 +1,8 @@
 """``python -m ditfast.info``: what ditfast can run on this machine, and why not where it can't.
 
-Prints the versions, the devices, and for every op and backend whether it is available and the
-backend the automatic choice would take; then the attention backends' table.
+Prints the versions, the devices, the backend families, and for every op the implementation the
+dispatcher (ditfast/_backend.py) picks for bf16 and fp32 inputs, with every implementation's reasons
+against it: the same resolution the ops run.
 """
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import sys
 import torch
 
 from . import __version__, _backend, _ext, ops  # noqa: F401  (ops registers the implementations)
+from .ops import cuda_impl
+
+_WIDTH = 128  # the row width the report asks about (a head dim; any modulate width up to the limits)
 
 
 def _versions() -> list[str]:
@@ -25,17 +29,8 @@ def _versions() -> list[str]:
     return lines
 
 
-def _devices() -> list[str]:
-    types = ["cpu"]
-    if torch.cuda.is_available():
-        types.insert(0, "cuda")
-    return types
-
-
 def _table_line() -> str:
     """Whether a measured backend table steers the automatic choice on this GPU."""
-    from .ops import cuda_impl
-
     path = cuda_impl._table_path()
     try:
         block = cuda_impl.load_table(path).get(torch.cuda.get_device_name(0))
@@ -46,36 +41,45 @@ def _table_line() -> str:
     return f"measured backend table {path}: {len(block.get('entries', []))} entries for this GPU"
 
 
+def _spec(device: str, dtype: torch.dtype) -> _backend.Spec:
+    if device == "cuda":
+        index = torch.cuda.current_device()
+        return _backend.Spec("cuda", dtype, _WIDTH, _backend.capability_of(index), index)
+    return _backend.Spec(device, dtype, _WIDTH)
+
+
+def _choice(op: str, spec: _backend.Spec) -> str:
+    try:
+        return _backend.resolve_name(op, _backend.current_request(op), spec)
+    except RuntimeError as exc:
+        return f"error: {str(exc).splitlines()[0]}"
+
+
 def report() -> str:
     out = _versions()
-    devs = _devices()
-    if "cuda" in devs:
+    devices = ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
+    if "cuda" in devices:
         p = torch.cuda.get_device_properties(0)
         out.append(f"GPU: {p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB)")
     else:
         out.append("GPU: none visible to torch; ops run on CPU (reference, or the compiled extension)")
-    build = getattr(_ext, "build_info", lambda: None)()
-    if build:
-        out.append(f"ditfast._C build: {build}")
-    out.append(f"requested backend: {_backend.requested_backend() or 'automatic'}  (DITFAST_BACKEND / ditfast.use_backend)")
-    for dev in devs:
+    out.append(f"ditfast._C build: {_ext.build_info()}")
+    req = _backend.current_request()
+    out.append(f"requested backend: {req.name or 'automatic'} ({req.source})")
+    for dev in devices:
         out.append("")
-        out.append(f"backends on {dev}:")
-        for name in _backend.BACKENDS:
-            ok, why = _backend.availability(name, dev)
-            out.append(f"  {name:<10} {'yes' if ok else 'no ':<4} {why}")
+        out.append(f"backend families on {dev}:")
+        for fam in _backend.FAMILIES:
+            ok, why = _backend.availability(fam, dev)
+            out.append(f"  {fam:<10} {'yes' if ok else 'no ':<4} {why}")
         if dev == "cuda":
             out.append(_table_line())
-        note = " where the table has no entry" if dev == "cuda" else ""
-        out.append(f"ops on {dev} (automatic choice{note}; implemented by):")
+        out.append(f"ops on {dev} (the choice for bf16 / fp32 inputs of width {_WIDTH}; implementations):")
         for op in _backend.ops():
-            chosen = _backend.chosen_name(op, torch.device(dev)) if hasattr(_backend, "chosen_name") else "?"
-            out.append(f"  {op:<30} -> {chosen:<10} [{', '.join(_backend.implemented(op))}]")
-        report_fn = getattr(ops.attention, "backend_report", None)
-        if report_fn is not None:
-            out.append(f"attention backends on {dev}:")
-            for name, ok, why in report_fn(dev):
-                out.append(f"  {name:<15} {'yes' if ok else 'no ':<4} {why}")
+            picks = " / ".join(_choice(op, _spec(dev, dt)) for dt in (torch.bfloat16, torch.float32))
+            out.append(f"  {op:<30} -> {picks:<24} [{', '.join(_backend.implemented(op))}]")
+        for dtype in (torch.bfloat16, torch.float32):
+            out.append(_backend.explain("joint_attention", _spec(dev, dtype)))
     return "\n".join(out)
 
 

@@ -1,7 +1,8 @@
-"""Attention backend dispatch: descriptors, the automatic choice per GPU generation / dtype / head dim,
-requests (backend=, ditfast.use_backend, environment variables) and the messages when a request
-cannot run. Backends are faked present or absent, and GPUs described by a Spec, so all of it runs
-without a GPU or any attention library installed. Numerics are in test_attention.py.
+"""Attention dispatch through the one registry (ditfast/_backend.py): the implementations'
+declarations, the automatic choice per GPU generation / dtype / head dim, the lse feature, requests
+(backend=, ditfast.use_backend, environment variables) and the messages when a request cannot run.
+Implementations are faked present or absent, and GPUs described by a Spec, so all of it runs without a
+GPU or any attention library installed. Numerics are in test_attention.py.
 """
 from __future__ import annotations
 
@@ -13,33 +14,49 @@ import torch
 
 import ditfast
 from ditfast import _backend, ops, reference
+from ditfast._backend import Spec
 from ditfast.ops import attention as attn
 from ditfast.ops import attention_backends as backends
-from ditfast.ops.attention_backends import Spec
 
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 HOPPER, BLACKWELL, AMPERE, ADA, TURING = (9, 0), (10, 0), (8, 0), (8, 9), (7, 5)
+OP = backends.OP
+
+
+def impl(name):
+    return _backend.impl(OP, name)
 
 
 @pytest.fixture
 def fake(monkeypatch):
-    """fake(present) makes exactly the backends in ``present`` installed (on every device they list)."""
-    monkeypatch.setattr(backends, "_PROBED", {})
-    monkeypatch.setattr(backends, "_ENV_REQUEST", None)
+    """fake(present) makes exactly the implementations in ``present`` installed (on every device they list)."""
+    monkeypatch.setattr(_backend, "_PROBED", {})
+    monkeypatch.setattr(_backend, "_CACHE", {})
+    monkeypatch.setattr(_backend, "_CHOOSER", None)
+    monkeypatch.setitem(_backend._ENV_REQUEST, OP, None)
     monkeypatch.setattr(_backend, "_ENV_BACKEND", None)
 
     def set_present(present):
-        for name, b in backends.BACKENDS.items():
+        for name in backends.NAMES:
             ok = name in present
-            monkeypatch.setattr(b, "probe", lambda device_type, ok=ok: (ok, "faked present" if ok else "faked absent"))
-        backends._PROBED.clear()
+            monkeypatch.setattr(impl(name), "probe", lambda device_type, ok=ok: (ok, "faked present" if ok else "faked absent"))
+        _backend._PROBED.clear()
+        _backend._CACHE.clear()
 
     set_present(set(backends.NAMES))
     return set_present
 
 
-def cuda(cap, dtype=BF16, head_dim=128):
-    return Spec("cuda", dtype, head_dim, cap)
+def cuda(cap, dtype=BF16, head_dim=128, features=()):
+    return Spec("cuda", dtype, head_dim, cap, 0, tuple(features))
+
+
+def auto(spec):
+    return _backend.resolve_name(OP, _backend.Request(None), spec)
+
+
+def resolve(backend, spec):
+    return _backend.resolve_name(OP, _backend.current_request(OP, backend), spec)
 
 
 ALL = set(backends.NAMES)
@@ -75,8 +92,8 @@ ALL = set(backends.NAMES)
 )
 def test_automatic_choice(fake, spec, absent, expected):
     fake(ALL - set(absent))
-    assert backends.choose_for(spec) == expected
-    assert backends.resolve(None, spec) == expected
+    assert auto(spec) == expected
+    assert resolve(None, spec) == expected
 
 
 def test_every_priority_list_holds_the_reference():
@@ -85,7 +102,7 @@ def test_every_priority_list_holds_the_reference():
     for cap in (None, TURING, AMPERE, ADA, HOPPER, BLACKWELL, (12, 0)):
         for dtype in (F32, BF16, F16):
             for dh in (40, 64, 72, 128, 256):
-                order = backends.priority(Spec("cuda" if cap else "cpu", dtype, dh, cap))
+                order = _backend.priority(OP, Spec("cuda" if cap else "cpu", dtype, dh, cap))
                 assert order[-1 if cap else 0] == "reference" and len(set(order)) == len(order), order
                 assert set(order) <= set(backends.NAMES)
 
@@ -101,24 +118,24 @@ def test_choose_backend_on_real_tensors():
 # ------------------------------------------------------------------------------------------------
 def test_descriptor_reasons(fake):
     fake(ALL - {"flash_attn3"})
-    fa3 = backends.BACKENDS["flash_attn3"]
+    fa3 = impl("flash_attn3")
     why = fa3.reasons(cuda(AMPERE, F32, 300))
     assert any("faked absent" in w for w in why)
     assert any("takes float16/bfloat16, not float32" in w for w in why)
-    assert any("head dim 300 > 256" in w for w in why)
+    assert any("width 300 > 256" in w for w in why)
     assert any("not a multiple of 8" in w for w in why)
     assert any("needs compute capability >= 9.0, the GPU has 8.0" in w for w in why)
     assert "needs compute capability <= 9.0, the GPU has 10.0" in " ".join(fa3.reasons(cuda(BLACKWELL)))
-    assert backends.BACKENDS["reference"].reasons(cuda(TURING, F32, 300)) == []
+    assert impl("reference").reasons(cuda(TURING, F32, 300)) == []
     q = torch.randn(1, 3, 1, 64)
-    assert "runs on cuda tensors only, not cpu" in backends.BACKENDS["flash_attn2"].not_supported_reasons(q, q, q)
-    assert backends.BACKENDS["sdpa_math"].not_supported_reasons(q, q, q) == []
+    assert "runs on cuda tensors only, not cpu" in impl("flash_attn2").not_supported_reasons(q)
+    assert impl("sdpa_math").not_supported_reasons(q) == []
 
 
 def test_real_probes_find_no_flash_attention_here():
     # this machine has no flash-attn packages: the probes say so, without raising
     for name in ("flash_attn2", "flash_attn3", "flash_attn4"):
-        ok, why = backends.BACKENDS[name].probe("cuda")
+        ok, why = impl(name).probe("cuda")
         if not ok:
             assert "not installed" in why or "not flash-attention 2" in why or "no flash_attn_func" in why
 
@@ -127,10 +144,10 @@ def test_a_broken_install_is_reported_not_raised(fake, monkeypatch):
     def broken(device_type):
         raise OSError("libcudart.so.12: cannot open shared object file")
 
-    monkeypatch.setattr(backends.BACKENDS["flash_attn2"], "probe", broken)
-    ok, why = backends.BACKENDS["flash_attn2"].availability("cuda")
+    monkeypatch.setattr(impl("flash_attn2"), "probe", broken)
+    ok, why = impl("flash_attn2").availability("cuda")
     assert not ok and "probing it failed: OSError: libcudart" in why
-    assert backends.choose_for(cuda(AMPERE)) == "sdpa_flash"
+    assert auto(cuda(AMPERE)) == "sdpa_flash"
 
 
 def test_backend_report(fake):
@@ -153,17 +170,18 @@ def test_impossible_request_lists_every_backends_reasons(fake):
     fake(ALL - {"flash_attn3", "flash_attn4"})
     spec = cuda(AMPERE, F32, 72)
     with pytest.raises(RuntimeError) as info:
-        backends.resolve("flash_attn3", spec)
+        resolve("flash_attn3", spec)
     msg = str(info.value)
-    assert "attention backend 'flash_attn3' (asked for by the backend= argument) cannot run float32" in msg
-    for name, why in backends.rejections(spec).items():
+    assert "ditfast backend 'flash_attn3' (asked for by the backend= argument) cannot run joint_attention on float32" in msg
+    for name in backends.NAMES:
+        why = impl(name).reasons(spec)
         line = next(l for l in msg.splitlines() if l.strip().startswith(name + " "))
         if why:
             for reason in why:
                 assert reason in line, (name, reason, line)
         else:
             assert "usable" in line
-    assert "Usable: sdpa_efficient, sdpa_math, triton, reference" in msg
+    assert "-> sdpa_efficient" in msg
 
 
 def test_impossible_request_on_real_tensors():
@@ -174,80 +192,87 @@ def test_impossible_request_on_real_tensors():
 
 def test_unknown_names_are_rejected(fake, monkeypatch):
     q = torch.randn(1, 3, 1, 32)
-    with pytest.raises(ValueError, match="backend: unknown attention backend 'fa3'"):
+    with pytest.raises(ValueError, match="unknown ditfast backend 'fa3' \\(the backend= argument\\)"):
         ops.joint_attention(q, q, q, backend="fa3")
-    monkeypatch.setattr(backends, "_ENV_REQUEST", "flash")
-    with pytest.raises(ValueError, match="DITFAST_ATTENTION_BACKEND: unknown attention backend 'flash'"):
+    monkeypatch.setitem(_backend._ENV_REQUEST, OP, "flash")
+    with pytest.raises(ValueError, match="unknown ditfast backend 'flash' \\(DITFAST_ATTENTION_BACKEND\\)"):
         ops.joint_attention(q, q, q)
 
 
 def test_request_precedence(fake, monkeypatch):
     spec = cuda(HOPPER)
-    assert backends.resolve(None, spec) == "flash_attn3"
+    assert resolve(None, spec) == "flash_attn3"
     monkeypatch.setattr(_backend, "_ENV_BACKEND", "triton")  # DITFAST_BACKEND
-    assert backends.resolve(None, spec) == "triton"
-    monkeypatch.setattr(backends, "_ENV_REQUEST", "sdpa_flash")  # DITFAST_ATTENTION_BACKEND beats it
-    assert backends.resolve(None, spec) == "sdpa_flash"
+    assert resolve(None, spec) == "triton"
+    monkeypatch.setitem(_backend._ENV_REQUEST, OP, "sdpa_flash")  # DITFAST_ATTENTION_BACKEND beats it
+    assert resolve(None, spec) == "sdpa_flash"
     with ditfast.use_backend("reference"):  # a use_backend block beats both
-        assert backends.resolve(None, spec) == "reference"
-        assert backends.resolve("sdpa_cudnn", spec) == "sdpa_cudnn"  # backend= beats everything
+        assert resolve(None, spec) == "reference"
+        assert resolve("sdpa_cudnn", spec) == "sdpa_cudnn"  # backend= beats everything
         with ditfast.use_backend(None):  # an explicit automatic block
-            assert backends.resolve(None, spec) == "flash_attn3"
-    with ditfast.use_backend("cuda"):  # the CUDA libraries, automatically
-        assert backends.resolve(None, spec) == "flash_attn3"
-        assert backends.resolve(None, cuda(HOPPER, F32, 64)) == "sdpa_efficient"
-    monkeypatch.setattr(backends, "_ENV_REQUEST", "auto")
-    assert backends.resolve(None, spec) == "flash_attn3"
+            assert resolve(None, spec) == "flash_attn3"
+    with ditfast.use_backend("cuda"):  # the CUDA family: the compiled libraries, in priority order
+        assert resolve(None, spec) == "flash_attn3"
+        assert resolve(None, cuda(HOPPER, F32, 64)) == "sdpa_efficient"
+    monkeypatch.setitem(_backend._ENV_REQUEST, OP, "auto")
+    assert resolve(None, spec) == "flash_attn3"
 
 
 def test_cuda_generic_request_never_picks_triton(fake):
     fake(ALL - {"flash_attn3", "sdpa_cudnn", "flash_attn4"})
     with ditfast.use_backend("cuda"):
-        assert backends.resolve(None, cuda(HOPPER)) == "flash_attn2"
-    assert backends.resolve(None, cuda(HOPPER)) == "triton"
+        assert resolve(None, cuda(HOPPER)) == "flash_attn2"
+    assert resolve(None, cuda(HOPPER)) == "triton"
 
 
 # ------------------------------------------------------------------------------------------------
-# The global ditfast.use_backend routes joint_attention and joint_attention_streams
+# The lse feature, fallbacks and strict requests
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture
-def spies(monkeypatch):
+def test_lse_requests_skip_implementations_without_it(fake):
+    spec = cuda(HOPPER, BF16, 128, ("lse",))
+    assert auto(spec) == "flash_attn3"
+    fake(ALL - {"flash_attn3", "flash_attn4"})
+    assert auto(cuda(HOPPER)) == "sdpa_cudnn"
+    assert auto(spec) == "triton"  # cuDNN's lse is not exposed: skipped when lse is asked for
+    assert "cannot return lse" in " ".join(impl("sdpa_cudnn").reasons(spec))
+    assert auto(Spec("cpu", F32, 64, None, -1, ("lse",))) == "reference"  # sdpa_math has no lse
+
+
+def test_use_backend_routes_joint_attention(monkeypatch):
     calls = []
-    for name in ("triton", "reference"):
-        b = backends.BACKENDS[name]
-        monkeypatch.setattr(b, "run", lambda q, k, v, name=name, run=b.run: calls.append(name) or run(q, k, v))
-    fused = attn._triton_streams
-    monkeypatch.setattr(attn, "_triton_streams", lambda *a: calls.append("triton fused") or fused(*a))
-    return calls
-
-
-def _triton_can_run():
-    return not backends.BACKENDS["triton"].reasons(Spec("cpu", F32, 32))
-
-
-@pytest.mark.skipif(not _triton_can_run(), reason="the triton backend cannot run here")
-def test_use_backend_triton_routes_to_the_kernel(spies):
+    for name in ("reference", "sdpa_math"):
+        fn = impl(name).fn
+        monkeypatch.setattr(impl(name), "fn", lambda *a, name=name, fn=fn, **k: calls.append(name) or fn(*a, **k))
     q = torch.randn(1, 3, 2, 32)
-    qs = (q, q[:, :2])
-    with ditfast.use_backend("triton"):
-        out = ops.joint_attention(q, q, q)
-        outs = attn.joint_attention_streams(qs, qs, qs)
-    assert spies == ["triton", "triton fused"]
-    torch.testing.assert_close(out, ditfast.reference.joint_attention(q, q, q))
-    assert [o.shape for o in outs] == [t.shape for t in qs]
-
-
-def test_use_backend_reference_routes_to_the_reference(spies):
-    q = torch.randn(1, 3, 2, 32)
-    qs = (q, q[:, :2])
     with ditfast.use_backend("reference"):
         ops.joint_attention(q, q, q)
-        attn.joint_attention_streams(qs, qs, qs)
-    assert spies == ["reference", "reference"]
+    with ditfast.use_backend("sdpa_math"):
+        ops.joint_attention(q, q, q)
+    ops.joint_attention(q, q, q, backend="sdpa_math")
+    assert calls == ["reference", "sdpa_math", "sdpa_math"]
 
 
-def test_registered_with_the_generic_dispatcher():
-    assert set(_backend.implemented("joint_attention")) >= {"reference", "triton"}
+def test_family_without_the_op_on_this_device_falls_back_with_one_warning(monkeypatch):
+    """use_backend("cuda") on CPU tensors: no CUDA attention runs on CPU, so attention takes its
+    automatic choice (warned once), while the modulate ops run the extension's CPU kernels."""
+    monkeypatch.setattr(_backend, "_WARNED", set())
+    monkeypatch.setattr(_backend, "_CACHE", {})
+    q = torch.randn(1, 3, 2, 32)
+    with ditfast.use_backend("cuda"), pytest.warns(RuntimeWarning, match="no implementation of joint_attention for cpu"):
+        out = ops.joint_attention(q, q, q)
+    torch.testing.assert_close(out, reference.joint_attention(q, q, q))
+    _backend._CACHE.clear()
+    import warnings
+    with ditfast.use_backend("cuda"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.joint_attention(q, q, q)  # warned once only
+    with ditfast.use_backend("cuda", strict=True), pytest.raises(RuntimeError, match="no implementation of joint_attention"):
+        ops.joint_attention(q, q, q)
+
+
+def test_registered_in_the_one_registry():
+    assert set(_backend.implemented("joint_attention")) == set(backends.NAMES) >= {"reference", "triton", "sdpa_math"}
+    assert set(_backend.families("joint_attention")) == {"reference", "triton", "cuda"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -263,7 +288,7 @@ from ditfast.ops import attention_backends as b
 q = torch.randn(1, 4, 2, 16)
 assert ditfast.ops.joint_attention(q, q, q).shape == q.shape
 report = {name: (ok, why) for name, ok, why in b.backend_report("cuda")}
-assert not report["triton"][0] and "triton is not installed" in report["triton"][1], report["triton"]
+assert not report["triton"][0] and "triton package is not installed" in report["triton"][1], report["triton"]
 assert not report["flash_attn2"][0] and "not installed" in report["flash_attn2"][1], report["flash_attn2"]
 assert sys.modules["triton"] is None
 print("ok")

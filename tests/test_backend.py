@@ -2,6 +2,8 @@
 import os
 import subprocess
 import sys
+import threading
+import warnings
 
 import pytest
 import torch
@@ -11,13 +13,29 @@ from ditfast import _backend
 
 
 def test_use_backend_nests_and_restores():
-    assert _backend.requested_backend() == _backend._ENV_BACKEND
+    base = _backend.requested_backend()
+    assert base == _backend._ENV_BACKEND
     with ditfast.use_backend("reference"):
         assert _backend.requested_backend() == "reference"
         with ditfast.use_backend("auto"):
             assert _backend.requested_backend() is None
         assert _backend.requested_backend() == "reference"
-    assert _backend.requested_backend() == _backend._ENV_BACKEND
+    assert _backend.requested_backend() == base
+
+
+def test_use_backend_is_per_thread():
+    """A ContextVar: a use_backend block in one thread does not leak into another."""
+    seen = {}
+
+    def other():
+        seen["other"] = _backend.requested_backend()
+
+    with ditfast.use_backend("reference"):
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        seen["here"] = _backend.requested_backend()
+    assert seen == {"other": _backend._ENV_BACKEND, "here": "reference"}
 
 
 def test_unknown_backend_name():
@@ -33,62 +51,115 @@ def test_reference_backend_runs_the_reference():
     assert torch.equal(out, ditfast.reference.norm_modulate(x, shift, scale))
 
 
-def test_unavailable_backend_explains(monkeypatch):
-    monkeypatch.setitem(_backend._AVAILABILITY, ("cuda", "cpu"), (False, "ditfast._C is not built"))
-    monkeypatch.setitem(_backend._IMPLS["norm_modulate"], "cuda", lambda *a, **k: None)
+@pytest.fixture
+def fresh(monkeypatch):
+    """Private probe results and choice cache, no measured table, no environment request."""
+    monkeypatch.setattr(_backend, "_PROBED", {})
+    monkeypatch.setattr(_backend, "_CACHE", {})
+    monkeypatch.setattr(_backend, "_WARNED", set())
+    monkeypatch.setattr(_backend, "_CHOOSER", None)
+    monkeypatch.setattr(_backend, "_ENV_BACKEND", None)
+
+
+def _fake_probe(monkeypatch, op, name, ok):
+    monkeypatch.setattr(_backend.impl(op, name), "probe", lambda device_type: (ok, "faked"))
+    _backend._PROBED.clear()
+    _backend._CACHE.clear()
+
+
+def test_unavailable_backend_explains(fresh, monkeypatch):
+    monkeypatch.setattr(_backend.impl("norm_modulate", "cuda"), "probe", lambda d: (False, "ditfast._C is not built"))
     x = torch.randn(1, 2, 4)
-    with ditfast.use_backend("cuda"), pytest.raises(RuntimeError, match="cannot run norm_modulate on cpu: ditfast._C is not built"):
+    with ditfast.use_backend("cuda"), pytest.raises(RuntimeError, match="cannot run norm_modulate on float32 .*ditfast._C is not built"):
         ditfast.ops.norm_modulate(x, None, torch.zeros(1, 4))
 
 
-def test_backend_without_the_op_explains(monkeypatch):
-    monkeypatch.setitem(_backend._IMPLS, "fake_op", {"reference": lambda: None})
-    with ditfast.use_backend("triton"), pytest.raises(RuntimeError, match="has no implementation of fake_op"):
-        _backend.select("fake_op", torch.device("cpu"))
+def test_backend_without_the_op_falls_back_with_a_warning_or_raises_when_strict(fresh):
+    """A whole model runs under use_backend("cuda"): gated_residual has no CUDA kernel, so it takes its
+    automatic choice (warned once); strict=True raises instead."""
+    x, g = torch.randn(2, 3, 8), torch.randn(2, 8)
+    with ditfast.use_backend("cuda"), pytest.warns(RuntimeWarning, match="'cuda' .* has no implementation of gated_residual"):
+        out = ditfast.ops.gated_residual(x, x, g)
+    torch.testing.assert_close(out, ditfast.reference.gated_residual(x, x, g))
+    with ditfast.use_backend("cuda", strict=True), pytest.raises(RuntimeError, match="has no implementation of gated_residual"):
+        ditfast.ops.gated_residual(x, x, g)
 
 
-def test_automatic_choice_prefers_order(monkeypatch):
+def test_a_model_runs_under_every_family_request(fresh):
+    """Every op of a DiT block under use_backend(family): nothing raises for an op the family lacks."""
+    from ditfast.nn import DiTBlock
+
+    blk = DiTBlock(16, 2)
+    x, c = torch.randn(2, 5, 16), torch.randn(2, 16)
+    want = blk(x, c)
+    for family in ("reference", "cuda"):
+        with ditfast.use_backend(family), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            torch.testing.assert_close(blk(x, c), want, atol=1e-5, rtol=1e-5)
+
+
+def test_width_limits_steer_the_choice(fresh, monkeypatch):
+    """An implementation's max_width: the automatic choice skips it for wider rows; asked for by
+    name it raises, naming the width."""
+    _fake_probe(monkeypatch, "rms_norm", "triton", True)
+    spec = _backend.Spec("cuda", torch.bfloat16, 65537, (9, 0), 0)
+    assert _backend.resolve_name("rms_norm", _backend.Request(None), spec) == "reference"
+    with pytest.raises(RuntimeError, match="width 65537 > 65536"):
+        _backend.resolve_name("rms_norm", _backend.Request("triton"), spec)
+    assert _backend.resolve_name("rms_norm", _backend.Request(None), spec._replace(width=65536)) == "triton"
+
+
+def test_automatic_choice_prefers_order(fresh, monkeypatch):
+    _fake_probe(monkeypatch, "norm_modulate", "cuda", True)
+    assert _backend.chosen_name("norm_modulate", torch.device("cpu")) == "cuda"
+    _fake_probe(monkeypatch, "norm_modulate", "cuda", False)
+    assert _backend.chosen_name("norm_modulate", torch.device("cpu")) == "reference"
+
+
+def test_choice_is_cached_per_op_request_and_spec(fresh, monkeypatch):
     calls = []
-    monkeypatch.setitem(_backend._IMPLS, "fake_op", {"reference": lambda: calls.append("reference"),
-                                                    "cuda": lambda: calls.append("cuda")})
-    monkeypatch.setattr(_backend, "_STACK", [])
-    monkeypatch.setattr(_backend, "_ENV_BACKEND", None)
-    monkeypatch.setitem(_backend._AVAILABILITY, ("cuda", "cpu"), (True, "faked"))
-    _backend.select("fake_op", torch.device("cpu"))()
-    monkeypatch.setitem(_backend._AVAILABILITY, ("cuda", "cpu"), (False, "faked"))
-    _backend.select("fake_op", torch.device("cpu"))()
-    assert calls == ["cuda", "reference"]
+    real = _backend._resolve
+    monkeypatch.setattr(_backend, "_resolve", lambda *a: calls.append(a[0]) or real(*a))
+    x = torch.randn(2, 3, 8)
+    for _ in range(3):
+        ditfast.ops.norm_modulate(x, None, x[:, 0])
+    assert calls == ["norm_modulate"]
+    ditfast.ops.norm_modulate(x[..., :4], None, x[:, 0, :4])  # another width: resolved once more
+    assert calls == ["norm_modulate", "norm_modulate"]
 
 
-def test_measured_table_steers_the_automatic_choice_on_cuda(monkeypatch):
+def test_measured_table_steers_the_automatic_choice_on_cuda(fresh, monkeypatch):
     """On CUDA tensors the chooser (the measured table) is asked first, keyed by the main input's dtype
-    and row width; no entry, a backend without the op or an unavailable one falls back to AUTO_ORDER;
-    an explicitly requested backend wins; CPU tensors never consult it."""
+    and row width; no entry, a backend without the op or an unavailable one falls back to the priority
+    order; an explicitly requested backend wins; CPU tensors never consult it."""
     asked = []
 
     def chooser(op, device, dtype, width):
         asked.append((op, device.type, dtype, width))
         return {1152: "cuda", 64: "cuda"}.get(width)
 
-    monkeypatch.setattr(_backend, "_STACK", [])
-    monkeypatch.setattr(_backend, "_ENV_BACKEND", None)
     monkeypatch.setattr(_backend, "_CHOOSER", chooser)
-    for backend in ("triton", "cuda", "reference"):
-        monkeypatch.setitem(_backend._AVAILABILITY, (backend, "cuda"), (True, "faked"))
-    monkeypatch.setitem(_backend._AVAILABILITY, ("cuda", "cpu"), (True, "faked"))
-    cuda = torch.device("cuda", 0)
-    x = torch.empty(2, 3, 1152, dtype=torch.bfloat16, device="meta")
-    assert _backend.chosen_name("norm_modulate", cuda, x) == "cuda"
+    for op in ("norm_modulate", "gated_residual"):
+        for name in _backend.implemented(op):
+            _fake_probe(monkeypatch, op, name, True)
+
+    def spec(width, dtype=torch.bfloat16):
+        return _backend.Spec("cuda", dtype, width, (9, 0), 0)
+
+    def auto(op, s):
+        return _backend.resolve_name(op, _backend.current_request(op), s)
+
+    assert auto("norm_modulate", spec(1152)) == "cuda"
     assert asked == [("norm_modulate", "cuda", torch.bfloat16, 1152)]
-    assert _backend.chosen_name("norm_modulate", cuda, x[..., :1000]) == "triton"  # no entry: AUTO_ORDER
-    assert _backend.chosen_name("norm_modulate", cuda) == "triton"  # no input given: AUTO_ORDER
-    assert _backend.chosen_name("gated_residual", cuda, x) == "triton"  # the table's pick lacks the op
-    monkeypatch.setitem(_backend._AVAILABILITY, ("cuda", "cuda"), (False, "faked"))
-    assert _backend.chosen_name("norm_modulate", cuda, x) == "triton"  # the table's pick cannot run
+    assert auto("norm_modulate", spec(1000)) == "triton"  # no entry: the priority order
+    assert auto("gated_residual", spec(1152)) == "triton"  # the table's pick lacks the op
+    _fake_probe(monkeypatch, "norm_modulate", "cuda", False)
+    assert auto("norm_modulate", spec(1152)) == "triton"  # the table's pick cannot run
     with ditfast.use_backend("reference"):
-        assert _backend.chosen_name("norm_modulate", cuda, x) == "reference"
+        assert auto("norm_modulate", spec(1152)) == "reference"
     asked.clear()
-    assert _backend.chosen_name("norm_modulate", torch.device("cpu"), x) == "cuda"  # AUTO_ORDER on CPU
+    _fake_probe(monkeypatch, "norm_modulate", "cuda", True)
+    assert auto("norm_modulate", _backend.Spec("cpu", torch.float32, 1152)) == "cuda"  # priority on CPU
     assert asked == []
 
 

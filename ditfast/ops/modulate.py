@@ -344,20 +344,6 @@ _gated_residual_norm_modulate_op.register_autograd(
 
 
 # --- backend entry points (the public signatures) ---------------------------------------------------
-def _too_wide(x: Tensor) -> bool:
-    """True when D exceeds what the kernels hold in registers and the backend was chosen automatically
-    (the caller then runs the reference). An explicit request for "triton" raises ValueError instead."""
-    D = x.shape[-1]
-    if D <= _TRITON_MAX_D:
-        return False
-    if _backend.requested_backend() == "triton":
-        raise ValueError(
-            f"x has D = {D} features; the 'triton' backend's adaLN kernels support D <= {_TRITON_MAX_D} "
-            "(use the 'reference' backend, or the automatic choice, which falls back to it)"
-        )
-    return True
-
-
 def _direct(*tensors: Optional[Tensor]) -> bool:
     """True for an eager call that records no autograd graph (inference): it launches the kernels
     without the custom-op dispatch, which costs more host time than the launch. Under torch.compile /
@@ -368,16 +354,12 @@ def _direct(*tensors: Optional[Tensor]) -> bool:
 
 
 def _triton_norm_modulate(x, shift, scale, *, eps=1e-6):
-    if _too_wide(x):
-        return reference.norm_modulate(x, shift, scale, eps=eps)
     if _direct(x, shift, scale):
         return _kernels().norm_modulate_fwd(x, shift, scale, eps=eps)[0]
     return _norm_modulate_op(x, shift, scale, eps)[0]
 
 
 def _triton_norm_modulate_dual(x, shift1, scale1, shift2, scale2, *, eps=1e-6):
-    if _too_wide(x):
-        return reference.norm_modulate_dual(x, shift1, scale1, shift2, scale2, eps=eps)
     if _direct(x, shift1, scale1, shift2, scale2):
         out1, out2, _, _ = _kernels().norm_modulate_fwd(x, shift1, scale1, shift2, scale2, eps=eps)
     else:
@@ -386,16 +368,12 @@ def _triton_norm_modulate_dual(x, shift1, scale1, shift2, scale2, *, eps=1e-6):
 
 
 def _triton_gated_residual(x, y, gate):
-    if _too_wide(x):
-        return reference.gated_residual(x, y, gate)
     if _direct(x, y, gate):
         return _kernels().gated_residual_fwd(x, y, gate)
     return _gated_residual_op(x, y, gate)
 
 
 def _triton_gated_residual_norm_modulate(x, y, gate, shift, scale, *, eps=1e-6):
-    if _too_wide(x):
-        return reference.gated_residual_norm_modulate(x, y, gate, shift, scale, eps=eps)
     if _direct(x, y, gate, shift, scale):
         x_new, h, _, _ = _kernels().gated_residual_norm_modulate_fwd(x, y, gate, shift, scale, eps=eps)
     else:
@@ -403,7 +381,7 @@ def _triton_gated_residual_norm_modulate(x, y, gate, shift, scale, *, eps=1e-6):
     return x_new, h
 
 
-_backend.register("norm_modulate", "triton", _triton_norm_modulate)
-_backend.register("norm_modulate_dual", "triton", _triton_norm_modulate_dual)
-_backend.register("gated_residual", "triton", _triton_gated_residual)
-_backend.register("gated_residual_norm_modulate", "triton", _triton_gated_residual_norm_modulate)
+_backend.register("norm_modulate", "triton", _triton_norm_modulate, max_width=_TRITON_MAX_D)
+_backend.register("norm_modulate_dual", "triton", _triton_norm_modulate_dual, max_width=_TRITON_MAX_D)
+_backend.register("gated_residual", "triton", _triton_gated_residual, max_width=_TRITON_MAX_D)
+_backend.register("gated_residual_norm_modulate", "triton", _triton_gated_residual_norm_modulate, max_width=_TRITON_MAX_D)

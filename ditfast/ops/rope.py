@@ -377,6 +377,8 @@ def _qk_norm_rope_triton(
     return q_out, k_out
 
 
-_backend.register("rms_norm", "triton", _rms_norm_triton)
-_backend.register("apply_rope", "triton", _apply_rope_triton)
-_backend.register("qk_norm_rope", "triton", _qk_norm_rope_triton)
+# == ditfast.kernels.triton.rope.MAX_D (tests check they agree): the widest row one program holds
+_TRITON_MAX_ROW = 65536
+_backend.register("rms_norm", "triton", _rms_norm_triton, max_width=_TRITON_MAX_ROW)
+_backend.register("apply_rope", "triton", _apply_rope_triton, max_width=_TRITON_MAX_ROW)
+_backend.register("qk_norm_rope", "triton", _qk_norm_rope_triton, max_width=_TRITON_MAX_ROW)
