@@ -5,7 +5,7 @@ Stability-AI/sd3.5 ``mmditx.py`` for SD3 / SD3.5, facebookresearch/DiT for DiT),
 checkpoint loads into them unchanged. These functions translate to and from the names of diffusers'
 ``FluxTransformer2DModel``, ``SD3Transformer2DModel`` and ``DiTTransformer2DModel`` (and their blocks).
 
-What changes besides the names (REFERENCE.md, "diffusers key map"):
+What changes besides the names (docs/upstream.md, "Checkpoint key names"):
 
 - fused projections are split along the output dim: ``qkv`` -> ``to_q`` / ``to_k`` / ``to_v``
   (each part head-major), FLUX single-stream ``linear1`` -> ``attn.to_{q,k,v}`` + ``proj_mlp``;

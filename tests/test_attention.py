@@ -1,5 +1,5 @@
 """Joint attention: ditfast's Triton flash attention (plain, split streams, QK-norm + RoPE prologue)
-and every attention backend against ditfast.reference, by DESIGN.md's rule (ditfast.testing.check_op),
+and every attention backend against ditfast.reference, by the tolerance rule (docs/numerics.md) (ditfast.testing.check_op),
 forward and backward, fp32 / bf16 / fp16.
 
 Without a GPU the Triton kernels run under the Triton interpreter on CPU tensors: small, odd shapes

@@ -4,7 +4,7 @@ Defined behaviour (checked below):
 
 * **Empty problems** (B = 0 or L = 0): outputs are empty tensors of the right shape and dtype, no
   kernel runs, and backward gives gradients of the inputs' shapes (zeros, as the reference's).
-* **One token** (L = 1) and the smallest sizes: equal to the reference by DESIGN.md's rule.
+* **One token** (L = 1) and the smallest sizes: equal to the reference by the tolerance rule (docs/numerics.md).
 * **Row width limits**: the adaLN kernels hold a row of D <= 16384 (``MAX_D`` of
   ditfast/kernels/triton/modulate.py) and the RMSNorm/RoPE kernels one of <= 65536
   (ditfast/kernels/triton/rope.py); rows of exactly that width work, wider ones raise a ValueError

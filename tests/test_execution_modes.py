@@ -6,7 +6,7 @@
 * ``torch.inference_mode()``: every op runs and returns what it returns outside it.
 * CPU autocast (bf16) over a block: the ops are not autocast themselves, so the block under autocast
   equals the same block with the casts autocast inserts (bf16 Linear layers) written out by hand;
-  and it equals the reference backend under autocast by DESIGN.md's rule.
+  and it equals the reference backend under autocast by the tolerance rule (docs/numerics.md).
 * Determinism: two runs of every op give bitwise-identical outputs (forward) and gradients.
 """
 import copy

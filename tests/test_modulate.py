@@ -1,6 +1,6 @@
 """The adaLN family on the "triton" backend (ditfast.ops.modulate ↔ ditfast.kernels.triton.modulate).
 
-Every op is compared with ditfast.reference by DESIGN.md's rule (ditfast.testing.check_op), forward and
+Every op is compared with ditfast.reference by the tolerance rule (docs/numerics.md) (ditfast.testing.check_op), forward and
 backward with gradients for every input, in fp32 / bf16 / fp16. Inputs are built inside the compared
 functions as the views a DiT block passes (x a slice / transpose of a wider tensor; shift, scale, gate
 chunks of one adaLN Linear output, per sample or per token, or (1, D) rows expanded over the batch), so

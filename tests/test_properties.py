@@ -1,4 +1,4 @@
-"""Property-based tests: the "triton" backend equals the reference by DESIGN.md's rule for every op.
+"""Property-based tests: the "triton" backend equals the reference by the tolerance rule (docs/numerics.md) for every op.
 
 Hypothesis draws small, awkward problems (B 1–3, L 1–9, D in {8, 24, 40, 72, 200}, H 1–3,
 Dh in {8, 24, 40, 72}), the memory layout of every tensor argument (slices of wider tensors at odd
@@ -173,7 +173,7 @@ def correctly_rounded(ref_fn):
 def run(p, fn, name, backend="triton"):
     """check_op of fn(ops, leaves) on ``backend`` against fn(reference, leaves).
 
-    DESIGN.md's yardstick is the largest error of the low-precision reference over the output, which
+    The tolerance rule's yardstick (docs/numerics.md) is the largest error of the low-precision reference over the output, which
     on a tensor of a few dozen elements can fall below the rounding any implementation must do: a
     fast path that is off by 0.7 ulp where the reference happened to land 0.2 ulp away fails
     ``2·yard``. When the triton result fails the rule, the example is therefore checked once more

@@ -1,7 +1,7 @@
 """Triton backend of rms_norm, apply_rope and qk_norm_rope against ditfast.reference.rope.
 
 Every numerical test runs the op under ``ditfast.use_backend("triton")`` and compares it with the
-reference by DESIGN.md's rule (ditfast.testing.check_op), forward and backward, in fp32 / bf16 / fp16.
+reference by the tolerance rule (docs/numerics.md) (ditfast.testing.check_op), forward and backward, in fp32 / bf16 / fp16.
 Without a GPU the kernels run under the Triton interpreter on CPU tensors (small, awkward shapes);
 with one, the same tests run on CUDA and add model-sized cases.
 """
@@ -205,7 +205,7 @@ def test_qk_norm_rope_optional_inputs(variant, dtype, device):
     cos, sin = (None, None) if "no_rope" in variant else tables(B, L, Dh, device)
     src = qk_source("packed", B, L, H, Dh, dtype, device)
     fast, ref = _qk_fns("packed", B, L, H, Dh, cos, sin, True)
-    if variant == "no_weights":  # RoPE only, no norm (DESIGN.md's contract)
+    if variant == "no_weights":  # RoPE only, no norm (docs/design.md, section 3)
         args = [src]
     else:
         args = [src, weight(Dh, dtype, device), weight(Dh, dtype, device)]

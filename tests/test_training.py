@@ -3,8 +3,8 @@ reference run step for step (issue 10), and blocks work under activation checkpo
 
 Tolerance, derived from fp32 rounding: the same training run in fp64 on the reference backend is the
 truth; the fp32 reference run's distance from it is the yardstick; the fp32 triton run must stay
-within ``2 × yardstick + atol`` of the truth at every step (loss) and at the end (weights) — DESIGN.md's
-rule applied to a whole trajectory.
+within ``2 × yardstick + atol`` of the truth at every step (loss) and at the end (weights): the
+tolerance rule (docs/numerics.md) applied to a whole trajectory.
 """
 import copy
 import math

@@ -102,7 +102,7 @@ def qk_norm_rope(
     """``(q_out, k_out)``: per-head RMSNorm of q and k (each with its own weight), then RoPE.
 
     q, k: (B, L, H, Dh), possibly strided views of one packed projection. cos/sin None: norm only.
-    Both weights None: RoPE only, no norm (DESIGN.md's contract); one weight None and the other not
+    Both weights None: RoPE only, no norm (docs/design.md, section 3); one weight None and the other not
     is an error. Both None and no tables: q and k are returned unchanged.
     """
     v.tensor("q", q, 4, "(B, L, H, Dh)")
@@ -133,7 +133,7 @@ _backend.register("qk_norm_rope", "reference", reference.qk_norm_rope)
 # ------------------------------------------------------------------------------------------------
 # The "triton" backend: torch.library custom ops around ditfast/kernels/triton/rope.py.
 #
-# custom_op rather than triton_op (DESIGN.md: only custom_op also runs under torch.compile with the
+# custom_op rather than triton_op (docs/design.md, section 6: only custom_op also runs under torch.compile with the
 # Triton interpreter). Each forward op returns its fp32 per-row rstd as an extra, non-differentiable
 # output, which backward uses with the saved inputs; everything else is recomputed. Backward ops are
 # custom ops too, so compiled graphs keep them opaque. Optional inputs that are absent come back from

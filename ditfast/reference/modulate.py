@@ -2,7 +2,7 @@
 
 These functions are the ground truth the fast paths are tested against. They compute the way an
 eager upstream block does (LayerNorm, then elementwise ops in PyTorch's type promotion), so running
-them in bf16/fp16 gives the "plain PyTorch in low precision" error that DESIGN.md's tolerance rule
+them in bf16/fp16 gives the "plain PyTorch in low precision" error that the tolerance rule (docs/numerics.md)
 uses as its yardstick, and running them on fp32 copies of the inputs gives the exact answer.
 """
 from __future__ import annotations

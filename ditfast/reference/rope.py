@@ -1,6 +1,6 @@
 """Plain-PyTorch reference for QK-RMSNorm and rotary position embedding (RoPE).
 
-Conventions (REFERENCE.md): RMSNorm over the head dim with eps 1e-6, computed in fp32, cast to the
+Conventions (docs/upstream.md): RMSNorm over the head dim with eps 1e-6, computed in fp32, cast to the
 input dtype, then multiplied by the weight (FLUX's rounding). RoPE angles from multi-axis position
 ids with frequencies restarting on every axis (FLUX's layout); the rotation is computed in fp32 and
 cast back. Two pair layouts: interleaved (2i, 2i+1) (FLUX, the default) and half-split (i, i + Dh/2)
@@ -83,7 +83,7 @@ def qk_norm_rope(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm of each head of q and k (with its own weight), then RoPE.
 
-    cos/sin None: norm only. Both weights None: RoPE only (no norm), as DESIGN.md's contract says.
+    cos/sin None: norm only. Both weights None: RoPE only (no norm), as docs/design.md (section 3) says.
     """
     if q_weight is not None or k_weight is not None:
         q, k = rms_norm(q, q_weight, eps=eps), rms_norm(k, k_weight, eps=eps)

@@ -1,6 +1,6 @@
 """Triton kernels for the adaLN family: LayerNorm + modulate, gated residual, and the fused seam.
 
-Math (REFERENCE.md), per row of D features, LN without affine parameters:
+Math (ditfast/reference/modulate.py; docs/upstream.md), per row of D features, LN without affine parameters:
     norm_modulate                 y  = xhat * (1 + scale) + shift,   xhat = (x - mean) * rstd
     norm_modulate_dual            y1, y2 from one xhat with two (shift, scale) pairs
     gated_residual                out = x + gate * y
