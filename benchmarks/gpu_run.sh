@@ -1,80 +1,164 @@
 #!/usr/bin/env bash
-# The one GPU run (spec/GPU.md), in one go and within 10 minutes:
-#   1. install the checkout without touching the preinstalled torch (builds the CUDA extension), plus
-#      any wheels carried in the git-ignored wheels/ folder (diffusers, ...), all with --no-deps;
-#   2. run the test suite (on CUDA at real sizes);
-#   3. run the benchmark (every level, real shapes), writing JSON and PNGs to OUT_DIR, within what is
-#      left of the time budget;
-#   4. print the summary table last.
+# The one GPU run, in tiers, most information first (docs/gpu-run.md). Every tier writes its result
+# file into OUT_DIR before the next starts; the whole run keeps within DITFAST_GPU_RUN_SECONDS (360).
+#   1 install      pip install -e . for sm_90 only (+ wheels/*.whl)        -> logs.tar.gz
+#   2 smoke        every op x backend, fwd+bwd, FLUX.1-dev / SD3.5-large   -> smoke.json
+#   3 tests        kernel tests first, pytest -n 8, SIGINT at the cap      -> tests.xml / tests.log (in the archive)
+#   4 ops          ops + attention benchmark, no compile peers             -> bench_ops.json, backend_table.json
+#   5 blocks       blocks + train benchmark, no compile peers              -> bench_blocks.json
+#   6 peers        whole models, then the torch.compile peers (--quick)    -> bench_peers.json
+#   end            summary.txt (printed last); logs.tar.gz holds every log and PNG
+# OUT_DIR gets at most 8 plain files, no folder, no leftover temporary file.
 #
-# usage: bash benchmarks/gpu_run.sh OUT_DIR [extra arguments for python -m ditfast.bench]
-# env:   DITFAST_GPU_RUN_SECONDS  whole budget (default 570, under the 10-minute limit)
-#        DITFAST_TEST_SECONDS     cap on the test step (default 240)
-#        DITFAST_SKIP_TESTS=1     skip step 2 (a benchmark-only run: the whole budget goes to it)
+# usage: bash benchmarks/gpu_run.sh OUT_DIR               the real run (a CUDA GPU)
+#        bash benchmarks/gpu_run.sh --rehearse OUT_DIR    the same tiers on CPU at tiny sizes (the Triton
+#                                                         interpreter, the extension's CPU kernels), no pip
+#                                                         install, then checks what the real run returns
+# env:   DITFAST_GPU_RUN_SECONDS  whole budget (default 360; 270 in a rehearsal)
 #        DITFAST_BENCH_COMMIT     commit to record when the tree was copied without .git
-# OUT_DIR receives: bench_<date>_<commit>.json, its three PNGs, backend_table.json (when the run timed
-# both the triton and the cuda backend), install.log, tests.log, bench.log.
+#        PYTHON                   interpreter (default python3)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${1:?usage: bash benchmarks/gpu_run.sh OUT_DIR [bench args]}"
-shift
-TOTAL="${DITFAST_GPU_RUN_SECONDS:-570}"
-TEST_CAP="${DITFAST_TEST_SECONDS:-240}"
+REHEARSE=0
+if [ "${1:-}" = "--rehearse" ]; then REHEARSE=1; shift; fi
+OUT="${1:?usage: bash benchmarks/gpu_run.sh [--rehearse] OUT_DIR}"
+mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
 PY="${PYTHON:-python3}"
-mkdir -p "$OUT"
-status=0
-step() { printf '\n=== %s  (%ss elapsed)\n' "$*" "$SECONDS"; }
-
-step "1/4 install"
-if ! "$PY" -m pip install --no-build-isolation --no-deps -e . >"$OUT/install.log" 2>&1; then
-    echo "pip install -e . failed (tail of install.log follows); continuing from the source tree"
-    tail -n 25 "$OUT/install.log"
-    status=1
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/ditfast-gpu-run.XXXXXX")"
+LOGS="$WORK/logs"
+mkdir -p "$LOGS"
+if [ -z "${DITFAST_BENCH_COMMIT:-}" ]; then
+    DITFAST_BENCH_COMMIT="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
+    export DITFAST_BENCH_COMMIT
 fi
-for whl in wheels/*.whl; do
-    [ -e "$whl" ] || continue
-    if "$PY" -m pip install --no-deps "$whl" >>"$OUT/install.log" 2>&1; then
-        echo "installed $(basename "$whl")"
-    else
-        echo "could not install $(basename "$whl") (see install.log)"
-    fi
-done
-"$PY" -m ditfast.info 2>&1 | tail -n 30 || true
-
-step "2/4 tests"
-left=$((TOTAL - SECONDS - 150))  # keep at least 150 s for the benchmark and the summary
-cap=$((left < TEST_CAP ? left : TEST_CAP))
-if [ "${DITFAST_SKIP_TESTS:-0}" = "1" ]; then
-    echo "skipped (DITFAST_SKIP_TESTS=1)"
-elif [ "$cap" -lt 30 ]; then
-    echo "skipping the tests: only ${left}s left of the budget"
+export DITFAST_SM90_REPORT="${DITFAST_SM90_REPORT:-$PWD/benchmarks/sm90_report.json}"
+if [ "$REHEARSE" = 1 ]; then
+    TOTAL="${DITFAST_GPU_RUN_SECONDS:-270}"
+    # cumulative deadlines (seconds since the start) of tiers 1..6; a tier that ends early leaves its time to the next
+    DEADLINES=(15 85 120 175 215 265)
+    export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
+    # the interpreter's Triton kernels are exercised by the smoke; the bench tiers force the extension's CPU kernels
+    BENCH_ARGS=(--device cpu --quick --backends cuda)
 else
-    timeout "$cap" "$PY" -m pytest -q -p no:cacheprovider tests >"$OUT/tests.log" 2>&1
-    rc=$?
-    tail -n 15 "$OUT/tests.log"
-    if [ "$rc" -eq 124 ]; then
-        echo "tests stopped after ${cap}s (DITFAST_TEST_SECONDS); see tests.log"
-    fi
-    [ "$rc" -eq 0 ] || status=1
+    TOTAL="${DITFAST_GPU_RUN_SECONDS:-360}"
+    DEADLINES=(90 190 280 320 345 355)
+    BENCH_ARGS=()
 fi
+SECONDS=0
+status=0
+step() { printf '\n=== tier %s  (%ss elapsed)\n' "$*" "$SECONDS"; }
+left() {  # seconds until tier $1's deadline, scaled to TOTAL, at least $2
+    local d=$(( ${DEADLINES[$(( $1 - 1 ))]} * TOTAL / (REHEARSE ? 270 : 360) - SECONDS ))
+    echo $(( d > $2 ? d : $2 ))
+}
+publish() {  # copy finished files from WORK into OUT atomically (a hidden partial name, then a rename)
+    local f
+    for f in "$@"; do
+        [ -s "$WORK/$f" ] || continue
+        cp "$WORK/$f" "$OUT/.$f.part" && mv -f "$OUT/.$f.part" "$OUT/$f"
+    done
+    tar -czf "$WORK/logs.tar.gz" -C "$WORK" logs 2>/dev/null &&
+        cp "$WORK/logs.tar.gz" "$OUT/.logs.tar.gz.part" && mv -f "$OUT/.logs.tar.gz.part" "$OUT/logs.tar.gz"
+}
+# SIGINT reaches pytest even where the shell started it with SIGINT ignored; pytest then prints its summary
+PYTEST=("$PY" -c "import signal, sys, pytest; signal.signal(signal.SIGINT, signal.default_int_handler); sys.exit(pytest.main(sys.argv[1:]))")
+cleanup() { rm -f "$OUT"/.*.part "$OUT"/*.tmp; rm -rf "$WORK"; }
+trap cleanup EXIT
+trap 'echo "interrupted"; exit 130' INT TERM
 
-step "3/4 benchmark"
-left=$((TOTAL - SECONDS - 20))  # what remains, minus the summary
-limit=$((left - 60))            # stop starting measurements a minute early: one can run long
-bench_args=(--out "$OUT" --time-limit "$limit")
-if [ "$limit" -lt 60 ]; then
-    bench_args=(--out "$OUT" --quick --time-limit "$((left > 20 ? left - 10 : 10))")
+# ------------------------------------------------------------------------------------------- 1 install
+step "1/6 install"
+{ date -u; nvidia-smi 2>&1 | head -n 20; } >"$LOGS/machine.txt" 2>&1
+if [ "$REHEARSE" = 1 ]; then
+    echo "rehearsal: no pip install (would run: DITFAST_CUDA_ARCHS=9.0 $PY -m pip install --no-build-isolation --no-deps -e .)" \
+        >"$LOGS/install.log"
+    "$PY" -c "import ditfast, ditfast._C; print('ditfast', ditfast.__version__, 'from', ditfast.__file__)" >>"$LOGS/install.log" 2>&1 || status=1
+else
+    DITFAST_CUDA_ARCHS=9.0 MAX_JOBS="$(nproc)" timeout "$(left 1 30)" \
+        "$PY" -m pip install --no-build-isolation --no-deps -e . >"$LOGS/install.log" 2>&1 ||
+        { echo "pip install -e . failed (tail follows); going on from the source tree"; tail -n 20 "$LOGS/install.log"; status=1; }
+    for whl in wheels/*.whl; do
+        [ -e "$whl" ] || continue
+        "$PY" -m pip install --no-deps "$whl" >>"$LOGS/install.log" 2>&1 && echo "installed $(basename "$whl")" ||
+            echo "could not install $(basename "$whl") (see install.log)"
+    done
 fi
-# progress lines on the console, everything in bench.log
-timeout "$((left > 10 ? left : 10))" "$PY" -m ditfast.bench "${bench_args[@]}" "$@" 2>&1 \
-    | tee "$OUT/bench.log" | grep -E '^\[[0-9]+/[0-9]+\]|^results:|plots|failed'
-rc=${PIPESTATUS[0]}
-[ "$rc" -eq 0 ] || { echo "benchmark exited with $rc (see bench.log)"; status=1; }
+"$PY" -m ditfast.info >"$LOGS/ditfast_info.txt" 2>&1 || true
+tail -n 3 "$LOGS/install.log"
+publish
 
-step "4/4 summary"
-# the measured triton-vs-cuda choice per op, dtype and width (copy it to ditfast/ops/backend_table.json)
-for res in "$OUT"/bench_*.json; do
-    [ -e "$res" ] && "$PY" scripts/backend_table.py "$res" --table "$OUT/backend_table.json" | tail -n 3
+# ------------------------------------------------------------------------------------------- 2 smoke
+step "2/6 smoke: every op x backend at FLUX.1-dev / SD3.5-large shapes, bf16"
+cap="$(left 2 20)"
+smoke_args=(--out "$WORK/smoke.json" --time-limit "$(( cap - 15 > 5 ? cap - 15 : 5 ))")
+[ "$REHEARSE" = 1 ] && smoke_args+=(--tiny)
+timeout -k 10 "$cap" "$PY" benchmarks/smoke.py "${smoke_args[@]}" >"$LOGS/smoke.log" 2>&1
+rc=$?
+grep -E '^\[|^smoke' "$LOGS/smoke.log" | tail -n 25
+[ "$rc" -eq 0 ] || { echo "smoke exited with $rc (see smoke.log)"; status=1; }
+publish smoke.json
+
+# ------------------------------------------------------------------------------------------- 3 tests
+step "3/6 kernel tests (SIGINT at the cap)"
+cap="$(left 3 20)"
+files=()
+for f in test_modulate test_rope test_attention_kernel test_attention test_prepare test_cuda_ext test_attention_dispatch \
+         test_edge_cases test_validation test_properties test_blocks test_blocks_backends test_models test_training; do
+    [ -e "tests/$f.py" ] && files+=("tests/$f.py")
 done
-"$PY" -m ditfast.bench --summary "$OUT" || status=1
+xdist=()
+if "$PY" -c "import xdist" 2>/dev/null && [ "$REHEARSE" = 0 ]; then xdist=(-n 8); fi
+timeout -s INT -k 20 "$cap" "${PYTEST[@]}" -q -ra -p no:cacheprovider "${xdist[@]}" \
+    --junitxml="$LOGS/tests.xml" "${files[@]}" >"$LOGS/tests.log" 2>&1
+rc=$?
+tail -n 4 "$LOGS/tests.log"
+case "$rc" in
+    0) ;;
+    2|124|130) echo "tests stopped at their ${cap}s cap (summary above; full list in tests.log)" ;;
+    *) status=1 ;;
+esac
+grep -qE "^(FAILED|ERROR) " "$LOGS/tests.log" && status=1
+publish
+
+# ------------------------------------------------------------------------------------------- 4-6 bench
+bench() {  # tier name json_stem seconds args...
+    local tier="$1" stem="$2" cap="$3"
+    shift 3
+    timeout -s INT -k 15 "$cap" "$PY" -m ditfast.bench --json "$WORK/$stem.json" --time-limit "$(( cap - 20 > 5 ? cap - 20 : 5 ))" \
+        "${BENCH_ARGS[@]}" "$@" >"$LOGS/$stem.log" 2>&1
+    local rc=$?
+    grep -E '^\[[0-9]+/[0-9]+\]|^results:|^plot|failed' "$LOGS/$stem.log" | tail -n 12
+    [ "$rc" -eq 0 ] || { echo "tier $tier: benchmark exited with $rc (see $stem.log)"; status=1; }
+    [ -e "$WORK/$stem.png" ] && mv "$WORK/$stem.png" "$LOGS/"
+}
+step "4/6 benchmark: ops and attention (no compile peers)"
+bench 4 bench_ops "$(left 4 25)" --levels ops,attention --no-compile
+if [ "$REHEARSE" = 0 ] && [ -s "$WORK/bench_ops.json" ]; then
+    "$PY" scripts/backend_table.py "$WORK/bench_ops.json" --table "$WORK/backend_table.json" >>"$LOGS/bench_ops.log" 2>&1 &&
+        tail -n 1 "$LOGS/bench_ops.log"
+fi
+publish bench_ops.json backend_table.json
+
+step "5/6 benchmark: blocks and training step (no compile peers)"
+bench 5 bench_blocks "$(left 5 25)" --levels blocks,train --no-compile
+publish bench_blocks.json
+
+step "6/6 benchmark: whole models, then torch.compile peers (as time allows)"
+cap="$(left 6 0)"
+if [ "$cap" -ge 30 ]; then
+    bench 6 bench_peers "$cap" --levels models,ops,attention,blocks --quick
+    publish bench_peers.json
+else
+    echo "skipped: ${cap}s left of the ${TOTAL}s budget"
+fi
+
+# ------------------------------------------------------------------------------------------- summary
+"$PY" benchmarks/outcome.py summary "$WORK" >"$WORK/summary.txt" 2>&1 || status=1
+publish summary.txt
+if [ "$REHEARSE" = 1 ]; then
+    "$PY" benchmarks/outcome.py check "$OUT" --expect smoke.json,bench_ops.json,bench_blocks.json,bench_peers.json,summary.txt,logs.tar.gz ||
+        status=1
+fi
+printf '\n=== summary  (%ss elapsed, budget %ss; files in %s: %s)\n' "$SECONDS" "$TOTAL" "$OUT" "$(ls "$OUT" | tr '\n' ' ')"
+cat "$WORK/summary.txt"
 exit "$status"

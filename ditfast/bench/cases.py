@@ -246,28 +246,28 @@ def train_cases(*, tiny: bool, quick: bool) -> List[Case]:
 
 
 def model_cases(*, tiny: bool, quick: bool) -> List[Case]:
-    """Whole diffusers transformers at the real widths, a few blocks deep (FLOPs counted on the model)."""
+    """Whole diffusers transformers at the real widths, a few blocks deep (FLOPs counted on the model);
+    --quick keeps FLUX only, one double and two single blocks."""
     if tiny:
         return [Case("models", "FluxTransformer2DModel", "tiny", dict(B=1, Li=64, Lt=13, D=32, H=2), "TFLOP/s", target=True,
                      params=dict(double=1, single=1, axes_dim=(4, 6, 6), in_channels=16, ctx=32, pooled=32)),
                 Case("models", "SD3Transformer2DModel", "tiny", dict(B=2, S=16, Lc=13, D=32, H=2), "TFLOP/s", target=True,
-                     params=dict(layers=2, in_channels=4, ctx=32, pooled=32, qk_norm="rms_norm", pos_max=8))]
-    if quick:
-        return []
-    return [Case("models", "FluxTransformer2DModel", "FLUX.1-dev widths, 2/19 double + 4/38 single blocks",
-                 dict(B=1, Li=4096, Lt=512, D=3072, H=24), "TFLOP/s", target=True,
-                 params=dict(double=2, single=4, axes_dim=(16, 56, 56), in_channels=64, ctx=4096, pooled=768)),
-            Case("models", "SD3Transformer2DModel", "SD3.5-large widths, 4/38 blocks, CFG",
-                 dict(B=2, S=128, Lc=333, D=2432, H=38), "TFLOP/s", target=True,
-                 params=dict(layers=4, in_channels=16, ctx=4096, pooled=2048, qk_norm="rms_norm", pos_max=192))]
+                     params=dict(layers=2, in_channels=4, ctx=32, pooled=32, qk_norm="rms_norm", pos_max=8))][: 1 if quick else 2]
+    double, single = (1, 2) if quick else (2, 4)
+    flux = Case("models", "FluxTransformer2DModel", f"FLUX.1-dev widths, {double}/19 double + {single}/38 single blocks",
+                dict(B=1, Li=4096, Lt=512, D=3072, H=24), "TFLOP/s", target=True,
+                params=dict(double=double, single=single, axes_dim=(16, 56, 56), in_channels=64, ctx=4096, pooled=768))
+    return [flux] if quick else [flux, Case(
+        "models", "SD3Transformer2DModel", "SD3.5-large widths, 4/38 blocks, CFG", dict(B=2, S=128, Lc=333, D=2432, H=38),
+        "TFLOP/s", target=True, params=dict(layers=4, in_channels=16, ctx=4096, pooled=2048, qk_norm="rms_norm", pos_max=192))]
 
 
 def plan(levels, elt: int, *, tiny: bool, quick: bool) -> List[Case]:
-    """The cases to run, target shapes first (across levels), then the rest, each in level order."""
+    """The cases to run, in the order of ``levels``: target shapes first (across levels), then the rest."""
     makers = {"ops": lambda: op_cases(elt, tiny=tiny, quick=quick),
               "attention": lambda: attention_cases(tiny=tiny, quick=quick),
               "blocks": lambda: block_cases(tiny=tiny, quick=quick),
               "train": lambda: train_cases(tiny=tiny, quick=quick),
               "models": lambda: model_cases(tiny=tiny, quick=quick)}
-    cases = [c for level in LEVELS if level in levels for c in makers[level]()]
+    cases = [c for level in dict.fromkeys(levels) for c in makers[level]()]
     return [c for c in cases if c.target] + [c for c in cases if not c.target]

@@ -50,6 +50,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="offline sm_90 compile report (default: $DITFAST_SM90_REPORT or benchmarks/sm90_report.json)")
     p.add_argument("--summary", default=None, metavar="JSON_OR_DIR",
                    help="print the summary of an existing results file (the newest in a folder) and exit")
+    p.add_argument("--plot", action="store_true", help="with --summary: (re)draw that file's PNG beside it")
     args = p.parse_args(argv)
     if args.levels == "all":
         args.levels = C.LEVELS
@@ -77,8 +78,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     from . import report
 
     if args.summary:
-        results = report.load_json(newest_json(args.summary))
+        path = newest_json(args.summary)
+        results = report.load_json(path)
         print(report.banner(results) + "\n\n" + report.summary_table(results))
+        if args.plot:
+            print(report.make_plot(results, os.path.splitext(path)[0] + ".png"))
         return 0
     import torch
 

@@ -245,7 +245,7 @@ def run(opts: Options, *, out_json: Optional[str] = None, stream=None) -> dict:
         import torch._dynamo.config as dcfg  # many shapes per compiled function: no fallback to eager
 
         dcfg.recompile_limit = max(256, getattr(dcfg, "recompile_limit", 8))
-        levels = tuple(lv for lv in C.LEVELS if lv in opts.levels)
+        levels = tuple(dict.fromkeys(opts.levels))  # the order asked for (gpu_run.sh puts models first in a tier)
         elt = torch.empty((), dtype=ctx.dtype).element_size()
         plan = C.plan(levels, elt, tiny=ctx.smoke, quick=opts.quick)
         if opts.filter:
