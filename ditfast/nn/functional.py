@@ -91,6 +91,8 @@ def attend(
     """
     if q_weights is not None and all(w is None for w in q_weights) and all(w is None for w in k_weights):
         q_weights = k_weights = None
+    if len(qs) == 1 and q_weights is None and rope is None:  # nothing to prepare: attend the views as they are
+        return (ops.joint_attention(qs[0], ks[0], vs[0]).flatten(2),)
     outs = ops.joint_attention_streams(tuple(qs), tuple(ks), tuple(vs), q_weights=q_weights,
                                        k_weights=k_weights, rope=rope, eps=eps)
     return tuple(o.flatten(2) for o in outs)
