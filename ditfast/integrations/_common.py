@@ -13,6 +13,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..nn import functional as F
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what ditfast.ops accept
 
 # ----------------------------------------------------------------------------------------------
@@ -138,6 +140,20 @@ def ada_continuous(norm, cond: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.
     """(shift, scale) of a diffusers AdaLayerNormContinuous, which splits its projection (scale, shift)."""
     scale, shift = norm.linear(norm.silu(cond).to(dtype)).chunk(2, dim=1)
     return shift, scale
+
+
+def stream(attn, added: bool, proj, mlp, eps: float, eps2: float = 1e-6) -> F.Stream:
+    """One stream of a diffusers attention: its q/k/v projections (the packed ``to_qkv`` /
+    ``to_added_qkv`` after ``fuse_projections()``, else ``to_q/k/v`` / ``add_q/k/v_proj``) and QK-norm
+    weights (None without), with the given output projection, MLP and LayerNorm eps."""
+    fused = getattr(attn, "fused_projections", False)
+    if added:
+        qkv = attn.to_added_qkv if fused else (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+        nq, nk = attn.norm_added_q, attn.norm_added_k
+    else:
+        qkv = attn.to_qkv if fused else (attn.to_q, attn.to_k, attn.to_v)
+        nq, nk = getattr(attn, "norm_q", None), getattr(attn, "norm_k", None)
+    return F.Stream(qkv, proj, mlp, rms_weight(nq), rms_weight(nk), eps, eps2)
 
 
 def rms_weight(norm) -> Optional[torch.Tensor]:

@@ -32,6 +32,7 @@ from ._common import (
     is_diffusers,
     no_kwargs,
     out_proj,
+    stream,
 )
 
 
@@ -62,9 +63,9 @@ def dit_block_forward(
         )
     emb = self.norm1.emb(timestep, class_labels, hidden_dtype=hidden_states.dtype)
     mod = ada_chunks(self.norm1, emb, 6)  # shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
-    stream = F.Stream((attn.to_q, attn.to_k, attn.to_v), functools.partial(out_proj, attn),
-                      functools.partial(feed_forward, self, self.ff), eps=self.norm1.norm.eps, eps2=self.norm3.eps)
-    return F.dit_block(hidden_states, mod, stream, head_dim=attn.to_k.out_features // attn.heads)
+    s = stream(attn, False, functools.partial(out_proj, attn), functools.partial(feed_forward, self, self.ff),
+               self.norm1.norm.eps, self.norm3.eps)
+    return F.dit_block(hidden_states, mod, s, head_dim=attn.to_k.out_features // attn.heads)
 
 
 def check_block(block) -> List[str]:

@@ -42,7 +42,7 @@ from ._common import (
     no_kwargs,
     out_proj,
     rms_eps,
-    rms_weight,
+    stream,
 )
 
 Tables = Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
@@ -71,19 +71,6 @@ def _fast(attn, kwargs, *tensors) -> bool:
     return no_kwargs(kwargs) and is_diffusers(attn.processor, "FluxAttnProcessor") and fast_dtypes(*tensors)
 
 
-def _stream(attn, added: bool, proj, mlp, eps: float, eps2: float = 1e-6) -> F.Stream:
-    """One stream of a FluxAttention: its q/k/v projections (packed after fuse_qkv_projections()) and
-    QK-norm weights, with the given output projection and MLP."""
-    fused = getattr(attn, "fused_projections", False)
-    if added:
-        qkv = attn.to_added_qkv if fused else (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
-        nq, nk = attn.norm_added_q, attn.norm_added_k
-    else:
-        qkv = attn.to_qkv if fused else (attn.to_q, attn.to_k, attn.to_v)
-        nq, nk = attn.norm_q, attn.norm_k
-    return F.Stream(qkv, proj, mlp, rms_weight(nq), rms_weight(nk), eps, eps2)
-
-
 def _rope(tables: Tables):
     return None if tables[0] is None else tables
 
@@ -101,8 +88,8 @@ def flux_block_forward(
         return type(self).forward(
             self, hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs
         )
-    img_s = _stream(attn, False, functools.partial(out_proj, attn), self.ff, self.norm1.norm.eps, self.norm2.eps)
-    txt_s = _stream(attn, True, attn.to_add_out, self.ff_context, self.norm1_context.norm.eps,
+    img_s = stream(attn, False, functools.partial(out_proj, attn), self.ff, self.norm1.norm.eps, self.norm2.eps)
+    txt_s = stream(attn, True, attn.to_add_out, self.ff_context, self.norm1_context.norm.eps,
                     self.norm2_context.eps)
     x, c = F.flux_double(hidden_states, encoder_hidden_states, ada_chunks(self.norm1, temb, 6),
                          ada_chunks(self.norm1_context, temb, 6), _rope(tables), img_s, txt_s,
@@ -131,7 +118,7 @@ def flux_single_block_forward(
         )
     x = torch.cat((encoder_hidden_states, hidden_states), dim=1)  # the joint sequence [text, image]
     # proj_out maps [attention | MLP hidden]
-    s = _stream(attn, False, self.proj_out, functools.partial(_single_mlp, self), self.norm.norm.eps)
+    s = stream(attn, False, self.proj_out, functools.partial(_single_mlp, self), self.norm.norm.eps)
     x = F.flux_single(x, ada_chunks(self.norm, temb, 3), _rope(tables), s, head_dim=attn.head_dim,
                       qk_eps=rms_eps(attn.norm_q))
     if x.dtype == torch.float16:

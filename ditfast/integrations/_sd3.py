@@ -39,19 +39,10 @@ from ._common import (
     no_kwargs,
     out_proj,
     rms_eps,
-    rms_weight,
+    stream,
 )
 
 _PROCESSOR = "JointAttnProcessor2_0"
-
-
-def _stream(attn, added: bool, proj, mlp, eps: float, eps2: float = 1e-6) -> F.Stream:
-    """One stream of a diffusers Attention: its q/k/v projections and QK-norm weights (None without)."""
-    if added:
-        qkv, nq, nk = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj), attn.norm_added_q, attn.norm_added_k
-    else:
-        qkv, nq, nk = (attn.to_q, attn.to_k, attn.to_v), attn.norm_q, attn.norm_k
-    return F.Stream(qkv, proj, mlp, rms_weight(nq), rms_weight(nk), eps, eps2)
 
 
 def joint_block_forward(self, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs=None):
@@ -67,16 +58,16 @@ def joint_block_forward(self, hidden_states, encoder_hidden_states, temb, joint_
         return type(self).forward(self, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs)
     c = encoder_hidden_states
     x_mod = ada_chunks(self.norm1, temb, 9 if self.use_dual_attention else 6)
-    xs = _stream(attn, False, functools.partial(out_proj, attn), functools.partial(feed_forward, self, self.ff),
+    xs = stream(attn, False, functools.partial(out_proj, attn), functools.partial(feed_forward, self, self.ff),
                  self.norm1.norm.eps, self.norm2.eps)
     if self.context_pre_only:  # AdaLayerNormContinuous: (shift, scale); the context ends after the attention
         c_mod = ada_continuous(self.norm1_context, temb, c.dtype)
-        cs = _stream(attn, True, None, None, self.norm1_context.norm.eps)
+        cs = stream(attn, True, None, None, self.norm1_context.norm.eps)
     else:
         c_mod = ada_chunks(self.norm1_context, temb, 6)
-        cs = _stream(attn, True, attn.to_add_out, functools.partial(feed_forward, self, self.ff_context),
+        cs = stream(attn, True, attn.to_add_out, functools.partial(feed_forward, self, self.ff_context),
                      self.norm1_context.norm.eps, self.norm2_context.eps)
-    x2 = _stream(attn2, False, functools.partial(out_proj, attn2), None, 1e-6) if self.use_dual_attention else None
+    x2 = stream(attn2, False, functools.partial(out_proj, attn2), None, 1e-6) if self.use_dual_attention else None
     norms = (attn.norm_q, attn.norm_added_q) + ((attn2.norm_q,) if attn2 is not None else ())
     return F.sd3_joint(c, hidden_states, c_mod, x_mod, cs, xs, head_dim=attn.to_k.out_features // attn.heads, x2=x2,
                        qk_eps=rms_eps(*norms))

@@ -10,20 +10,7 @@ import torch
 from torch import nn
 
 from . import functional as F
-from .layers import Mlp, ada_ln
-
-
-class Attention(nn.Module):
-    """timm-style self-attention parameters: ``qkv`` Linear(D, 3D, bias) and ``proj`` Linear(D, D)."""
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+from .layers import Attention, Mlp, ada_ln
 
 
 class DiTBlock(nn.Module):
@@ -37,7 +24,7 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         mod = self.adaLN_modulation(c).chunk(6, dim=1)
-        return F.dit_block(x, mod, F.Stream(self.attn.qkv, self.attn.proj, self.mlp), head_dim=self.attn.head_dim)
+        return F.dit_block(x, mod, self.attn.stream(self.mlp), head_dim=self.attn.head_dim)
 
 
 class FinalLayer(nn.Module):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import functional as F
-from .layers import QKNorm, flux_mlp
+from .layers import Attention, QKNorm, flux_mlp
 
 Rope = Optional[Tuple[torch.Tensor, torch.Tensor]]
 
@@ -29,24 +29,6 @@ class Modulation(nn.Module):
         return self.lin(nn.functional.silu(vec)).chunk(self.multiplier, dim=-1)
 
 
-class SelfAttention(nn.Module):
-    """FLUX attention parameters: ``qkv``, ``norm.query_norm.scale``, ``norm.key_norm.scale``, ``proj``."""
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.norm = QKNorm(dim // num_heads)
-        self.proj = nn.Linear(dim, dim)
-
-    def stream(self, mlp: nn.Module) -> F.Stream:
-        """This attention's modules and QK-norm weights, with the stream's MLP."""
-        return F.Stream(self.qkv, self.proj, mlp, self.norm.query_norm.scale, self.norm.key_norm.scale)
-
-
 class DoubleStreamBlock(nn.Module):
     """FLUX double-stream block. forward(img (B, Li, D), txt (B, Lt, D), vec (B, D), rope) -> (img, txt)."""
 
@@ -56,10 +38,10 @@ class DoubleStreamBlock(nn.Module):
         self.num_heads = num_heads
         self.hidden_size = hidden_size
         self.img_mod = Modulation(hidden_size, double=True)
-        self.img_attn = SelfAttention(hidden_size, num_heads, qkv_bias)
+        self.img_attn = Attention(hidden_size, num_heads, qkv_bias, qk_norm="flux")
         self.img_mlp = flux_mlp(hidden_size, mlp_hidden)
         self.txt_mod = Modulation(hidden_size, double=True)
-        self.txt_attn = SelfAttention(hidden_size, num_heads, qkv_bias)
+        self.txt_attn = Attention(hidden_size, num_heads, qkv_bias, qk_norm="flux")
         self.txt_mlp = flux_mlp(hidden_size, mlp_hidden)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, rope: Rope):

@@ -2,8 +2,12 @@
 is in :mod:`ditfast.nn.functional`)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
+
+from . import functional as F
 
 
 class Mlp(nn.Module):
@@ -48,3 +52,36 @@ class QKNorm(nn.Module):
         super().__init__()
         self.query_norm = RMSNormWeight(head_dim, "scale")
         self.key_norm = RMSNormWeight(head_dim, "scale")
+
+
+class Attention(nn.Module):
+    """Self-attention parameters (the math is :func:`ditfast.nn.functional.attend`): ``qkv`` Linear(D, 3D)
+    and ``proj`` Linear(D, D) (absent with ``proj=False``: SD3's pre-only context), plus per-head
+    QK-RMSNorm weights named as FLUX does (qk_norm="flux": ``norm.query_norm.scale`` /
+    ``norm.key_norm.scale``) or as SD3.5 does (qk_norm="rms": ``ln_q.weight`` / ``ln_k.weight``)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj: bool = True,
+                 qk_norm: Optional[str] = None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        if qk_norm not in (None, "rms", "flux"):
+            raise ValueError(f"qk_norm must be None, 'rms' or 'flux', got {qk_norm!r}")
+        self.num_heads, self.head_dim, self.qk_norm = num_heads, dim // num_heads, qk_norm
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        if qk_norm == "flux":
+            self.norm = QKNorm(self.head_dim)
+        if proj:
+            self.proj = nn.Linear(dim, dim)
+        if qk_norm == "rms":
+            self.ln_q = RMSNormWeight(self.head_dim)
+            self.ln_k = RMSNormWeight(self.head_dim)
+
+    def stream(self, mlp: Optional[nn.Module] = None) -> F.Stream:
+        """This attention's modules and QK-norm weights (None without QK-norm), with the stream's MLP."""
+        q_norm = k_norm = None
+        if self.qk_norm == "flux":
+            q_norm, k_norm = self.norm.query_norm.scale, self.norm.key_norm.scale
+        elif self.qk_norm == "rms":
+            q_norm, k_norm = self.ln_q.weight, self.ln_k.weight
+        return F.Stream(self.qkv, getattr(self, "proj", None), mlp, q_norm, k_norm)

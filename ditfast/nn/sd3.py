@@ -14,33 +14,7 @@ import torch
 from torch import nn
 
 from . import functional as F
-from .layers import Mlp, RMSNormWeight, ada_ln
-
-
-class JointAttention(nn.Module):
-    """SD3.5 ``SelfAttention`` parameters: ``qkv``, ``proj`` (unless pre_only), ``ln_q`` / ``ln_k``."""
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, pre_only: bool = False,
-                 qk_norm: Optional[str] = None):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
-        if qk_norm not in (None, "rms"):
-            raise ValueError(f"qk_norm must be None or 'rms', got {qk_norm!r}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        if not pre_only:
-            self.proj = nn.Linear(dim, dim)
-        if qk_norm == "rms":
-            self.ln_q = RMSNormWeight(dim // num_heads)
-            self.ln_k = RMSNormWeight(dim // num_heads)
-        self.qk_norm = qk_norm
-
-    def stream(self, mlp: Optional[nn.Module]) -> F.Stream:
-        """This attention's modules and QK-norm weights (None without QK-norm), with the stream's MLP."""
-        q_norm, k_norm = (self.ln_q.weight, self.ln_k.weight) if self.qk_norm == "rms" else (None, None)
-        return F.Stream(self.qkv, getattr(self, "proj", None), mlp, q_norm, k_norm)
+from .layers import Attention, Mlp, ada_ln
 
 
 class DismantledBlock(nn.Module):
@@ -51,9 +25,11 @@ class DismantledBlock(nn.Module):
         super().__init__()
         self.pre_only = pre_only
         self.x_block_self_attn = x_block_self_attn
-        self.attn = JointAttention(hidden_size, num_heads, qkv_bias, pre_only, qk_norm)
+        if qk_norm not in (None, "rms"):
+            raise ValueError(f"qk_norm must be None or 'rms', got {qk_norm!r}")
+        self.attn = Attention(hidden_size, num_heads, qkv_bias, not pre_only, qk_norm)
         if x_block_self_attn:
-            self.attn2 = JointAttention(hidden_size, num_heads, qkv_bias, False, qk_norm)
+            self.attn2 = Attention(hidden_size, num_heads, qkv_bias, True, qk_norm)
         if not pre_only:
             self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         chunks = 2 if pre_only else (9 if x_block_self_attn else 6)
