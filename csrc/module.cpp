@@ -24,9 +24,10 @@ PyMODINIT_FUNC PyInit__C(void) {
   PyObject* devices = Py_BuildValue("(s)", "cpu");
   const int cuda_version = 0;
 #endif
-  PyObject* ops = Py_BuildValue("(sssssss)", "norm_modulate_c", "norm_modulate_c_backward",
+  PyObject* ops = Py_BuildValue("(sssssssss)", "norm_modulate_c", "norm_modulate_c_backward",
                                 "gated_residual_norm_modulate_c", "gated_residual_norm_modulate_c_backward",
-                                "apply_rope_c", "qk_norm_rope_c", "qk_norm_rope_c_backward");
+                                "apply_rope_c", "qk_norm_rope_c", "qk_norm_rope_c_backward",
+                                "prepare_attention_c", "prepare_attention_c_backward");
   const bool ok =
       devices != nullptr && ops != nullptr && PyModule_AddObjectRef(m, "DEVICES", devices) == 0 &&
       PyModule_AddObjectRef(m, "OPS", ops) == 0 &&

@@ -13,6 +13,9 @@
 
 #include <algorithm>
 #include <limits>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "kernels.h"
 
@@ -354,6 +357,120 @@ void set_tables(const Tables& tb, const float*& cos, const float*& sin, int64_t&
   cl = tb.cl;
 }
 
+// RMSNorm + RoPE backward of one (q, k) pair from grads gq, gk (unit last stride): the norm
+// backward when a weight is given, else the inverse rotation (or a copy without tables).
+// -> (dq, dk, dq_weight, dk_weight), weight grads empty without weights.
+std::tuple<Tensor, Tensor, Tensor, Tensor> qk_backward(const Tensor& q, const Tensor& k, const Tensor& gq,
+                                                       const Tensor& gk, const Tensor& qw, const Tensor& kw,
+                                                       const Tables& tb, double eps, bool interleaved) {
+  Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
+  if (!qw.defined() && !kw.defined()) {
+    // No norm: the forward was RoPE only (or a copy), so the backward rotates the grads back.
+    RopeFwdArgs r;
+    set_heads_shape(r, q, 2, 0.0);
+    r.in[0] = heads_of(gq, "grad_q");
+    r.in[1] = heads_of(gk, "grad_k");
+    r.out[0] = heads_of(dq, "dq");
+    r.out[1] = heads_of(dk, "dk");
+    set_tables(tb, r.cos, r.sin, r.cb, r.cl);
+    r.norm = false;
+    r.interleaved = interleaved;
+    r.inverse = true;
+    run(r, q);
+    return {dq, dk, at::empty({0}, q.options()), at::empty({0}, k.options())};
+  }
+  RopeBwdArgs a;
+  set_heads_shape(a, q, 2, eps);
+  a.x[0] = heads_of(q, "q");
+  a.x[1] = heads_of(k, "k");
+  a.g[0] = heads_of(gq, "grad_q");
+  a.g[1] = heads_of(gk, "grad_k");
+  a.dx[0] = heads_of(dq, "dq");
+  a.dx[1] = heads_of(dk, "dk");
+  set_weights(a, qw, kw);
+  set_tables(tb, a.cos, a.sin, a.cb, a.cl);
+  a.interleaved = interleaved;
+  const int64_t rows = a.B * a.L * a.H;
+  // blocks per tensor (CUDA) / row chunks (CPU); also the work split when there is no weight
+#ifdef DITFAST_WITH_CUDA
+  if (q.is_cuda()) a.nblk = rope_bwd_cuda_nblk(rows, a.Dh, q.device().index());
+#endif
+  if (!q.is_cuda())
+    a.nblk = static_cast<int32_t>(std::max<int64_t>(1, (rows + kCpuHeadsPerChunk - 1) / kCpuHeadsPerChunk));
+  Tensor partial;
+  if (qw.defined() || kw.defined()) {  // zeros for no rows: the kernels then write nothing
+    const auto f32 = q.options().dtype(at::kFloat);
+    partial = rows == 0 ? at::zeros({2, a.nblk, a.Dh}, f32) : at::empty({2, a.nblk, a.Dh}, f32);
+    a.partial = partial.data_ptr<float>();
+  }
+  run(a, q);
+  Tensor dqw = qw.defined() ? partial.select(0, 0).sum(0).to(qw.scalar_type()) : at::empty({0}, q.options());
+  Tensor dkw = kw.defined() ? partial.select(0, 1).sum(0).to(kw.scalar_type()) : at::empty({0}, k.options());
+  return {dq, dk, dqw, dkw};
+}
+
+
+// ---- prepare_attention ---------------------------------------------------------------------------
+
+// A stream's weight as the ops pass it: an empty tensor means "no norm for this stream".
+Tensor stream_weight(const Tensor& w, const std::string& name, const Tensor& ref) {
+  if (!w.defined() || w.numel() == 0) return Tensor();
+  return weight_of(w, name.c_str(), ref);
+}
+
+std::string item(const char* list, size_t i) { return std::string(list) + "[" + std::to_string(i) + "]"; }
+
+// Checks the per-stream lists; returns L_total. Every q, k, v is (B, L_i, H, Dh) with the B, H, Dh
+// and the dtype and device of qs[0]; a stream's two weights are both given or both empty.
+int64_t check_streams(at::TensorList qs, at::TensorList ks, const at::TensorList* vs, at::TensorList q_weights,
+                      at::TensorList k_weights) {
+  const size_t n = qs.size();
+  TORCH_CHECK_VALUE(n > 0, "qs must hold at least one stream");
+  TORCH_CHECK_VALUE(ks.size() == n && (vs == nullptr || vs->size() == n), "qs, ks and vs must have the same number "
+                    "of streams, got ", n, ", ", ks.size(), vs == nullptr ? "" : ", ", vs == nullptr ? 0 : vs->size());
+  TORCH_CHECK_VALUE(q_weights.size() == n && k_weights.size() == n, "q_weights and k_weights must have one entry "
+                    "per stream (", n, "), got ", q_weights.size(), " and ", k_weights.size());
+  const Tensor& q0 = qs[0];
+  check_heads(q0, "qs[0]");
+  int64_t L_total = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const Tensor& q = qs[i];
+    const std::string qn = item("qs", i);
+    check_heads(q, qn.c_str());
+    TORCH_CHECK_VALUE(q.size(0) == q0.size(0) && q.size(2) == q0.size(2) && q.size(3) == q0.size(3), qn,
+                      " must have shape (B, L_i, H, Dh) with the B, H, Dh of qs[0] ", q0.sizes(), ", got ", q.sizes());
+    std::vector<std::pair<std::string, const Tensor*>> others = {{item("ks", i), &ks[i]}};
+    if (vs != nullptr) others.emplace_back(item("vs", i), &(*vs)[i]);
+    for (const auto& [name, t] : others) check_same(*t, name.c_str(), q, qn.c_str());
+    others.emplace_back(qn, &q);
+    for (const auto& [name, t] : others) {
+      TORCH_CHECK_TYPE(t->scalar_type() == q0.scalar_type(), name, " is ", t->scalar_type(), " but qs[0] is ",
+                       q0.scalar_type(), "; every q, k, v must have one dtype");
+      check_device(*t, name.c_str(), q0, "qs[0]");
+    }
+    const bool has_q = q_weights[i].defined() && q_weights[i].numel() > 0;
+    const bool has_k = k_weights[i].defined() && k_weights[i].numel() > 0;
+    TORCH_CHECK_VALUE(has_q == has_k, "stream ", i, ": q_weights[", i, "] and k_weights[", i,
+                      "] must both be given (norm) or both be empty (no norm)");
+    L_total += q.size(1);
+  }
+  return L_total;
+}
+
+// The rows [off, off + L) of a joint-sequence table (None stays None).
+OptTensor table_rows(const OptTensor& t, int64_t off, int64_t L) {
+  if (!t.has_value() || !t->defined()) return std::nullopt;
+  return t->narrow(-2, off, L);
+}
+
+// Validates the joint tables once against a (B, L_total, H, Dh) stand-in.
+void check_joint_tables(const OptTensor& cos, const OptTensor& sin, const Tensor& q0, int64_t L_total) {
+  const bool rope = cos.has_value() && cos->defined();
+  if (rope) TORCH_CHECK_VALUE(q0.size(3) % 2 == 0, "rope needs an even head dim, got Dh = ", q0.size(3));
+  const Tensor shape_only =  // one element seen as (B, L_total, H, Dh): tables_of reads sizes and device only
+      at::empty({1}, q0.options()).as_strided({q0.size(0), L_total, q0.size(2), q0.size(3)}, {0, 0, 0, 0});
+  tables_of(cos, sin, shape_only);
+}
 }  // namespace
 
 // ---- the operators -------------------------------------------------------------------------------
@@ -493,49 +610,80 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> qk_norm_rope_c_backward(const OptTens
   } else {
     gk = at::zeros(k.sizes(), k.options());
   }
-  Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
-  if (!qw.defined() && !kw.defined()) {
-    // No norm: the forward was RoPE only (or a copy), so the backward rotates the grads back.
-    RopeFwdArgs r;
-    set_heads_shape(r, q, 2, 0.0);
-    r.in[0] = heads_of(gq, "grad_q");
-    r.in[1] = heads_of(gk, "grad_k");
-    r.out[0] = heads_of(dq, "dq");
-    r.out[1] = heads_of(dk, "dk");
-    set_tables(tb, r.cos, r.sin, r.cb, r.cl);
-    r.norm = false;
-    r.interleaved = interleaved;
-    r.inverse = true;
-    run(r, q);
-    return {dq, dk, at::empty({0}, q.options()), at::empty({0}, k.options())};
+  return qk_backward(q, k, gq, gk, qw, kw, tb, eps, interleaved);
+}
+
+std::tuple<Tensor, Tensor, Tensor> prepare_attention_c(at::TensorList qs, at::TensorList ks, at::TensorList vs,
+                                                       at::TensorList q_weights, at::TensorList k_weights,
+                                                       const OptTensor& cos, const OptTensor& sin, double eps,
+                                                       bool interleaved) {
+  const int64_t L_total = check_streams(qs, ks, &vs, q_weights, k_weights);
+  const Tensor& q0 = qs[0];
+  check_joint_tables(cos, sin, q0, L_total);
+  const int64_t B = q0.size(0), H = q0.size(2), Dh = q0.size(3);
+  Tensor q_out = at::empty({B, L_total, H, Dh}, q0.options());
+  Tensor k_out = at::empty({B, L_total, H, Dh}, q0.options());
+  Tensor v_out = at::empty({B, L_total, H, Dh}, q0.options());
+  int64_t off = 0;
+  for (size_t i = 0; i < qs.size(); ++i) {
+    const int64_t L = qs[i].size(1);
+    v_out.narrow(1, off, L).copy_(vs[i]);  // v: a strided copy into the joint buffer
+    const Tensor q = unit_last(qs[i]), k = unit_last(ks[i]);
+    const Tensor qw = stream_weight(q_weights[i], item("q_weights", i), q);
+    const Tensor kw = stream_weight(k_weights[i], item("k_weights", i), q);
+    const Tables tb = tables_of(table_rows(cos, off, L), table_rows(sin, off, L), q);
+    const Tensor qo = q_out.narrow(1, off, L), ko = k_out.narrow(1, off, L);  // views into the joint buffers
+    RopeFwdArgs a;
+    set_heads_shape(a, q, 2, eps);
+    a.in[0] = heads_of(q, "q");
+    a.in[1] = heads_of(k, "k");
+    a.out[0] = heads_of(qo, "q_out");
+    a.out[1] = heads_of(ko, "k_out");
+    set_weights(a, qw, kw);
+    set_tables(tb, a.cos, a.sin, a.cb, a.cl);
+    a.norm = qw.defined();
+    a.interleaved = interleaved;
+    run(a, q);
+    off += L;
   }
-  RopeBwdArgs a;
-  set_heads_shape(a, q, 2, eps);
-  a.x[0] = heads_of(q, "q");
-  a.x[1] = heads_of(k, "k");
-  a.g[0] = heads_of(gq, "grad_q");
-  a.g[1] = heads_of(gk, "grad_k");
-  a.dx[0] = heads_of(dq, "dq");
-  a.dx[1] = heads_of(dk, "dk");
-  set_weights(a, qw, kw);
-  set_tables(tb, a.cos, a.sin, a.cb, a.cl);
-  a.interleaved = interleaved;
-  const int64_t rows = a.B * a.L * a.H;
-  // blocks per tensor (CUDA) / row chunks (CPU); also the work split when there is no weight
-#ifdef DITFAST_WITH_CUDA
-  if (q.is_cuda()) a.nblk = rope_bwd_cuda_nblk(rows, a.Dh, q.device().index());
-#endif
-  if (!q.is_cuda())
-    a.nblk = static_cast<int32_t>(std::max<int64_t>(1, (rows + kCpuHeadsPerChunk - 1) / kCpuHeadsPerChunk));
-  Tensor partial;
-  if (qw.defined() || kw.defined()) {
-    partial = at::empty({2, a.nblk, a.Dh}, q.options().dtype(at::kFloat));
-    a.partial = partial.data_ptr<float>();
+  return {q_out, k_out, v_out};
+}
+
+std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>>
+prepare_attention_c_backward(const OptTensor& grad_q, const OptTensor& grad_k, at::TensorList qs, at::TensorList ks,
+                             at::TensorList q_weights, at::TensorList k_weights, const OptTensor& cos,
+                             const OptTensor& sin, double eps, bool interleaved) {
+  const int64_t L_total = check_streams(qs, ks, nullptr, q_weights, k_weights);
+  const Tensor& q0 = qs[0];
+  check_joint_tables(cos, sin, q0, L_total);
+  const int64_t B = q0.size(0), H = q0.size(2), Dh = q0.size(3);
+  auto grad = [&](const OptTensor& g, const char* name) {
+    if (!g.has_value() || !g->defined()) return at::zeros({B, L_total, H, Dh}, q0.options());
+    dtype_code(*g, name);
+    TORCH_CHECK_VALUE(g->dim() == 4 && g->size(0) == B && g->size(1) == L_total && g->size(2) == H &&
+                          g->size(3) == Dh,
+                      name, " must have the joint shape (", B, ", ", L_total, ", ", H, ", ", Dh, "), got ", g->sizes());
+    check_device(*g, name, q0, "qs[0]");
+    return *g;
+  };
+  const Tensor gq_all = grad(grad_q, "grad_q"), gk_all = grad(grad_k, "grad_k");
+  std::vector<Tensor> dqs, dks, dqws, dkws;
+  int64_t off = 0;
+  for (size_t i = 0; i < qs.size(); ++i) {
+    const int64_t L = qs[i].size(1);
+    const Tensor q = unit_last(qs[i]), k = unit_last(ks[i]);
+    const Tensor qw = stream_weight(q_weights[i], item("q_weights", i), q);
+    const Tensor kw = stream_weight(k_weights[i], item("k_weights", i), q);
+    const Tables tb = tables_of(table_rows(cos, off, L), table_rows(sin, off, L), q);
+    const Tensor gq = unit_last(gq_all.narrow(1, off, L)), gk = unit_last(gk_all.narrow(1, off, L));
+    auto [dq, dk, dqw, dkw] = qk_backward(q, k, gq, gk, qw, kw, tb, eps, interleaved);
+    dqs.push_back(dq);
+    dks.push_back(dk);
+    dqws.push_back(dqw);
+    dkws.push_back(dkw);
+    off += L;
   }
-  run(a, q);
-  Tensor dqw = qw.defined() ? partial.select(0, 0).sum(0).to(qw.scalar_type()) : at::empty({0}, q.options());
-  Tensor dkw = kw.defined() ? partial.select(0, 1).sum(0).to(kw.scalar_type()) : at::empty({0}, k.options());
-  return {dq, dk, dqw, dkw};
+  return {dqs, dks, dqws, dkws};
 }
 
 }  // namespace ditfast

@@ -7,6 +7,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace ditfast {
 
@@ -42,5 +43,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> qk_norm_rope_c_backward(const OptTens
                                                                    const OptTensor& q_weight, const OptTensor& k_weight,
                                                                    const OptTensor& cos, const OptTensor& sin,
                                                                    double eps, bool interleaved);
+
+// -> joint (q, k, v), contiguous (B, L_total, H, Dh): per stream, RMSNorm (weights given; an empty
+// weight tensor means no norm for that stream) + RoPE with the stream's rows of the joint tables,
+// written straight into the joint buffers; v copied.
+std::tuple<Tensor, Tensor, Tensor> prepare_attention_c(at::TensorList qs, at::TensorList ks, at::TensorList vs,
+                                                       at::TensorList q_weights, at::TensorList k_weights,
+                                                       const OptTensor& cos, const OptTensor& sin, double eps,
+                                                       bool interleaved);
+
+// -> (dqs, dks, dq_weights, dk_weights) per stream from the joint grads (absent: zeros); weight
+// grads are empty for a stream without norm.
+std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>>
+prepare_attention_c_backward(const OptTensor& grad_q, const OptTensor& grad_k, at::TensorList qs, at::TensorList ks,
+                             at::TensorList q_weights, at::TensorList k_weights, const OptTensor& cos,
+                             const OptTensor& sin, double eps, bool interleaved);
 
 }  // namespace ditfast

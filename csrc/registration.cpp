@@ -39,6 +39,15 @@ TORCH_LIBRARY_FRAGMENT(ditfast, m) {
       " Tensor? k_weight, Tensor? cos, Tensor? sin, float eps, bool interleaved=True)"
       " -> (Tensor, Tensor, Tensor, Tensor)",
       tags);
+  m.def(
+      "prepare_attention_c(Tensor[] qs, Tensor[] ks, Tensor[] vs, Tensor[] q_weights, Tensor[] k_weights,"
+      " Tensor? cos, Tensor? sin, float eps, bool interleaved=True) -> (Tensor, Tensor, Tensor)",
+      tags);
+  m.def(
+      "prepare_attention_c_backward(Tensor? grad_q, Tensor? grad_k, Tensor[] qs, Tensor[] ks, Tensor[] q_weights,"
+      " Tensor[] k_weights, Tensor? cos, Tensor? sin, float eps, bool interleaved=True)"
+      " -> (Tensor[], Tensor[], Tensor[], Tensor[])",
+      tags);
 }
 
 #define DITFAST_IMPLS(m)                                                                         \
@@ -48,7 +57,9 @@ TORCH_LIBRARY_FRAGMENT(ditfast, m) {
   m.impl("gated_residual_norm_modulate_c_backward", &ditfast::gated_residual_norm_modulate_c_backward); \
   m.impl("apply_rope_c", &ditfast::apply_rope_c);                                                \
   m.impl("qk_norm_rope_c", &ditfast::qk_norm_rope_c);                                            \
-  m.impl("qk_norm_rope_c_backward", &ditfast::qk_norm_rope_c_backward)
+  m.impl("qk_norm_rope_c_backward", &ditfast::qk_norm_rope_c_backward);                        \
+  m.impl("prepare_attention_c", &ditfast::prepare_attention_c);                                  \
+  m.impl("prepare_attention_c_backward", &ditfast::prepare_attention_c_backward)
 
 TORCH_LIBRARY_IMPL(ditfast, CPU, m) { DITFAST_IMPLS(m); }
 

@@ -39,6 +39,7 @@ def _backends():
 
 
 BACKENDS = _backends()
+BACKEND_IDS = [f"{b}-backend" for b in BACKENDS]  # not plain "cuda": conftest skips tests with that keyword on CPU
 
 # (B, stream lengths, H, Dh, norm per stream, rope: None / "LP" (L, Dh/2) / "BLP" (B, L, Dh/2),
 #  interleaved, layout: "packed" qkv views / "separate" projections)
@@ -136,7 +137,7 @@ def check_weight_grads(fast_fn, ref_fn, args, weight_idx, dtype, name):
         assert err <= bound, f"{name} weight grad {i}: error {err:.3g} > bound {bound:.3g} (yard {yard:.3g})"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_prepare_attention(case, dtype, backend, device):
@@ -160,3 +161,207 @@ def test_prepare_attention(case, dtype, backend, device):
     # v is a plain copy
     parts = [split(s, layout, H, Dh) for s in srcs]
     assert torch.equal(v, torch.cat([p[2] for p in parts], 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# Dispatch, empty streams, determinism
+# --------------------------------------------------------------------------------------------------
+def test_backends_are_selected(device):
+    from ditfast.ops import cuda_impl
+    from ditfast.ops import prepare as prepare_ops
+
+    expected = {"triton": prepare_ops._prepare_triton, "cuda": cuda_impl.prepare_attention,
+                "reference": reference.prepare_attention}
+    for backend in BACKENDS + ["reference"]:
+        with ditfast.use_backend(backend):
+            assert _backend.select("prepare_attention", torch.device(device)) is expected[backend]
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
+def test_empty_stream(backend, device):
+    """A stream of length 0 (and its weights) is allowed: it adds nothing, its grads are zeros."""
+    B, H, Dh = 2, 2, 40
+    case = (B, (0, 6), H, Dh, (True, True), "LP", True, "packed")
+    tables = make_tables(B, 6, Dh, "LP", device)
+    srcs = make_sources(B, (0, 6), H, Dh, "packed", torch.float32, device)
+    ws = make_weights((True, True), Dh, torch.float32, device)
+    fast, ref = runner(prepare_attention, case, tables), runner(reference.prepare_attention, case, tables)
+    with ditfast.use_backend(backend):
+        check_op(fast, ref, srcs + ws, name=f"prepare empty stream [{backend}]")
+        out = fast(*srcs, *ws)
+        torch.autograd.backward(out, [torch.ones_like(o) for o in out])
+    assert torch.equal(ws[0].grad, torch.zeros_like(ws[0])) and torch.equal(ws[1].grad, torch.zeros_like(ws[1]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
+def test_backward_is_deterministic(backend, device):
+    case = CASES[0]
+    B, Ls, H, Dh, norm, rope_kind, _, layout = case
+    tables = make_tables(B, sum(Ls), Dh, rope_kind, device)
+    srcs = make_sources(B, Ls, H, Dh, layout, torch.float32, device)
+    ws = make_weights(norm, Dh, torch.float32, device)
+    fast = runner(prepare_attention, case, tables)
+    grads = []
+    with ditfast.use_backend(backend):
+        for _ in range(2):
+            q, k, v = fast(*srcs, *ws)
+            grads.append(torch.autograd.grad((q * k).sum() + (v * q).sum(), srcs + ws))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.library: opcheck and torch.compile
+# --------------------------------------------------------------------------------------------------
+def _op_samples(device):
+    """(q lists, k lists, v lists, q weights, k weights, cos, sin) samples; empty weight = no norm."""
+    B, H, Dh = 2, 2, 40
+    g = torch.Generator().manual_seed(5)
+
+    def t(*shape, grad=True):
+        return torch.randn(shape, generator=g).to(device).requires_grad_(grad)
+
+    packed = [t(B, L, 3 * H * Dh) for L in (3, 5)]
+    qs, ks, vs = zip(*(p.view(B, p.shape[1], 3, H, Dh).unbind(2) for p in packed))
+    cos, sin = make_tables(B, 8, Dh, "BLP", device)
+    none = torch.empty(0, device=device)
+    return [
+        (list(qs), list(ks), list(vs), [none, t(Dh)], [none, t(Dh)], cos, sin, 1e-6, True),
+        (list(qs), list(ks), list(vs), [t(Dh), t(Dh)], [t(Dh), t(Dh)], None, None, 1e-6, False),
+        ([t(B, 7, H, Dh)], [t(B, 7, H, Dh)], [t(B, 7, H, Dh)], [none], [none], cos[:, :7], sin[:, :7], 1e-6, False),
+    ]
+
+
+def _detached(args):
+    """Backward ops have no autograd formula: check them on tensors that do not require grad."""
+    def d(a):
+        if isinstance(a, torch.Tensor):
+            return a.detach()
+        if isinstance(a, (list, tuple)):
+            return type(a)(d(x) for x in a)
+        return a
+
+    return tuple(d(a) for a in args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
+def test_opcheck(backend, device):
+    if backend == "triton":
+        from ditfast.ops import prepare as mod
+
+        op, bwd = torch.ops.ditfast.prepare_attention.default, torch.ops.ditfast.prepare_attention_backward.default
+        for args in _op_samples(device):
+            torch.library.opcheck(op, args)
+            qs, ks, _, qw, kw, cos, sin, eps, inter = args
+            q, _, _, rstd = op(*args)
+            d = _detached((torch.randn_like(q), torch.randn_like(q), qs, ks, qw, kw, rstd, cos, sin, inter))
+            torch.library.opcheck(bwd, d)
+        assert mod is not None
+    else:
+        from ditfast import _ext
+
+        assert _ext.load() is not None, _ext.error()
+        op, bwd = torch.ops.ditfast.prepare_attention_c.default, torch.ops.ditfast.prepare_attention_c_backward.default
+        for args in _op_samples(device):
+            torch.library.opcheck(op, args)
+            qs, ks, _, qw, kw, cos, sin, eps, inter = args
+            q = op(*args)[0]
+            torch.library.opcheck(bwd, _detached((torch.randn_like(q), None, qs, ks, qw, kw, cos, sin, eps, inter)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
+def test_torch_compile_fullgraph(backend, device):
+    """prepare -> a stand-in attention -> split: compiles without graph breaks, matches eager (fwd, bwd)."""
+    B, H, Dh, Ls = 2, 2, 40, (3, 5)
+    torch._dynamo.reset()
+    cos, sin = make_tables(B, sum(Ls), Dh, "LP", device)
+
+    def block(txt, img, wq0, wk0, wq1, wk1):
+        parts = [p.view(B, p.shape[1], 3, H, Dh).unbind(2) for p in (txt, img)]
+        q, k, v = prepare_attention([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts],
+                                    q_weights=(wq0, wq1), k_weights=(wk0, wk1), rope=(cos, sin))
+        o = torch.softmax(torch.einsum("blhd,bmhd->bhlm", q, k), -1)
+        o = torch.einsum("bhlm,bmhd->blhd", o, v)
+        return o[:, : Ls[0]], o[:, Ls[0]:]
+
+    def leaves():
+        g = torch.Generator().manual_seed(3)
+        shapes = [(B, L, 3 * H * Dh) for L in Ls] + [(Dh,)] * 4
+        return [torch.randn(s, generator=g).to(device).requires_grad_() for s in shapes]
+
+    with ditfast.use_backend(backend):
+        eager_in, comp_in = leaves(), leaves()
+        eager = block(*eager_in)
+        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(*comp_in)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b)
+    sum(o.square().sum() for o in eager).backward()
+    sum(o.square().sum() for o in compiled).backward()
+    for a, b in zip(eager_in, comp_in):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+# --------------------------------------------------------------------------------------------------
+# Input validation
+# --------------------------------------------------------------------------------------------------
+def test_errors_name_the_argument(device):
+    B, H, Dh = 2, 2, 40
+    q, k, v = torch.randn(3, B, 5, H, Dh, device=device).unbind(0)
+    q2 = torch.randn(B, 4, H, Dh, device=device)
+    w = torch.ones(Dh, device=device)
+    cos, sin = make_tables(B, 9, Dh, "LP", device)
+    P = prepare_attention
+    with pytest.raises(TypeError, match="qs must be a tuple or list"):
+        P(q, (k,), (v,))
+    with pytest.raises(ValueError, match="qs must hold at least one stream"):
+        P((), (), ())
+    with pytest.raises(ValueError, match="same number of streams"):
+        P((q, q2), (k,), (v, q2))
+    with pytest.raises(ValueError, match=r"ks\[0\] must have the shape of qs\[0\]"):
+        P((q,), (k[:, :4],), (v,))
+    with pytest.raises(ValueError, match=r"qs\[1\] must have shape \(B, L_i, H, Dh\)"):
+        P((q, torch.randn(B, 4, H + 1, Dh)), (k, k), (v, v))
+    with pytest.raises(ValueError, match=r"vs\[0\] must be \(B, L_i, H, Dh\)"):
+        P((q,), (k,), (v[0],))
+    with pytest.raises(TypeError, match=r"ks\[0\] is torch.float16 but qs\[0\] is torch.float32"):
+        P((q,), (k.half(),), (v,))
+    with pytest.raises(TypeError, match=r"qs\[0\] must be float32, bfloat16 or float16"):
+        P((q.int(),), (k,), (v,))
+    with pytest.raises(ValueError, match=r"q_weights must have one entry per stream \(2\)"):
+        P((q, q2), (k, q2), (v, q2), q_weights=(w,), k_weights=(w,))
+    with pytest.raises(ValueError, match=r"k_weights\[0\] must have shape \(40,\)"):
+        P((q,), (k,), (v,), q_weights=(w,), k_weights=(w[:3],))
+    with pytest.raises(ValueError, match=r"q_weights\[1\] and k_weights\[1\] must both be given"):
+        P((q, q2), (k, q2), (v, q2), q_weights=(w, w), k_weights=(w, None))
+    with pytest.raises(ValueError, match=r"q_weights\[0\] and k_weights\[0\] must both be given"):
+        P((q,), (k,), (v,), k_weights=(w,))
+    with pytest.raises(TypeError, match=r"q_weights\[0\] must be a \(40,\) tensor or None"):
+        P((q,), (k,), (v,), q_weights=(1.0,), k_weights=(w,))
+    with pytest.raises(TypeError, match="rope must be None or a"):
+        P((q,), (k,), (v,), rope=cos)
+    with pytest.raises(ValueError, match=r"rope\[0\] \(cos\) must be a table of the joint sequence.*\(9, 20\)"):
+        P((q,), (k,), (v,), rope=(cos, sin))  # tables of 9 tokens for a 5-token sequence
+    with pytest.raises(TypeError, match=r"rope\[1\] \(sin\) must be float32"):
+        P((q, q2), (k, q2), (v, q2), rope=(cos, sin.double()))
+    with pytest.raises(ValueError, match="rope needs an even head dim"):
+        odd = torch.randn(B, 9, H, 7, device=device)
+        P((odd,), (odd,), (odd,), rope=(cos[:, :3], sin[:, :3]))
+    with pytest.raises(ValueError, match="eps must be a positive number"):
+        P((q,), (k,), (v,), eps=0.0)
+
+
+def test_c_op_errors_name_the_argument():
+    from ditfast import _ext
+
+    assert _ext.load() is not None, _ext.error()
+    op = torch.ops.ditfast.prepare_attention_c
+    q = torch.randn(2, 5, 2, 8)
+    none = torch.empty(0)
+    with pytest.raises(ValueError, match=r"ks\[0\] must have the shape of qs\[0\]"):
+        op([q], [q[:, :4]], [q], [none], [none], None, None, 1e-6, True)
+    with pytest.raises(ValueError, match=r"q_weights\[0\] and k_weights\[0\] must both be given"):
+        op([q], [q], [q], [torch.ones(8)], [none], None, None, 1e-6, True)
+    with pytest.raises(TypeError, match=r"vs\[0\] is c10::Half|vs\[0\] is Half"):
+        op([q], [q], [q.half()], [none], [none], None, None, 1e-6, True)
+    with pytest.raises(ValueError, match=r"cos must have shape"):
+        op([q], [q], [q], [none], [none], torch.ones(4, 4), torch.ones(4, 4), 1e-6, True)

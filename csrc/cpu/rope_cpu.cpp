@@ -55,15 +55,19 @@ void rope_fwd_cpu(const RopeFwdArgs& a) {
       const int t = static_cast<int>(task / rows);
       const Pos p = head_pos(task % rows, a.L, a.H);
       cpu::load(a.in[t].ptr, a.in[t].dt, hoff(a.in[t], p), Dh, v.data());
-      if (a.norm) {
+      if (a.norm) {  // FLUX's rounding: normalize, round, times the rounded weight, round
+        const DType odt = a.out[t].dt;
         const float rstd = rms_rstd(v.data(), Dh, a.eps);
         for (int64_t i = 0; i < Dh; ++i) v[i] *= rstd;
+        cpu::round_to(odt, Dh, v.data());
         if (a.weight[t] != nullptr) {
           if (loaded_w != t) {
             cpu::load(a.weight[t], a.wdt[t], 0, Dh, w.data());
+            cpu::round_to(odt, Dh, w.data());
             loaded_w = t;
           }
           for (int64_t i = 0; i < Dh; ++i) v[i] *= w[i];
+          cpu::round_to(odt, Dh, v.data());
         }
       }
       if (a.cos != nullptr) {

@@ -109,10 +109,14 @@ __global__ void __launch_bounds__(kThreads) rope_fwd_kernel(const RopeFwdArgs a,
   for (int k = 0; k < MAXU; ++k) {
     const int u = tid + k * tpr;
     if (active && u < nunit) {
+      // FLUX's rounding (ditfast.reference.rms_norm): the normalized row is rounded to the output
+      // dtype, multiplied by the weight rounded to that dtype, and rounded again.
+      if (a.norm) {
 #pragma unroll
-      for (int j = 0; j < P; ++j) {
-        fa[k][j] *= rstd;
-        fb[k][j] *= rstd;
+        for (int j = 0; j < P; ++j) {
+          fa[k][j] = round_to(out.dt, fa[k][j] * rstd);
+          fb[k][j] = round_to(out.dt, fb[k][j] * rstd);
+        }
       }
       if (a.norm && weight != nullptr) {
 #pragma unroll
@@ -120,8 +124,8 @@ __global__ void __launch_bounds__(kThreads) rope_fwd_kernel(const RopeFwdArgs a,
           float wa, wb;
           load<1>(weight, wdt, pair_first<INTER, P>(u, j, half), &wa);
           load<1>(weight, wdt, pair_second<INTER, P>(u, j, half), &wb);
-          fa[k][j] *= wa;
-          fb[k][j] *= wb;
+          fa[k][j] = round_to(out.dt, fa[k][j] * round_to(out.dt, wa));
+          fb[k][j] = round_to(out.dt, fb[k][j] * round_to(out.dt, wb));
         }
       }
       if (a.cos != nullptr) {

@@ -11,7 +11,11 @@ This module adds what the C++ side leaves to Python, once ``_C`` is loaded (ditf
     per block, then over blocks, deterministically);
   - apply_rope_c -> apply_rope_c itself, rotating by minus the angle;
   - qk_norm_rope_c -> qk_norm_rope_c_backward (RMSNorm + RoPE backward, weight grads included;
-    with both weights None the op is RoPE only and its backward the inverse rotation).
+    with both weights None the op is RoPE only and its backward the inverse rotation);
+  - prepare_attention_c -> prepare_attention_c_backward (the same backward per stream, reading the
+    stream's rows of the joint grads); v's grads are narrow views of the joint grad. Weights are
+    Tensor[] with an empty tensor for "no norm" (a list holding None gets no gradient from
+    torch.library's autograd).
   cos/sin get no gradient from these ops: calls whose tables require grad go to the reference.
   A (1, D) / (1, L, D) modulation reaches the C++ op as it is: the op broadcasts it and sums its
   grad over the batch in fp32, rounding once.
@@ -33,6 +37,7 @@ import torch
 
 from .. import _backend, _ext, reference
 from .._compile import constant_for_compile
+from ..reference.prepare import prepare_attention as _reference_prepare
 from . import _validate as v
 
 __all__ = ["table_choice", "load_table", "save_table", "TABLE_ENV", "DEFAULT_TABLE", "OPS"]
@@ -43,6 +48,7 @@ OPS = {
     "gated_residual_norm_modulate": "ditfast::gated_residual_norm_modulate_c",
     "apply_rope": "ditfast::apply_rope_c",
     "qk_norm_rope": "ditfast::qk_norm_rope_c",
+    "prepare_attention": "ditfast::prepare_attention_c",
 }
 _MAX_ROW_CUDA = 8192  # ditfast._C.MAX_ROW_CUDA (csrc/kernels.h); larger rows go to the reference
 _MAX_HEAD_DIM_CUDA = 512  # ditfast._C.MAX_HEAD_DIM_CUDA
@@ -81,6 +87,17 @@ def _fake_qk_norm_rope_backward(grad_q, grad_k, q, k, q_weight, k_weight, cos, s
     dqw = q.new_empty(0) if q_weight is None else q_weight.new_empty(q_weight.shape)
     dkw = k.new_empty(0) if k_weight is None else k_weight.new_empty(k_weight.shape)
     return q.new_empty(q.shape), k.new_empty(k.shape), dqw, dkw
+
+
+def _fake_prepare(qs, ks, vs, q_weights, k_weights, cos, sin, eps, interleaved=True):
+    B, _, H, Dh = qs[0].shape
+    joint = (B, sum(q.shape[1] for q in qs), H, Dh)
+    return qs[0].new_empty(joint), qs[0].new_empty(joint), qs[0].new_empty(joint)
+
+
+def _fake_prepare_backward(grad_q, grad_k, qs, ks, q_weights, k_weights, cos, sin, eps, interleaved=True):
+    return ([q.new_empty(q.shape) for q in qs], [k.new_empty(k.shape) for k in ks],
+            [w.new_empty(w.shape) for w in q_weights], [w.new_empty(w.shape) for w in k_weights])
 
 
 # ---- autograd ----------------------------------------------------------------------------------------
@@ -136,7 +153,32 @@ def _qk_backward(ctx, grad_q, grad_k):
     return dq, dk, (None if q_weight is None else dqw), (None if k_weight is None else dkw), None, None, None, None
 
 
+def _prepare_setup(ctx, inputs, output):
+    qs, ks, vs, q_weights, k_weights, cos, sin, eps, interleaved = inputs
+    ctx.n, ctx.lengths = len(qs), [q.shape[1] for q in qs]
+    ctx.eps, ctx.interleaved = eps, interleaved
+    ctx.save_for_backward(*qs, *ks, *q_weights, *k_weights, cos, sin)
+
+
+def _prepare_backward(ctx, grad_q, grad_k, grad_v):
+    n = ctx.n
+    saved = ctx.saved_tensors
+    qs, ks, qws, kws = (list(saved[i * n : (i + 1) * n]) for i in range(4))
+    cos, sin = saved[4 * n :]
+    dqs, dks, dqws, dkws = torch.ops.ditfast.prepare_attention_c_backward(
+        grad_q, grad_k, qs, ks, qws, kws, cos, sin, ctx.eps, ctx.interleaved
+    )
+    dvs = [None] * n
+    if grad_v is not None:  # v was copied: its grads are the stream's rows of the joint grad
+        starts = [sum(ctx.lengths[:i]) for i in range(n)]
+        dvs = [grad_v.narrow(1, s, L) for s, L in zip(starts, ctx.lengths)]
+    dqws = [None if w.numel() == 0 else g for w, g in zip(qws, dqws)]
+    dkws = [None if w.numel() == 0 else g for w, g in zip(kws, dkws)]
+    return list(dqs), list(dks), dvs, dqws, dkws, None, None, None, None
+
+
 _REGISTERED = False
+_HAS_PREPARE = False
 
 
 def _register(_c_module) -> None:
@@ -152,7 +194,15 @@ def _register(_c_module) -> None:
         "ditfast::apply_rope_c": _fake_apply_rope,
         "ditfast::qk_norm_rope_c": _fake_qk_norm_rope,
         "ditfast::qk_norm_rope_c_backward": _fake_qk_norm_rope_backward,
+        "ditfast::prepare_attention_c": _fake_prepare,
+        "ditfast::prepare_attention_c_backward": _fake_prepare_backward,
     }
+    global _HAS_PREPARE
+    # a _C built before the prepare ops existed still serves the other ops (prepare then runs the reference)
+    _HAS_PREPARE = hasattr(torch.ops.ditfast, "prepare_attention_c")
+    if not _HAS_PREPARE:
+        for name in ("ditfast::prepare_attention_c", "ditfast::prepare_attention_c_backward"):
+            fakes.pop(name)
     for name, fn in fakes.items():
         torch.library.register_fake(name, fn)
     torch.library.register_autograd("ditfast::norm_modulate_c", _nm_backward, setup_context=_nm_setup)
@@ -161,6 +211,8 @@ def _register(_c_module) -> None:
     )
     torch.library.register_autograd("ditfast::apply_rope_c", _rope_backward, setup_context=_rope_setup)
     torch.library.register_autograd("ditfast::qk_norm_rope_c", _qk_backward, setup_context=_qk_setup)
+    if _HAS_PREPARE:
+        torch.library.register_autograd("ditfast::prepare_attention_c", _prepare_backward, setup_context=_prepare_setup)
     _REGISTERED = True
 
 
@@ -197,10 +249,28 @@ def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, *, eps=1e-6, interleaved=Tr
     return tuple(torch.ops.ditfast.qk_norm_rope_c(q, k, q_weight, k_weight, cos, sin, eps, interleaved))
 
 
+def prepare_attention(qs, ks, vs, *, q_weights=None, k_weights=None, rope=None, eps=1e-6, interleaved=True):
+    Dh = qs[0].shape[-1]
+    cos, sin = (None, None) if rope is None else rope
+    if not _HAS_PREPARE or Dh % 2 or (qs[0].is_cuda and Dh > _MAX_HEAD_DIM_CUDA) or _tables_need_grad(cos, sin):
+        return _reference_prepare(
+            qs, ks, vs, q_weights=q_weights, k_weights=k_weights, rope=rope, eps=eps, interleaved=interleaved
+        )
+    n = len(qs)
+
+    def weights(ws):  # empty tensor = no norm for that stream (see the module docstring)
+        return [qs[0].new_empty((0,)) if w is None else w for w in ([None] * n if ws is None else ws)]
+
+    return tuple(torch.ops.ditfast.prepare_attention_c(
+        list(qs), list(ks), list(vs), weights(q_weights), weights(k_weights), cos, sin, eps, interleaved
+    ))
+
+
 _backend.register("norm_modulate", "cuda", norm_modulate)
 _backend.register("gated_residual_norm_modulate", "cuda", gated_residual_norm_modulate)
 _backend.register("apply_rope", "cuda", apply_rope)
 _backend.register("qk_norm_rope", "cuda", qk_norm_rope)
+_backend.register("prepare_attention", "cuda", prepare_attention)
 
 
 # ---- the measured backend table ----------------------------------------------------------------------
