@@ -1,6 +1,11 @@
-"""Blocks on the triton backend equal the reference backend by DESIGN.md's rule, forward and
-backward (gradients of every input and parameter), in fp32, bf16 and fp16; and compile without
-graph breaks."""
+"""Blocks on the triton backend equal the reference backend by the tolerance rule (docs/numerics.md),
+forward and backward (gradients of every input and parameter), in fp32, bf16 and fp16; and compile
+without graph breaks.
+
+Parameter gradients and the gradient of the conditioning vector (B, D) are sums over all B·L tokens:
+they are checked with the reduced-gradient bound (``reduced=True``), the rule applied before each
+path's final rounding to the output dtype. Per-token gradients (inputs (B, L, D)) and the outputs use
+the plain rule."""
 import pytest
 import torch
 
@@ -22,21 +27,23 @@ def _run(block, inputs, rope, dtype, device, backend, grads_seed=1):
         loss.backward()
     grads = [x.grad for x in xs] + [p.grad for _, p in b.named_parameters()]
     names = [f"input{i}" for i in range(len(xs))] + [n for n, _ in b.named_parameters()]
-    return outs, grads, names
+    # every parameter's gradient, and that of a (B, D) input, is a sum over tokens
+    reduced = [x.dim() < 3 for x in xs] + [True for _ in b.named_parameters()]
+    return outs, grads, names, reduced
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_block_triton_matches_reference(case, dtype, device):
     block, inputs, rope = build(case)
-    fast_out, fast_g, names = _run(block, inputs, rope, dtype, device, "triton")
-    low_out, low_g, _ = _run(block, inputs, rope, dtype, device, "reference")
-    ref_out, ref_g, _ = _run(block, inputs, rope, torch.float32, device, "reference")
+    fast_out, fast_g, names, reduced = _run(block, inputs, rope, dtype, device, "triton")
+    low_out, low_g, _, _ = _run(block, inputs, rope, dtype, device, "reference")
+    ref_out, ref_g, _, _ = _run(block, inputs, rope, torch.float32, device, "reference")
     assert_by_rule(fast_out, ref_out, low_out, atol=1e-4, name=f"{case} output")
-    for n, f, r, lp in zip(names, fast_g, ref_g, low_g):
+    for n, f, r, lp, red in zip(names, fast_g, ref_g, low_g, reduced):
         assert f is not None and r is not None, f"{case}: no gradient for {n}"
         assert f.dtype == dtype
-        assert_by_rule(f, r, lp, atol=1e-4, name=f"{case} grad {n}")
+        assert_by_rule(f, r, lp, atol=1e-4, name=f"{case} grad {n}", reduced=red)
 
 
 @pytest.mark.parametrize("case", ["dit", "flux_double", "sd35_joint_dual"])
