@@ -2,6 +2,7 @@
 
     python benchmarks/outcome.py summary DIR      # the table gpu_run.sh prints last (and writes to summary.txt)
     python benchmarks/outcome.py check OUT_DIR [--expect a.json,b.json]
+    python benchmarks/outcome.py merge OUT_DIR RESULT.json   # the bench tiers as one file, to commit
 
 ``check`` enforces what the GPU machine sends back (docs/gpu-run.md): at most 8 plain files, each at most
 16 MB, at most two folders deep, plain names, no temporary file left behind; every JSON valid against
@@ -11,6 +12,7 @@ readable. The CPU rehearsal (gpu_run.sh --rehearse) runs it on its own output.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -19,9 +21,13 @@ import tarfile
 import xml.etree.ElementTree as ET
 from typing import List
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("_ditfast_bench_report", os.path.join(ROOT, "ditfast", "bench", "report.py"))
+R = importlib.util.module_from_spec(_spec)  # report.py alone: no torch import, so the checks start in a blink
+_spec.loader.exec_module(R)
 
+SMOKE_SCHEMA = "ditfast-smoke/1"
+STATUSES = ("ok", "fail", "error", "skipped")
 MAX_FILES, MAX_BYTES, MAX_DEPTH = 8, 16 * 2**20, 2
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 BENCH_FILES = ("bench_ops.json", "bench_blocks.json", "bench_peers.json")
@@ -33,6 +39,53 @@ def _load(path: str):
             return json.load(f)
     except (OSError, ValueError):
         return None
+
+
+def validate_smoke(res: dict) -> List[str]:
+    """Problems of a smoke results dict against its schema (empty: valid)."""
+    errs = [f"top level: missing {k!r}" for k in ("schema", "meta", "peaks", "rows", "summary") if k not in res]
+    if errs:
+        return errs
+    if res["schema"] != SMOKE_SCHEMA:
+        errs.append(f"schema: {res['schema']!r} is not {SMOKE_SCHEMA!r}")
+    errs += [f"meta: missing {k!r}" for k in ("device", "versions", "commit", "date", "dtype", "mode", "shapes")
+             if k not in res["meta"]]
+    errs += [f"peaks: missing {k!r}" for k in ("copy", "matmul") if k not in res["peaks"]]
+    for i, r in enumerate(res["rows"]):
+        where = f"rows[{i}] ({r.get('op')}/{r.get('backend')}/{r.get('shape')})"
+        errs += [f"{where}: missing {k!r}" for k in ("op", "shape", "backend", "status", "checks", "fwd", "fwd_bwd")
+                 if k not in r]
+        if r.get("status") not in STATUSES:
+            errs.append(f"{where}: status {r.get('status')!r}")
+        elif r["status"] != "ok" and not r.get("reason"):
+            errs.append(f"{where}: status {r['status']!r} without a reason")
+        if r.get("status") in ("ok", "fail"):
+            if not r.get("checks"):
+                errs.append(f"{where}: judged without checks")
+            for key in ("fwd", "fwd_bwd"):
+                if not (r.get(key) or {}).get("ms", 0) > 0:
+                    errs.append(f"{where}: no positive {key} time")
+    counts = {s: sum(r.get("status") == s for r in res["rows"]) for s in STATUSES}
+    if res["summary"].get("counts") != counts:
+        errs.append(f"summary.counts {res['summary'].get('counts')} != rows {counts}")
+    return errs
+
+
+def smoke_table(res: dict) -> str:
+    rows = []
+    for r in res["rows"]:
+        f, b = r.get("fwd") or {}, r.get("fwd_bwd") or {}
+        unit = "TF" if r["metric"] == "TFLOP/s" else "GB/s"
+        note = r.get("reason") if r["status"] != "ok" else ""
+        if r.get("sm90"):
+            note = (note + "; " if note else "") + "sm_90: " + r["sm90"]
+        rows.append([r["op"], r["shape"], r["backend"], r["status"], R.fmt(r.get("max_err_over_bound")),
+                     R.fmt(f.get("ms")), f"{R.fmt(f.get('rate'))} {unit}" if f else "",
+                     R.fmt(f.get("pct_peak"), "%"), R.fmt(b.get("ms")), R.fmt(b.get("pct_peak"), "%"),
+                     (note or "")[:110]])
+    return R.format_table(["op", "shape", "backend", "status", "err/bound", "fwd ms", "fwd rate", "%pk", "f+b ms",
+                                "%pk", "note"], rows, left=4)
+
 
 
 def tests_summary(folder: str) -> List[str]:
@@ -60,9 +113,7 @@ def tests_summary(folder: str) -> List[str]:
 
 
 def summary(folder: str) -> str:
-    from ditfast.bench import report
-    import smoke as S
-
+    report = R
     out = []
     sm = _load(os.path.join(folder, "smoke.json"))
     meta = (sm or {}).get("meta") or next((b["meta"] for b in (_load(os.path.join(folder, f)) for f in BENCH_FILES) if b), None)
@@ -74,7 +125,7 @@ def summary(folder: str) -> str:
         p = sm["peaks"]
         out += ["", f"== tier 2 smoke (bf16; peaks copy {report.fmt(p['copy']['gbps'])} GB/s, matmul "
                     f"{report.fmt(p['matmul']['tflops'])} TFLOP/s; sm_90 report: {sm.get('sm90_source') or 'no offline report'})",
-                S.table(dict(sm, rows=[r for r in sm["rows"] if r["status"] != "skipped" or "time limit" in str(r.get("reason"))])),
+                smoke_table(dict(sm, rows=[r for r in sm["rows"] if r["status"] != "skipped" or "time limit" in str(r.get("reason"))])),
                 f"smoke: {sm['summary'].get('counts')} in {sm['summary'].get('elapsed_s', 0):.0f} s"]
     else:
         out += ["", "== tier 2 smoke: no smoke.json"]
@@ -92,9 +143,7 @@ def summary(folder: str) -> str:
 
 def check(folder: str, expect: List[str]) -> List[str]:
     """Problems with what the machine would send back from ``folder`` (empty: fine)."""
-    from ditfast.bench import report
-    import smoke as S
-
+    report = R
     problems, files = [], []
     for root, dirs, names in os.walk(folder):
         depth = os.path.relpath(root, folder).count(os.sep) + (root != folder)
@@ -121,7 +170,7 @@ def check(folder: str, expect: List[str]) -> List[str]:
             if data is None:
                 problems.append(f"{name}: not valid JSON")
             elif name == "smoke.json":
-                problems += [f"smoke.json: {p}" for p in S.validate(data)]
+                problems += [f"smoke.json: {p}" for p in validate_smoke(data)]
             elif name.startswith("bench_"):
                 problems += [f"{name}: {p}" for p in report.validate(data)]
         elif name.endswith(".tar.gz"):
@@ -140,12 +189,29 @@ def check(folder: str, expect: List[str]) -> List[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("summary", "check"))
+    p.add_argument("what", choices=("summary", "check", "merge"))
     p.add_argument("folder")
+    p.add_argument("target", nargs="?", help="merge: the results file to write")
     p.add_argument("--expect", default="", help="comma list of files that must be there (check)")
     args = p.parse_args(argv)
     if args.what == "summary":
         print(summary(args.folder))
+        return 0
+    if args.what == "merge":
+        sys.path.insert(0, ROOT)
+        from ditfast.bench import report  # merge recomputes speedups with the runner's code
+
+        names = [f for f in BENCH_FILES if os.path.isfile(os.path.join(args.folder, f))]
+        if not names or not args.target:
+            print(f"merge needs bench_*.json in {args.folder} and a target file", file=sys.stderr)
+            return 2
+        merged = report.merge([_load(os.path.join(args.folder, f)) for f in names], names)
+        problems = report.validate(merged)
+        if problems:
+            print("merged results fail the schema:\n  " + "\n  ".join(problems[:20]), file=sys.stderr)
+            return 1
+        report.write_json(merged, args.target)
+        print(f"{args.target}: {len(merged['results'])} cases from {', '.join(names)}")
         return 0
     problems = check(args.folder, [e for e in args.expect.split(",") if e])
     files = sorted(os.listdir(args.folder))

@@ -34,7 +34,9 @@ from ditfast import _backend, ops, reference, testing
 from ditfast.bench import cases as C
 from ditfast.bench import report, timing
 
-SCHEMA = "ditfast-smoke/1"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from outcome import SMOKE_SCHEMA as SCHEMA, STATUSES, smoke_table as table, validate_smoke as validate  # noqa: E402
+
 SHAPES = {  # B, text tokens, image tokens, width, heads, head dim (docs/upstream.md)
     "FLUX.1-dev": dict(B=1, Lt=512, Li=4096, D=3072, H=24, Dh=128),
     "SD3.5-large": dict(B=1, Lt=333, Li=4096, D=2432, H=38, Dh=64),
@@ -43,7 +45,6 @@ TINY = {"FLUX.1-dev tiny": dict(B=1, Lt=7, Li=16, D=96, H=3, Dh=32),
         "SD3.5-large tiny": dict(B=1, Lt=5, Li=12, D=80, H=5, Dh=16)}
 OPS = ("norm_modulate", "norm_modulate_dual", "gated_residual", "gated_residual_norm_modulate", "rms_norm",
        "apply_rope", "qk_norm_rope", "prepare_attention", "joint_attention")
-STATUSES = ("ok", "fail", "error", "skipped")
 
 
 # ----------------------------------------------------------------------------------------- inputs
@@ -195,53 +196,6 @@ def smoke_op(op: str, label: str, s: dict, ctx: dict) -> List[dict]:
     return rows
 
 
-# ----------------------------------------------------------------------------------------- output
-def validate(res: dict) -> List[str]:
-    """Problems of a smoke results dict against its schema (empty: valid)."""
-    errs = [f"top level: missing {k!r}" for k in ("schema", "meta", "peaks", "rows", "summary") if k not in res]
-    if errs:
-        return errs
-    if res["schema"] != SCHEMA:
-        errs.append(f"schema: {res['schema']!r} is not {SCHEMA!r}")
-    errs += [f"meta: missing {k!r}" for k in ("device", "versions", "commit", "date", "dtype", "mode", "shapes")
-             if k not in res["meta"]]
-    errs += [f"peaks: missing {k!r}" for k in ("copy", "matmul") if k not in res["peaks"]]
-    for i, r in enumerate(res["rows"]):
-        where = f"rows[{i}] ({r.get('op')}/{r.get('backend')}/{r.get('shape')})"
-        errs += [f"{where}: missing {k!r}" for k in ("op", "shape", "backend", "status", "checks", "fwd", "fwd_bwd")
-                 if k not in r]
-        if r.get("status") not in STATUSES:
-            errs.append(f"{where}: status {r.get('status')!r}")
-        elif r["status"] != "ok" and not r.get("reason"):
-            errs.append(f"{where}: status {r['status']!r} without a reason")
-        if r.get("status") in ("ok", "fail"):
-            if not r.get("checks"):
-                errs.append(f"{where}: judged without checks")
-            for key in ("fwd", "fwd_bwd"):
-                if not (r.get(key) or {}).get("ms", 0) > 0:
-                    errs.append(f"{where}: no positive {key} time")
-    counts = {s: sum(r.get("status") == s for r in res["rows"]) for s in STATUSES}
-    if res["summary"].get("counts") != counts:
-        errs.append(f"summary.counts {res['summary'].get('counts')} != rows {counts}")
-    return errs
-
-
-def table(res: dict) -> str:
-    rows = []
-    for r in res["rows"]:
-        f, b = r.get("fwd") or {}, r.get("fwd_bwd") or {}
-        unit = "TF" if r["metric"] == "TFLOP/s" else "GB/s"
-        note = r.get("reason") if r["status"] != "ok" else ""
-        if r.get("sm90"):
-            note = (note + "; " if note else "") + "sm_90: " + r["sm90"]
-        rows.append([r["op"], r["shape"], r["backend"], r["status"], report.fmt(r.get("max_err_over_bound")),
-                     report.fmt(f.get("ms")), f"{report.fmt(f.get('rate'))} {unit}" if f else "",
-                     report.fmt(f.get("pct_peak"), "%"), report.fmt(b.get("ms")), report.fmt(b.get("pct_peak"), "%"),
-                     (note or "")[:110]])
-    return report.format_table(["op", "shape", "backend", "status", "err/bound", "fwd ms", "fwd rate", "%pk", "f+b ms",
-                                "%pk", "note"], rows, left=4)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="results JSON")
@@ -259,8 +213,11 @@ def main(argv=None) -> int:
     meta.update(shapes=shapes, timing=timing.METHOD[device.type == "cuda"], rule="ditfast.testing.assert_by_rule")
     peaks = timing.measure_peaks(device, torch.bfloat16, quick=device.type != "cuda")
     sm90 = report.load_sm90(args.sm90_report)
-    ctx = {"device": device, "dtype": torch.bfloat16, "peaks": peaks, "sm90": sm90,
-           "deadline": None if args.time_limit is None else t0 + args.time_limit}
+    deadline = None if args.time_limit is None else t0 + args.time_limit
+    if os.environ.get("DITFAST_BENCH_DEADLINE"):  # absolute (epoch seconds), set by gpu_run.sh
+        abs_deadline = time.monotonic() + float(os.environ["DITFAST_BENCH_DEADLINE"]) - time.time()
+        deadline = abs_deadline if deadline is None else min(deadline, abs_deadline)
+    ctx = {"device": device, "dtype": torch.bfloat16, "peaks": peaks, "sm90": sm90, "deadline": deadline}
     res = {"schema": SCHEMA, "meta": meta, "peaks": peaks, "sm90_source": sm90["source"] if sm90 else None,
            "rows": [], "summary": {}}
     print(f"smoke on {meta['device']['name']}: peaks copy {report.fmt(peaks['copy']['gbps'])} GB/s, "

@@ -497,3 +497,88 @@ def test_git_commit(monkeypatch):
     sha, _ = timing.git_commit()
     assert sha == "unknown" or len(sha) == 40
     assert timing.slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3" and timing.slug("NVIDIA H200") == "h200"
+
+
+def test_merge_of_the_gpu_run_tiers():
+    """The peers tier re-measures a case with its compile peers: merged, the case keeps tier 4's ditfast
+    time, gains the compile variant, and its speedups and targets are recomputed."""
+    ops_tier = gpu_results()
+    peers = copy.deepcopy(ops_tier)
+    peers["results"] = [peers["results"][0]]
+    case = peers["results"][0]
+    case["variants"] = [dict(v, fwd=dict(v["fwd"], ms=0.03)) if v["name"] == "ditfast" else v for v in case["variants"]]
+    for v in ops_tier["results"][0]["variants"]:
+        if v["name"] == "compile":
+            v.update(status="skipped", reason="off (--no-compile)", fwd=None, fwd_bwd=None)
+    merged = report.merge([ops_tier, peers], ["bench_ops.json", "bench_peers.json"])
+    assert report.validate(merged) == []
+    assert [c["key"] for c in merged["results"]] == [c["key"] for c in ops_tier["results"]]
+    by = {v["name"]: v for v in merged["results"][0]["variants"]}
+    assert by["ditfast"]["fwd"]["ms"] == 0.02 and by["compile"]["status"] == "ok"
+    assert by["compile"]["speedup"]["fwd"] == pytest.approx(0.025 / 0.02)
+    assert merged["meta"]["merged_from"] == ["bench_ops.json", "bench_peers.json"]
+    assert any("compiled reference" in t["name"] and t["values"]["fwd"] for t in merged["targets"])
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_run_output_check(tmp_path):
+    """benchmarks/outcome.py check: what the GPU machine sends back (<= 8 plain files, <= 16 MB, at most
+    two folders deep, no temporary file, valid schemas, a readable log archive)."""
+    import sys
+    import tarfile
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    outcome = _script("outcome")
+    out = tmp_path / "out"
+    (tmp_path / "logs").mkdir()
+    for name in ("install.log", "smoke.log", "tests.log"):
+        (tmp_path / "logs" / name).write_text("x\n")
+    out.mkdir()
+    with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "logs", arcname="logs")
+    report.write_json(gpu_results(), str(out / "bench_ops.json"))
+    (out / "summary.txt").write_text("table\n")
+    assert outcome.check(str(out), ["bench_ops.json", "logs.tar.gz"]) == []
+    assert outcome.check(str(out), ["smoke.json"]) == ["smoke.json: missing"]
+    (out / "bench_ops.json.tmp").write_text("{}")
+    bad = gpu_results()
+    del bad["meta"]["versions"]["torch"]
+    report.write_json(bad, str(out / "bench_blocks.json"))
+    deep = out / "a" / "b" / "c"
+    deep.mkdir(parents=True)
+    for i in range(6):
+        (deep / f"f{i}.txt").write_text("y")
+    problems = "\n".join(outcome.check(str(out), []))
+    for needle in ("bench_ops.json.tmp: a temporary", "more than 8", "more than 2 folders deep",
+                   "bench_blocks.json: meta.versions: missing 'torch'"):
+        assert needle in problems, needle
+
+
+def test_smoke_rule_and_schema(tmp_path):
+    """benchmarks/smoke.py judges each output and gradient by ditfast.testing's rule (a wrong result fails)
+    and writes a JSON its own schema check accepts (one op at tiny shapes, reference and Triton)."""
+    smoke = _script("smoke")
+    ref32 = torch.linspace(-1, 1, 50)
+    low = ref32.to(torch.bfloat16)
+    good = smoke.judge([low.clone()], [ref32], [low], ["out[0]"])["out[0]"]
+    assert good["ok"] and good["err"] == good["yard"]
+    bad = smoke.judge([low + 0.1], [ref32], [low], ["out[0]"])["out[0]"]
+    assert not bad["ok"] and bad["err"] > bad["bound"] and "bound" in bad["why"]
+    path = tmp_path / "smoke.json"
+    assert smoke.main(["--out", str(path), "--tiny", "--ops", "gated_residual"]) == 0
+    res = json.loads(path.read_text())
+    assert smoke.validate(res) == []
+    rows = {(r["shape"], r["backend"]): r for r in res["rows"]}
+    assert {s for s, _ in rows} == set(smoke.TINY)
+    for (shape, backend), r in rows.items():
+        if r["status"] == "ok":
+            assert set(r["checks"]) == {"out[0]", "grad[0]", "grad[1]", "grad[2]"} and r["fwd"]["ms"] > 0
+    assert all(r["status"] == "ok" for (s, b), r in rows.items() if b in ("reference", "triton"))
+    res["summary"]["counts"]["ok"] += 1
+    assert any("summary.counts" in p for p in smoke.validate(res))

@@ -11,9 +11,12 @@ import argparse
 import glob
 import os
 import sys
+import time
 from typing import List, Optional
 
 from . import cases as C
+
+DEADLINE_ENV = "DITFAST_BENCH_DEADLINE"  # epoch seconds after which no new measurement starts
 
 EPILOG = """how to read the table:
   ms         median time of one call (triton.testing.do_bench on a GPU; wall clock in the CPU smoke)
@@ -39,7 +42,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                                                "in a checkout, else ./ditfast-bench-results/<device>/)")
     p.add_argument("--json", default=None, help="exact path of the results JSON (the PNG goes beside it)")
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
-                   help="start no measurement after this long; what is left is recorded as skipped")
+                   help="start no measurement after this long; what is left is recorded as skipped "
+                        f"(${DEADLINE_ENV}, epoch seconds, is an absolute form)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers")
     p.add_argument("--compile", action="store_true", help="run the torch.compile peers even in a CPU --quick smoke")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph column")
@@ -99,10 +103,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         out_json = os.path.join(out_dir, f"bench_{stamp}_{timing.git_commit()[0][:7]}.json")
     if not on_cuda:
         print(report.SMOKE_NOTE, file=sys.stderr)
+    time_limit = args.time_limit
+    if os.environ.get(DEADLINE_ENV):  # an absolute deadline (gpu_run.sh): counts this process's start-up too
+        left = max(0.0, float(os.environ[DEADLINE_ENV]) - time.time())
+        time_limit = left if time_limit is None else min(time_limit, left)
     backends = None if args.backends == "all" else [b for b in args.backends.split(",") if b and b != "none"]
     opts = runner.Options(levels=args.levels, device=args.device, dtype=args.dtype, quick=args.quick,
                           compile=False if args.no_compile else (True if args.compile else None), graph=not args.no_graph,
-                          backends=backends, filter=args.filter, time_limit=args.time_limit,
+                          backends=backends, filter=args.filter, time_limit=time_limit,
                           argv=list(sys.argv[1:] if argv is None else argv))
     results = runner.run(opts, out_json=out_json)
     print(report.render_table(results, report.load_sm90(args.sm90_report)) + "\n")

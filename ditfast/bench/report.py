@@ -116,6 +116,36 @@ def load_json(path: str) -> dict:
         return json.load(f)
 
 
+def merge(runs: Sequence[dict], sources: Sequence[str] = ()) -> dict:
+    """One results dict from the tiers of one GPU run (gpu_run.sh writes ops, blocks and peers apart):
+    cases in order of first appearance; a case measured again (the peers tier re-runs the target shapes
+    with the torch.compile peers) contributes the variants the first one lacked, and the speedups and
+    targets are recomputed. The first run's meta is kept, with the sources listed."""
+    from .runner import add_speedups
+
+    if not runs:
+        raise ValueError("nothing to merge")
+    out = json.loads(json.dumps(runs[0]))
+    by_key = {c["key"]: c for c in out["results"]}
+    for run in runs[1:]:
+        for case in json.loads(json.dumps(run["results"])):
+            first = by_key.get(case["key"])
+            if first is None:
+                out["results"].append(case)
+                by_key[case["key"]] = case
+                continue
+            have = {v["name"]: v for v in first["variants"]}
+            for v in case["variants"]:
+                if v["status"] == "ok" and (have.get(v["name"]) or {}).get("status") != "ok":
+                    first["variants"] = [x for x in first["variants"] if x["name"] != v["name"]] + [v]
+    for case in out["results"]:
+        add_speedups(case)
+    out["meta"]["merged_from"] = list(sources)
+    out["meta"]["elapsed_s"] = sum(r["meta"].get("elapsed_s") or 0 for r in runs)
+    out["targets"] = compute_targets(out)
+    return out
+
+
 META_KEYS = ("device", "versions", "commit", "date", "mode", "dtype", "timing", "shapes")
 CASE_KEYS = ("level", "case", "label", "key", "dims", "dtype", "metric", "target", "work", "variants", "fastest")
 VARIANT_KEYS = ("name", "kind", "backend", "status", "reason", "fwd", "fwd_bwd", "graph", "compile_s", "speedup")
