@@ -75,14 +75,30 @@ def _cases():
     c["qk_norm_rope/batched_table"] = (
         lambda q, k, qw, kw, cos, sin: ops.qk_norm_rope(q, k, qw, kw, cos, sin), lambda: _rope_inputs(True),
         {"batch": [S0, S0, Rp, Rp, S0, S0], "seq": [S1, S1, Rp, Rp, S1, S1]})
+    c["flash_attention"] = (
+        lambda q, k, v: _triton_attention()(q, k, v),
+        lambda: [torch.randn(B, L, H, Dh), torch.randn(B, L + 2, H, Dh), torch.randn(B, L + 2, H, Dh)],
+        {"head": [S2, S2, S2], "batch": [S0, S0, S0], "replicate": [Rp, Rp, Rp]})
+    c["prepare_attention/fwd"] = (  # forward only: its backward returns lists DTensor cannot wrap
+        lambda q0, k0, v0, q1, k1, v1, w0, w1, cos, sin: ops.prepare_attention(
+            (q0, q1), (k0, k1), (v0, v1), q_weights=(w0, w1), k_weights=(w1, w0), rope=(cos, sin)),
+        lambda: [torch.randn(B, n, H, Dh) for n in (3, 3, 3, L, L, L)] + [1 + 0.1 * torch.randn(Dh) for _ in "ab"]
+        + [t(a) for a in [torch.randn(L + 3, Dh // 2)] for t in (torch.cos, torch.sin)],
+        {"head": [S2] * 6 + [Rp] * 4, "batch": [S0] * 6 + [Rp] * 4})
     return c
+
+
+def _triton_attention():
+    from ditfast.ops._attention_triton import triton_attention
+
+    return triton_attention
 
 
 # backends whose fast path is a custom op on CPU, and the ops each implements
 _BACKEND_OPS = {
     "reference": ("norm_modulate", "gated_residual_norm_modulate", "rms_norm", "qk_norm_rope"),
     "triton": ("norm_modulate", "gated_residual_norm_modulate", "rms_norm", "apply_rope", "qk_norm_rope",
-               "qk_norm_rope/table_grad"),
+               "qk_norm_rope/table_grad", "flash_attention", "prepare_attention", "prepare_attention/fwd"),
     "cuda": ("norm_modulate", "gated_residual_norm_modulate", "qk_norm_rope"),
 }
 
@@ -118,7 +134,8 @@ def run_case(case: str, mode: str, backend: str):
     as_tuple = lambda o: o if isinstance(o, tuple) else (o,)  # noqa: E731
     with ditfast.use_backend(backend):
         # RoPE tables (cos, sin: the last two inputs of the rope cases) are constants unless asked
-        n_const = 2 if ("rope" in case and "table_grad" not in case) else 0
+        n_const = 2 if (("rope" in case or "prepare" in case) and "table_grad" not in case) else 0
+        fwd_only = case.endswith("/fwd")
         grad_on = [i < len(inputs) - n_const for i in range(len(inputs))]
         leaves = [t.clone().requires_grad_(g) for t, g in zip(inputs, grad_on)]
         ref = as_tuple(fn(*leaves))
@@ -128,13 +145,14 @@ def run_case(case: str, mode: str, backend: str):
                    for t, p, g in zip(inputs, modes[mode], grad_on)]
         out = as_tuple(fn(*dleaves))
         assert all(isinstance(o, DTensor) for o in out), "outputs must be DTensors"
-        dgo = [distribute_tensor(g, mesh, o.placements) for g, o in zip(grads_out, out)]
-        torch.autograd.backward(out, dgo)
+        if not fwd_only:
+            dgo = [distribute_tensor(g, mesh, o.placements) for g, o in zip(grads_out, out)]
+            torch.autograd.backward(out, dgo)
     errs = []
     for i, (o, r) in enumerate(zip(out, ref)):
         errs.append(_compare(o.full_tensor(), r.detach(), f"{case}[{mode}] out{i}", 1e-6))
     for i, (dl, l) in enumerate(zip(dleaves, leaves)):
-        if not l.requires_grad:
+        if not l.requires_grad or fwd_only:
             continue
         assert dl.grad is not None, f"{case}[{mode}]: input {i} got no gradient"
         errs.append(_compare(dl.grad.full_tensor(), l.grad, f"{case}[{mode}] grad{i}", 1e-5))
@@ -160,3 +178,38 @@ def test_op_on_dtensor(ranks, case, mode, backend):
             pytest.skip(f"compiled extension unavailable: {why}")
     errs = ranks.run(run_case, case, mode, backend)
     assert len(errs) == 2
+
+
+def run_mixed_inputs():
+    """A DTensor next to a plain tensor: ditfast's guard names the plain ones and says how to wrap."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    from ditfast.parallel.guard import dtensor_inputs
+
+    mesh = init_device_mesh("cpu", (2,))
+    x = distribute_tensor(torch.randn(B, L, D), mesh, [Replicate()])
+    plain = torch.randn(B, D)
+    assert dtensor_inputs("norm_modulate", x=x, shift=None, scale=x) is True
+    assert dtensor_inputs("norm_modulate", x=plain, shift=None, scale=plain) is False
+    try:
+        dtensor_inputs("norm_modulate", x=x, shift=plain, scale=plain)
+    except TypeError as e:
+        return str(e)
+    return None
+
+
+def test_mixed_plain_and_dtensor_inputs_raise(ranks):
+    for msg in ranks.run(run_mixed_inputs):
+        assert msg is not None, "a mix of DTensor and plain tensors must raise"
+        assert "shift, scale are plain" in msg and "DTensor.from_local" in msg and "x is a DTensor" in msg
+
+
+def test_guard_without_torch_distributed_tensor_is_a_no_op():
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from ditfast.parallel.guard import dtensor_inputs; "
+            "assert dtensor_inputs('op', x=torch.ones(1)) is False; "
+            "assert 'torch.distributed.tensor' not in sys.modules, 'the guard imported DTensor'")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -327,9 +327,38 @@ def _overload(op_name: str):
         return None
 
 
+# modules that define ditfast custom ops; imported by register() (none imports triton or loads a GPU)
+_OP_MODULES = ("ditfast.ops.modulate", "ditfast.ops.rope", "ditfast.ops.prepare", "ditfast.ops._attention_triton",
+               "ditfast.ops.attention")
+_IMPORTED = False
+
+
+def _load_op_modules() -> None:
+    global _IMPORTED
+    if _IMPORTED:
+        return
+    import importlib
+
+    for name in _OP_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    try:  # the compiled extension's operators exist once ditfast._C is loaded (probing loads it)
+        from .. import _ext
+
+        _ext.availability("cpu")
+    except Exception:  # noqa: BLE001 - a broken or absent extension only means no *_c rules
+        pass
+    _IMPORTED = True
+
+
 def register() -> Tuple[str, ...]:
     """Register the rules of every ditfast operator that is loaded and has none yet; returns the
     names registered now. Safe to call often: an operator is registered once."""
+    if len(_REGISTERED) == len(RULES):
+        return ()
+    _load_op_modules()
     propagator = DTensor._op_dispatcher.sharding_propagator
     done = []
     for name in RULES:
