@@ -1,12 +1,33 @@
-"""Compile the Triton kernels for sm_90 offline (Triton's own ptxas; no GPU or driver needed).
+"""Compile the Triton kernels for sm_90 offline and report their resources at real shapes.
 
-The CPU tests run the kernels under the Triton interpreter, which never compiles them; this catches
-typing and lowering errors a GPU would hit first. Run by tests/test_sm90_compile.py in a fresh
-interpreter without TRITON_INTERPRET (the kernels' helpers are jit functions only then); prints one
-line per kernel variant and "ok" at the end. The variants are the main specializations: two
-streams with the QK-norm + RoPE prologue and a plain single stream for attention, every optional
-input present for the adaLN kernels, the rope kernels with and without norm / table gradients.
+No GPU or driver is needed: Triton lowers each kernel to PTX and its bundled ptxas assembles it for
+sm_90a, which catches typing and lowering errors a GPU would hit first. Run in a fresh interpreter
+without TRITON_INTERPRET (tests/test_sm90_compile.py does): under the interpreter nothing compiles.
+
+    python tests/compile_sm90.py                    # prints the table and "ok"
+    python tests/compile_sm90.py --report out.json  # also writes the rows as JSON
+
+One row per (kernel, config, shape): the attention kernels (forward, backward preprocess, backward in
+its deterministic and atomic-dq forms) at each config ditfast/kernels/triton/attention.py uses for
+bf16 at the FLUX.1 shape (B 1, 512 + 4096 tokens, 24 heads, Dh 128) and the SD3.5-large shape
+(B 1, 333 + 4096 tokens, 38 heads, Dh 64) -- the forward with its fallbacks too -- and the adaLN /
+rope kernels at their launchers' configs for those models' widths. Columns:
+
+* registers: per thread; spills: bytes of spill stores + spill loads per thread (ptxas -v);
+* shared_bytes: Triton's dynamic shared memory + ptxas' static shared memory per program;
+* ctas_per_sm: resident programs per SM on H100 / H200 (65536 registers allocated per warp in
+  256-register units, 228 KB shared memory with 1 KB reserved per program, 2048 threads, 32
+  programs);
+* waves: grid size / (132 SMs x ctas_per_sm).
 """
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
 import time
 
 import triton
@@ -18,11 +39,17 @@ from ditfast.kernels.triton import attention as A
 from ditfast.kernels.triton import modulate as M
 from ditfast.kernels.triton import rope as R
 
-# Upper-case kernel arguments are pointers (default bf16) except these integer scalars; lower-case
+SMS, REGS_PER_SM, SMEM_PER_SM, THREADS_PER_SM, CTAS_MAX = 132, 65536, 228 * 1024, 2048, 32
+SHAPES = {  # name: (B, Lq = Lk, H, Dh, hidden width)
+    "flux": (1, 512 + 4096, 24, 128, 3072),
+    "sd35_large": (1, 333 + 4096, 38, 64, 2432),
+}
+
+# Upper-case kernel arguments are pointers (default bf16) except the integer scalars listed; lower-case
 # ones are integer scalars except the float ones.
-INT_SCALARS = {A: {"LQ0", "LQ1", "LK0", "LK1", "H"}, M: {"N_ROWS", "L", "D", "ROWS", "NCHUNK"}}
+INT_SCALARS = {A: {"LQ", "LK", "H", "N_SPLITS"}, M: {"N_ROWS", "L", "D", "ROWS", "NCHUNK"}}
 FLOAT_SCALARS = {"sm_scale", "qk_scale", "eps"}
-FP32_POINTERS = {"LSE", "DELTA", "DWQ", "DWK", "COS", "SIN", "MEAN", "RSTD", "WQ0", "WK0", "WQ1", "WK1"}
+FP32_POINTERS = {"LSE", "DELTA", "DQ_ACC", "MEAN", "RSTD"}
 # rope.py names its pointers *_ptr: bf16 activations, fp32 statistics / tables / weight grads
 ROPE_BF16 = {"q_ptr", "k_ptr", "qo_ptr", "ko_ptr", "dqo_ptr", "dko_ptr", "dq_ptr", "dk_ptr", "kw_ptr"}
 
@@ -43,47 +70,188 @@ def signature(kernel, module, consts, fp32_pointers=()):
     return sig
 
 
-def compile_sm90(module, kernel, consts, num_warps=8, num_stages=2, fp32_pointers=()):
+def attrs(kernel, sig, values):
+    """Triton's run-time specialization: 16-byte aligned pointers and integers divisible by 16 are
+    marked so (what enables vectorized loads). Integers with a known value at the shape are marked
+    by it; other integers (strides) are multiples of the head dim or width at these shapes."""
+    out = {}
+    for i, name in enumerate(kernel.arg_names):
+        kind = sig[name]
+        if kind.startswith("*") or (kind == "i32" and (values[name] % 16 == 0 if name in values else name[0].islower())):
+            out[(i,)] = [["tt.divisibility", 16]]
+    return out
+
+
+def _ptxas_info(ptx: str):
+    """(registers, spill bytes, static shared bytes) from ptxas -v with Triton's own flags."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        arch = re.search(r"\.target\s+(\w+)", ptx).group(1)
+        res = subprocess.run([ptxas, "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", src,
+                              "-o", os.path.join(tmp, "k.o")], capture_output=True, text=True, check=True)
+    log = res.stdout + res.stderr
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    spill = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+    smem = re.search(r"(\d+) bytes smem", log)
+    return regs, spill, int(smem.group(1)) if smem else 0
+
+
+def ctas_per_sm(registers: int, shared: int, num_warps: int) -> int:
+    regs_per_warp = math.ceil(registers * 32 / 256) * 256
+    by_regs = (REGS_PER_SM // regs_per_warp) // num_warps
+    by_smem = SMEM_PER_SM // (shared + 1024)
+    by_threads = THREADS_PER_SM // (32 * num_warps)
+    return max(0, min(by_regs, by_smem, by_threads, CTAS_MAX))
+
+
+ROWS = []
+
+
+def compile_sm90(module, kernel, consts, num_warps=8, num_stages=2, fp32_pointers=(), *, label=None, grid=None,
+                 shape=None, values=None):
+    """Compile one variant; with a label, add its row (grid: programs launched at ``shape``; values:
+    integer arguments known at that shape)."""
     start = time.time()
-    src = ASTSource(kernel, signature(kernel, module, consts, fp32_pointers), consts)
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
-    print(f"{kernel.fn.__name__} {time.time() - start:.1f}s", flush=True)
+    sig = signature(kernel, module, consts, fp32_pointers)
+    src = ASTSource(kernel, sig, consts, attrs(kernel, sig, values or {}))
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    regs, spills, static_smem = _ptxas_info(compiled.asm["ptx"])
+    shared = compiled.metadata.shared + static_smem
+    name = kernel.fn.__name__
+    print(f"{name} {time.time() - start:.1f}s", flush=True)
+    if label is None:
+        return
+    ctas = ctas_per_sm(regs, shared, num_warps)
+    ROWS.append(dict(
+        kernel=name, config=dict(label, num_warps=num_warps, num_stages=num_stages), shape=shape,
+        registers=regs, spills=spills, shared_bytes=shared, ctas_per_sm=ctas,
+        waves=round(grid / (SMS * ctas), 2) if grid is not None and ctas else None,
+    ))
 
 
-def main():
-    joint = dict(D=72, DP=128, ROPE=1, NORM=True, PROLOGUE=True, TWO_STREAMS=True, PREC="tf32", MM=tl.bfloat16)
-    plain = dict(joint, D=64, DP=64, ROPE=0, NORM=False, PROLOGUE=False, TWO_STREAMS=False)
-    for c in (joint, plain):
-        compile_sm90(A, A._attn_fwd_kernel, dict(c, BLOCK_M=128, BLOCK_N=64, EVEN_K0=False, EVEN_K1=True))
-        compile_sm90(A, A._attn_bwd_dq_kernel, dict(c, BLOCK_M=128, BLOCK_N=32))
-        compile_sm90(A, A._attn_bwd_dkdv_kernel, dict(c, BLOCK_M=32, BLOCK_N=128))
+def _launch_opts(cfg):
+    blocks = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
+    return blocks, cfg.get("num_warps", 4), cfg.get("num_stages", 2)
 
-    row = dict(BLOCK_R=1, BLOCK_D=4096)
-    compile_sm90(M, M._norm_modulate_fwd_kernel, dict(row, HAS_SHIFT1=True, HAS_SHIFT2=True, DUAL=True))
-    compile_sm90(M, M._norm_modulate_bwd_kernel,
-                 dict(row, HAS_SHIFT1=True, HAS_SHIFT2=False, DUAL=True, SCALE1_TOK=False, SHIFT1_TOK=True,
-                      SCALE2_TOK=False, SHIFT2_TOK=False),
-                 fp32_pointers={"DSCALE1", "DSCALE2", "DSHIFT2"})
-    compile_sm90(M, M._gated_residual_fwd_kernel, dict(row))
-    compile_sm90(M, M._gated_residual_bwd_kernel, dict(row, GATE_TOK=False), fp32_pointers={"DGATE"})
-    compile_sm90(M, M._gated_residual_norm_modulate_fwd_kernel, dict(row, HAS_SHIFT=True))
-    compile_sm90(M, M._gated_residual_norm_modulate_bwd_kernel,
-                 dict(row, HAS_DXNEW=True, HAS_SHIFT=True, GATE_TOK=False, SHIFT_TOK=True, SCALE_TOK=False),
-                 fp32_pointers={"DGATE", "DSCALE"})
 
+def attention_rows():
+    import torch
+
+    for shape_name, (B, L, H, Dh, _) in SHAPES.items():
+        dp = A.padded_head_dim(Dh)
+        shape = f"{shape_name}: B={B} L={L} H={H} Dh={Dh} bf16"
+        base = dict(D=Dh, DP=dp, PREC="tf32", MM=tl.bfloat16, ROUND_BF16=False)
+        vals = dict(LQ=L, LK=L, H=H)
+        for i, cfg in enumerate(A.configs("fwd", dp, torch.bfloat16)):  # the forward and its fallbacks
+            blocks, warps, stages = _launch_opts(cfg)
+            compile_sm90(A, A._attn_fwd_kernel, dict(base, EVEN_N=L % blocks["BLOCK_N"] == 0, **blocks),
+                         warps, stages, label=dict(blocks, fallback=i), shape=shape, values=vals,
+                         grid=triton.cdiv(L, blocks["BLOCK_M"]) * B * H)
+        blocks, warps, stages = _launch_opts(A.configs("pre", dp, torch.bfloat16)[0])
+        compile_sm90(A, A._attn_bwd_preprocess_kernel, dict(D=Dh, DP=dp, **blocks), warps, stages,
+                     label=dict(blocks), shape=shape, grid=triton.cdiv(L, blocks["BLOCK_M"]) * B * H, values=vals)
+        cfg = A.configs("bwd", dp, torch.bfloat16)[0]
+        blocks, warps, stages = _launch_opts(cfg)
+        n_blocks = triton.cdiv(L, blocks["BLOCK_N"])
+        for det in (True, False):
+            splits = A.num_splits(n_blocks, B * H, SMS * (2 if warps <= 4 else 1)) if det else n_blocks
+            compile_sm90(A, A._attn_bwd_kernel, dict(base, DETERMINISTIC=det, **blocks), warps, stages,
+                         label=dict(blocks, deterministic=det, splits=splits), shape=shape, grid=splits * B * H,
+                         values=dict(vals, N_SPLITS=splits))
+
+
+def unit(kernel) -> dict:
+    """Stride arguments that are 1 at run time (the last-dim strides), which Triton specializes as
+    the constant 1: modulate.py names them ``s..d``, rope.py ``s?_d`` / ``s?_p`` / ``s_?w``."""
+    names = kernel.arg_names
+    if kernel.fn.__module__.endswith("rope"):
+        return {n: 1 for n in names if n[0] == "s" and (n[-2:] in ("_d", "_p") or n.startswith("s_"))}
+    return {n: 1 for n in names if n[0] == "s" and n.endswith("d") and n.islower() and n != "sd"}
+
+
+def modulate_rows():
+    import torch
+
+    for shape_name, (B, L, H, Dh, width) in SHAPES.items():
+        block_r, block_d, warps = M._config(width, torch.device("cuda"))
+        row = dict(BLOCK_R=block_r, BLOCK_D=block_d)
+        vals = dict(N_ROWS=B * L, L=L, D=width)
+        shape = f"{shape_name}: rows={B * L} D={width} bf16"
+        fwd_grid = triton.cdiv(B * L, block_r)
+        bwd_grid = B * max(1, min(triton.cdiv(L, block_r), triton.cdiv(2 * SMS, B)))  # M._chunks on a GPU
+        lab = dict(row)
+        compile_sm90(M, M._norm_modulate_fwd_kernel, dict(unit(M._norm_modulate_fwd_kernel), **row, HAS_SHIFT1=True, HAS_SHIFT2=True, DUAL=True), warps,
+                     label=lab, shape=shape, grid=fwd_grid, values=vals)
+        compile_sm90(M, M._norm_modulate_bwd_kernel,
+                     dict(unit(M._norm_modulate_bwd_kernel), **row, HAS_SHIFT1=True, HAS_SHIFT2=False, DUAL=True, SCALE1_TOK=False, SHIFT1_TOK=True,
+                          SCALE2_TOK=False, SHIFT2_TOK=False),
+                     warps, fp32_pointers={"DSCALE1", "DSCALE2", "DSHIFT2"}, label=lab, shape=shape, grid=bwd_grid, values=vals)
+        compile_sm90(M, M._gated_residual_fwd_kernel, dict(unit(M._gated_residual_fwd_kernel), **row), warps, label=lab, shape=shape, grid=fwd_grid, values=vals)
+        compile_sm90(M, M._gated_residual_bwd_kernel, dict(unit(M._gated_residual_bwd_kernel), **row, GATE_TOK=False), warps, fp32_pointers={"DGATE"},
+                     label=lab, shape=shape, grid=bwd_grid, values=vals)
+        compile_sm90(M, M._gated_residual_norm_modulate_fwd_kernel, dict(unit(M._gated_residual_norm_modulate_fwd_kernel), **row, HAS_SHIFT=True), warps,
+                     label=lab, shape=shape, grid=fwd_grid, values=vals)
+        compile_sm90(M, M._gated_residual_norm_modulate_bwd_kernel,
+                     dict(unit(M._gated_residual_norm_modulate_bwd_kernel), **row, HAS_DXNEW=True, HAS_SHIFT=True, GATE_TOK=False, SHIFT_TOK=True, SCALE_TOK=False),
+                     warps, fp32_pointers={"DGATE", "DSCALE"}, label=lab, shape=shape, grid=bwd_grid, values=vals)
+
+
+def rope_rows():
+    import torch
+
+    for shape_name, (B, L, H, Dh, _) in SHAPES.items():
+        N = B * L * H  # one row per (token, head)
+        shape = f"{shape_name}: rows={N} Dh={Dh} bf16"
+        for kernel, flags, backward in [
+            (R._norm_rope_fwd_kernel, dict(HAS_K=1, DO_NORM=1, HAS_QW=1, HAS_KW=1, HAS_ROPE=1, INTERLEAVED=1), False),
+            (R._norm_rope_bwd_kernel,
+             dict(HAS_K=1, DO_NORM=1, HAS_QW=1, HAS_KW=1, HAS_ROPE=1, INTERLEAVED=1, TABLE_GRAD=0), True),
+        ]:
+            plan = R._Plan(N, Dh, True, torch.device("cuda"), backward=backward)
+            consts = {k: bool(v) for k, v in flags.items()}
+            consts.update(unit(kernel), BLOCK_R=plan.BLOCK_R, BLOCK_P=plan.BLOCK_P, SOFT_BF16=False)
+            grid = min(plan.n_tiles, 2 * SMS) if backward else plan.n_tiles  # the backward is persistent
+            compile_sm90(R, kernel, consts, plan.num_warps, label=dict(BLOCK_R=plan.BLOCK_R, BLOCK_P=plan.BLOCK_P),
+                         shape=shape, grid=grid, values=dict(N=N, L=L, H=H, D=Dh, P0=Dh // 2))
+    # variants not on the FLUX / SD3.5 path: compiled for lowering errors only
     for kernel, flags, block_r, block_p in [
-        (R._norm_rope_fwd_kernel, dict(HAS_K=1, DO_NORM=1, HAS_QW=1, HAS_KW=1, HAS_ROPE=1, INTERLEAVED=1), 16, 64),
         (R._norm_rope_bwd_kernel,
          dict(HAS_K=1, DO_NORM=1, HAS_QW=1, HAS_KW=0, HAS_ROPE=1, INTERLEAVED=0, TABLE_GRAD=1), 8, 64),
         (R._norm_rope_fwd_kernel, dict(HAS_K=0, DO_NORM=1, HAS_QW=1, HAS_KW=0, HAS_ROPE=0, INTERLEAVED=0), 1, 2048),
-        (R._norm_rope_bwd_kernel,
-         dict(HAS_K=0, DO_NORM=0, HAS_QW=0, HAS_KW=0, HAS_ROPE=1, INTERLEAVED=1, TABLE_GRAD=0), 8, 32),
     ]:
         consts = {k: bool(v) for k, v in flags.items()}
         consts.update(BLOCK_R=block_r, BLOCK_P=block_p, SOFT_BF16=False)
         compile_sm90(R, kernel, consts)
+
+
+def table(rows) -> str:
+    head = f"{'kernel':32} {'config':76} {'shape':12} {'regs':>4} {'spill':>5} {'smem':>7} {'CTA/SM':>6} {'waves':>6}"
+    out = [head, "-" * len(head)]
+    for r in rows:
+        cfg = ",".join(f"{k}={v}" for k, v in r["config"].items())
+        out.append(f"{r['kernel']:32} {cfg:76} {r['shape'].split(':')[0]:12} {r['registers']:4d} {r['spills']:5d} "
+                   f"{r['shared_bytes']:7d} {r['ctas_per_sm']:6d} {r['waves'] if r['waves'] is not None else '-':>6}")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--report", metavar="FILE.json", help="write the rows as a JSON list")
+    parser.add_argument("--only", choices=["attention", "modulate", "rope"], help="one kernel family only")
+    args = parser.parse_args(argv)
+    for family, fn in (("attention", attention_rows), ("modulate", modulate_rows), ("rope", rope_rows)):
+        if args.only in (None, family):
+            fn()
+    print(table(ROWS))
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(ROWS, f, indent=1)
     print("ok")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

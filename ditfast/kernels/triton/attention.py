@@ -73,6 +73,21 @@ def _cast(x, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
 
 
 @triton.jit
+def _tile_mask(rows, n_rows, D: tl.constexpr, DP: tl.constexpr, MASK_ROWS: tl.constexpr):
+    """Mask of a (rows, DP) tile, broadcastable: rows < n_rows (if MASK_ROWS) and the real head-dim
+    columns (if Dh is padded); a constant (all true) when nothing is masked, which the compiler drops."""
+    d = tl.arange(0, DP)
+    if D == DP:
+        cols_ok = tl.full((1, DP), 1, tl.int1)
+    else:
+        cols_ok = (d < D)[None, :]
+    if MASK_ROWS:
+        return (rows < n_rows)[:, None] & cols_ok
+    else:
+        return cols_ok
+
+
+@triton.jit
 def _fwd_block(
     acc, m_i, l_i,  # running output (BM, DP) fp32, row max (BM,) in scaled base-2 units, row sum (BM,)
     q,  # (BM, DP) query tile, MM dtype
@@ -87,10 +102,7 @@ def _fwd_block(
 ):
     cols = start_n + tl.arange(0, BLOCK_N)
     d = tl.arange(0, DP)
-    if MASK_N:
-        kv_mask = (cols < LK)[:, None] & (d < D)[None, :]
-    else:
-        kv_mask = (d < D)[None, :]
+    kv_mask = _tile_mask(cols, LK, D, DP, MASK_N)
     rows64 = cols.to(tl.int64)[:, None]
     k = tl.load(K + rows64 * sk_l + d[None, :], mask=kv_mask, other=0.0).to(MM)
     s = tl.dot(q, tl.trans(k), input_precision=PREC)
@@ -136,7 +148,7 @@ def _attn_fwd_kernel(
     row_ok = rows < LQ
     rows64 = rows.to(tl.int64)
     d = tl.arange(0, DP)
-    qmask = row_ok[:, None] & (d < D)[None, :]
+    qmask = _tile_mask(rows, LQ, D, DP, True)
     q = tl.load(Q + rows64[:, None] * sq_l + d[None, :], mask=qmask, other=0.0).to(MM)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -174,7 +186,7 @@ def _attn_bwd_preprocess_kernel(
     row_ok = rows < LQ
     rows64 = rows.to(tl.int64)
     d = tl.arange(0, DP)
-    mask = row_ok[:, None] & (d < D)[None, :]
+    mask = _tile_mask(rows, LQ, D, DP, True)
     o = tl.load(O + off_b * so_b + off_h * so_h + rows64[:, None] * so_l + d[None, :], mask=mask, other=0.0)
     do = tl.load(DO + off_b * sdo_b + off_h * sdo_h + rows64[:, None] * sdo_l + d[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -216,12 +228,11 @@ def _attn_bwd_kernel(
     LSE += pid_bh.to(tl.int64) * LQ
     DELTA += pid_bh.to(tl.int64) * LQ
     d = tl.arange(0, DP)
-    d_ok = (d < D)[None, :]
 
     for start_n in range(pid_s * BLOCK_N, LK, N_SPLITS * BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         cols64 = cols.to(tl.int64)[:, None]
-        kv_mask = (cols < LK)[:, None] & d_ok
+        kv_mask = _tile_mask(cols, LK, D, DP, True)
         k = tl.load(K + cols64 * sk_l + d[None, :], mask=kv_mask, other=0.0).to(MM)
         v = tl.load(V + cols64 * sv_l + d[None, :], mask=kv_mask, other=0.0).to(MM)
         dk = tl.zeros((BLOCK_N, DP), dtype=tl.float32)
@@ -230,7 +241,7 @@ def _attn_bwd_kernel(
             rows = start_m + tl.arange(0, BLOCK_M)
             row_ok = rows < LQ
             rows64 = rows.to(tl.int64)
-            qmask = row_ok[:, None] & d_ok
+            qmask = _tile_mask(rows, LQ, D, DP, True)
             q = tl.load(Q + rows64[:, None] * sq_l + d[None, :], mask=qmask, other=0.0).to(MM)
             do = tl.load(DO + rows64[:, None] * sdo_l + d[None, :], mask=qmask, other=0.0).to(MM)
             # missing rows get lse = +inf, so their P is exactly 0; missing keys are zero rows of k
@@ -285,8 +296,8 @@ def configs(kernel: str, dp: int, dtype: torch.dtype, on_gpu: bool = True) -> Li
     else:  # bwd: BLOCK_N keys held per program, BLOCK_M query rows streamed
         if dp <= 64:
             first = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-        elif dp <= 128:
-            first = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+        elif dp <= 128:  # BLOCK_M 64 would take 255 registers and spill
+            first = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
         else:
             first = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)
         if wide:
