@@ -99,7 +99,8 @@ _BACKEND_OPS = {
     "reference": ("norm_modulate", "gated_residual_norm_modulate", "rms_norm", "qk_norm_rope"),
     "triton": ("norm_modulate", "gated_residual_norm_modulate", "rms_norm", "apply_rope", "qk_norm_rope",
                "qk_norm_rope/table_grad", "flash_attention", "prepare_attention", "prepare_attention/fwd"),
-    "cuda": ("norm_modulate", "gated_residual_norm_modulate", "qk_norm_rope"),
+    "cuda": ("norm_modulate", "gated_residual_norm_modulate", "qk_norm_rope", "prepare_attention",
+             "prepare_attention/fwd"),
 }
 
 

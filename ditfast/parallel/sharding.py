@@ -265,11 +265,14 @@ RULES: Dict[str, Rule] = {
     "ditfast::prepare_attention": _rule(
         {"qs": act, "ks": act, "vs": act, "q_weights": weight, "k_weights": weight, "cos": table, "sin": table},
         [act, act, act, flat_rows], ("replicate", "batch", "head")),
+    "ditfast::prepare_attention_c": _rule(
+        {"qs": act, "ks": act, "vs": act, "q_weights": weight, "k_weights": weight, "cos": table, "sin": table},
+        [act, act, act], ("replicate", "batch", "head")),
 }
 
 # Operators whose outputs are nested lists of tensors, which DTensor's propagator cannot wrap
 # (torch 2.14): prepare_attention_backward returns per-stream gradient lists.
-_LIST_OUTPUTS = ("ditfast::prepare_attention_backward",)
+_LIST_OUTPUTS = ("ditfast::prepare_attention_backward", "ditfast::prepare_attention_c_backward")
 
 
 # ---- registration -------------------------------------------------------------------------------
