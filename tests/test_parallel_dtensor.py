@@ -59,6 +59,14 @@ def _cases():
         lambda x, sh, sc, y, g: ops.gated_residual_norm_modulate(x, y, g, sh, sc),
         lambda: _mod_inputs() + [torch.randn(B, L, D), torch.randn(B, D)],
         {"seq": [S1, Rp, Rp, S1, Rp], "batch": [S0, S0, S0, S0, S0]})
+    c["norm_modulate_dual"] = (
+        lambda x, sh, sc, sh2, sc2: ops.norm_modulate_dual(x, sh, sc, sh2, sc2),
+        lambda: _mod_inputs() + [torch.randn(B, L, D), torch.randn(B, D)],
+        {"seq": [S1, Rp, Rp, S1, Rp], "batch": [S0] * 5})
+    c["gated_residual"] = (
+        lambda x, y, g: ops.gated_residual(x, y, g), lambda: [torch.randn(B, L, D), torch.randn(B, L, D),
+                                                           torch.randn(B, D)],
+        {"seq": [S1, S1, Rp], "batch": [S0, S0, S0]})
     c["rms_norm"] = (
         lambda x, w: ops.rms_norm(x, w), lambda: [torch.randn(B, L, H, Dh), 1 + 0.1 * torch.randn(Dh)],
         {"head": [S2, Rp], "seq": [S1, Rp]})
@@ -97,9 +105,9 @@ def _triton_attention():
 # backends whose fast path is a custom op on CPU, and the ops each implements
 _BACKEND_OPS = {
     "reference": ("norm_modulate", "gated_residual_norm_modulate", "rms_norm", "qk_norm_rope"),
-    "triton": ("norm_modulate", "gated_residual_norm_modulate", "rms_norm", "apply_rope", "qk_norm_rope",
+    "triton": ("norm_modulate", "norm_modulate_dual", "gated_residual", "gated_residual_norm_modulate", "rms_norm", "apply_rope", "qk_norm_rope",
                "qk_norm_rope/table_grad", "flash_attention", "prepare_attention", "prepare_attention/fwd"),
-    "cuda": ("norm_modulate", "gated_residual_norm_modulate", "qk_norm_rope", "prepare_attention",
+    "cuda": ("norm_modulate", "gated_residual_norm_modulate", "apply_rope", "qk_norm_rope", "prepare_attention",
              "prepare_attention/fwd"),
 }
 
@@ -214,3 +222,18 @@ def test_guard_without_torch_distributed_tensor_is_a_no_op():
             "assert dtensor_inputs('op', x=torch.ones(1)) is False; "
             "assert 'torch.distributed.tensor' not in sys.modules, 'the guard imported DTensor'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_ditfast_operator_has_a_rule():
+    """A custom op added to ditfast without a DTensor rule fails here (list-output backwards excepted)."""
+    from ditfast import _ext
+    from ditfast.parallel import sharding
+
+    sharding._load_op_modules()
+    if not _ext.availability("cpu")[0]:
+        pytest.skip("compiled extension unavailable: its operators cannot be listed")
+    names = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("ditfast::")}
+    missing = names - set(sharding.RULES) - set(sharding._LIST_OUTPUTS)
+    assert not missing, f"ditfast operators without a DTensor sharding rule: {sorted(missing)}"
+    sharding.register()
+    assert set(sharding.registered()) == set(sharding.RULES) & names
