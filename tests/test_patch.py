@@ -250,7 +250,7 @@ def test_flux_rope_tables_are_views_not_copies():
     tc, ts = rope_tables((cos, sin), L, Dh)
     assert tc.data_ptr() == cos.data_ptr() and ts.data_ptr() == sin.data_ptr()
     assert torch.equal(tc, angles.cos()) and torch.equal(ts, angles.sin())
-    assert rope_tables((cos, sin), L + 1, Dh) is None and rope_tables(None, L, Dh) == (None, None)
+    assert rope_tables((cos, sin), L + 1, Dh) is False and rope_tables(None, L, Dh) is None
 
 
 def test_flux_fused_qkv_projections(monkeypatch):

@@ -22,7 +22,7 @@ RoPE argument is not a (cos, sin) pair of that shape, or for dtypes other than f
 from __future__ import annotations
 
 import functools
-from typing import List, Optional, Tuple
+from typing import List
 
 import torch
 
@@ -45,34 +45,30 @@ from ._common import (
     stream,
 )
 
-Tables = Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
-
-
-def rope_tables(image_rotary_emb, length: int, head_dim: int) -> Optional[Tables]:
+def rope_tables(image_rotary_emb, length: int, head_dim: int):
     """diffusers' (cos, sin), each (L, Dh) repeat-interleaved, -> ditfast's fp32 (L, Dh/2) tables.
 
     The tables are the strided views ``cos[:, 0::2]`` (no copy when diffusers' tables are fp32, as
-    FluxPosEmbed makes them): every block of a forward gets the same tensors, and the Triton kernels
-    read them through their strides. (None, None) when there is no RoPE; None when the argument is
-    not in the expected format.
+    FluxPosEmbed makes them): every block of a forward gets the same tensors, and the kernels read
+    them through their strides. None when there is no RoPE; False when the argument is not in the
+    expected format (the original forward runs then).
     """
     if image_rotary_emb is None:
-        return None, None
-    if not isinstance(image_rotary_emb, (tuple, list)) or len(image_rotary_emb) != 2:
         return None
+    if not isinstance(image_rotary_emb, (tuple, list)) or len(image_rotary_emb) != 2:
+        return False
     cos, sin = image_rotary_emb
     for t in (cos, sin):
         if not isinstance(t, torch.Tensor) or t.dim() != 2 or tuple(t.shape) != (length, head_dim):
-            return None
+            return False
     return cos[:, 0::2].float(), sin[:, 0::2].float()
 
 
-def _fast(attn, kwargs, *tensors) -> bool:
-    return no_kwargs(kwargs) and is_diffusers(attn.processor, "FluxAttnProcessor") and fast_dtypes(*tensors)
-
-
-def _rope(tables: Tables):
-    return None if tables[0] is None else tables
+def _rope_if_fast(attn, kwargs, image_rotary_emb, length: int, *tensors):
+    """ditfast's RoPE tables (or None) for a call ditfast runs; False for a call the original forward takes."""
+    if not (no_kwargs(kwargs) and is_diffusers(attn.processor, "FluxAttnProcessor") and fast_dtypes(*tensors)):
+        return False
+    return rope_tables(image_rotary_emb, length, attn.head_dim)
 
 
 def flux_block_forward(
@@ -80,19 +76,18 @@ def flux_block_forward(
 ):
     """ditfast forward of diffusers' ``FluxTransformerBlock``; returns (encoder_hidden_states, hidden_states)."""
     attn = self.attn
-    Lt, Li = encoder_hidden_states.shape[1], hidden_states.shape[1]
-    tables = None
-    if _fast(attn, joint_attention_kwargs, hidden_states, encoder_hidden_states, temb):
-        tables = rope_tables(image_rotary_emb, Lt + Li, attn.head_dim)
-    if tables is None:
+    rope = _rope_if_fast(attn, joint_attention_kwargs, image_rotary_emb,
+                         encoder_hidden_states.shape[1] + hidden_states.shape[1], hidden_states, encoder_hidden_states,
+                         temb)
+    if rope is False:
         return type(self).forward(
             self, hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs
         )
     img_s = stream(attn, False, functools.partial(out_proj, attn), self.ff, self.norm1.norm.eps, self.norm2.eps)
     txt_s = stream(attn, True, attn.to_add_out, self.ff_context, self.norm1_context.norm.eps,
-                    self.norm2_context.eps)
+                   self.norm2_context.eps)
     x, c = F.flux_double(hidden_states, encoder_hidden_states, ada_chunks(self.norm1, temb, 6),
-                         ada_chunks(self.norm1_context, temb, 6), _rope(tables), img_s, txt_s,
+                         ada_chunks(self.norm1_context, temb, 6), rope, img_s, txt_s,
                          head_dim=attn.head_dim, qk_eps=rms_eps(attn.norm_q, attn.norm_added_q))
     if c.dtype == torch.float16:
         c = c.clip(-65504, 65504)
@@ -107,19 +102,17 @@ def flux_single_block_forward(
     self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None
 ):
     """ditfast forward of diffusers' ``FluxSingleTransformerBlock``; returns (encoder_hidden_states, hidden_states)."""
-    attn = self.attn
-    Lt = encoder_hidden_states.shape[1]
-    tables = None
-    if _fast(attn, joint_attention_kwargs, hidden_states, encoder_hidden_states, temb):
-        tables = rope_tables(image_rotary_emb, Lt + hidden_states.shape[1], attn.head_dim)
-    if tables is None:
+    attn, Lt = self.attn, encoder_hidden_states.shape[1]
+    rope = _rope_if_fast(attn, joint_attention_kwargs, image_rotary_emb, Lt + hidden_states.shape[1], hidden_states,
+                         encoder_hidden_states, temb)
+    if rope is False:
         return type(self).forward(
             self, hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs
         )
     x = torch.cat((encoder_hidden_states, hidden_states), dim=1)  # the joint sequence [text, image]
     # proj_out maps [attention | MLP hidden]
     s = stream(attn, False, self.proj_out, functools.partial(_single_mlp, self), self.norm.norm.eps)
-    x = F.flux_single(x, ada_chunks(self.norm, temb, 3), _rope(tables), s, head_dim=attn.head_dim,
+    x = F.flux_single(x, ada_chunks(self.norm, temb, 3), rope, s, head_dim=attn.head_dim,
                       qk_eps=rms_eps(attn.norm_q))
     if x.dtype == torch.float16:
         x = x.clip(-65504, 65504)

@@ -59,14 +59,14 @@ def joint_block_forward(self, hidden_states, encoder_hidden_states, temb, joint_
     c = encoder_hidden_states
     x_mod = ada_chunks(self.norm1, temb, 9 if self.use_dual_attention else 6)
     xs = stream(attn, False, functools.partial(out_proj, attn), functools.partial(feed_forward, self, self.ff),
-                 self.norm1.norm.eps, self.norm2.eps)
+                self.norm1.norm.eps, self.norm2.eps)
     if self.context_pre_only:  # AdaLayerNormContinuous: (shift, scale); the context ends after the attention
         c_mod = ada_continuous(self.norm1_context, temb, c.dtype)
         cs = stream(attn, True, None, None, self.norm1_context.norm.eps)
     else:
         c_mod = ada_chunks(self.norm1_context, temb, 6)
         cs = stream(attn, True, attn.to_add_out, functools.partial(feed_forward, self, self.ff_context),
-                     self.norm1_context.norm.eps, self.norm2_context.eps)
+                    self.norm1_context.norm.eps, self.norm2_context.eps)
     x2 = stream(attn2, False, functools.partial(out_proj, attn2), None, 1e-6) if self.use_dual_attention else None
     norms = (attn.norm_q, attn.norm_added_q) + ((attn2.norm_q,) if attn2 is not None else ())
     return F.sd3_joint(c, hidden_states, c_mod, x_mod, cs, xs, head_dim=attn.to_k.out_features // attn.heads, x2=x2,
@@ -94,7 +94,8 @@ def _check_attention(attn, dim: int, added: bool, pre_only: bool, where: str, pr
     if added:
         check_rms_pair(attn, "norm_added_q", "norm_added_k", inner // n_heads, where, problems)
     if attn.to_v.out_features != inner or attn.to_v.in_features != dim:
-        problems.append(f"{where}.to_v maps {attn.to_v.in_features} -> {attn.to_v.out_features}, expected {dim} -> {inner}")
+        problems.append(f"{where}.to_v maps {attn.to_v.in_features} -> {attn.to_v.out_features}, "
+                        f"expected {dim} -> {inner}")
     if bool(getattr(attn, "context_pre_only", False)) != (pre_only and added):
         problems.append(f"{where}.context_pre_only={attn.context_pre_only} disagrees with the block")
 

@@ -29,16 +29,7 @@ Module = Callable[[Tensor], Tensor]
 QKV = Union[Module, Tuple[Module, Module, Module]]
 Rope = Optional[Tuple[Tensor, Tensor]]
 
-__all__ = [
-    "Stream",
-    "qkv_heads",
-    "attend",
-    "dit_block",
-    "flux_double",
-    "flux_single",
-    "sd3_joint",
-    "final_layer",
-]
+__all__ = ["Stream", "qkv_heads", "attend", "dit_block", "flux_double", "flux_single", "sd3_joint", "final_layer"]
 
 
 class Stream(NamedTuple):
@@ -66,22 +57,14 @@ def qkv_heads(qkv: QKV, h: Tensor, head_dim: int) -> Tuple[Tensor, Tensor, Tenso
     qkv: one packed Linear, output (B, L, 3·H·Dh) = ``[q | k | v]``, or a (to_q, to_k, to_v) triple.
     """
     if isinstance(qkv, tuple):
-        to_q, to_k, to_v = qkv
-        return (to_q(h).unflatten(-1, (-1, head_dim)), to_k(h).unflatten(-1, (-1, head_dim)),
-                to_v(h).unflatten(-1, (-1, head_dim)))
+        return tuple(proj(h).unflatten(-1, (-1, head_dim)) for proj in qkv)
     return qkv(h).unflatten(-1, (3, -1, head_dim)).unbind(-3)
 
 
-def attend(
-    qs: Sequence[Tensor],
-    ks: Sequence[Tensor],
-    vs: Sequence[Tensor],
-    *,
-    q_weights: Optional[Sequence[Optional[Tensor]]] = None,
-    k_weights: Optional[Sequence[Optional[Tensor]]] = None,
-    rope: Rope = None,
-    eps: float = 1e-6,
-) -> Tuple[Tensor, ...]:
+def attend(qs: Sequence[Tensor], ks: Sequence[Tensor], vs: Sequence[Tensor], *,
+           q_weights: Optional[Sequence[Optional[Tensor]]] = None,
+           k_weights: Optional[Sequence[Optional[Tensor]]] = None, rope: Rope = None,
+           eps: float = 1e-6) -> Tuple[Tensor, ...]:
     """One attention over the joint sequence ``[stream 0; stream 1; ...]``; per stream its (B, L_i, H·Dh) output.
 
     qs, ks, vs: one (B, L_i, H, Dh) tensor per stream (strided views of the projections), before
