@@ -385,6 +385,10 @@ def _opcheck_samples(device):
     q, k = t(B, L, H, Dh), t(B, L, H, Dh)
     wq, wk = t(Dh), t(Dh)
     g = lambda *s: torch.randn(*s, device=device)  # noqa: E731
+    packed = [t(B, n, 3 * H * Dh) for n in (2, L - 2)]
+    views = [p.view(B, p.shape[1], 3, H, Dh).unbind(2) for p in packed]
+    qkv2 = [views[0][0], views[1][0], views[0][1], views[1][1], views[0][2], views[1][2]]  # qs, ks, vs
+    none = torch.empty(0, device=device)
     return [
         (OPS.norm_modulate_c, (x, shift, scale, EPS)),
         (OPS.norm_modulate_c, (x, None, t(B, L, D), EPS)),
@@ -401,6 +405,13 @@ def _opcheck_samples(device):
          (g(B, L, H, Dh), g(B, L, H, Dh), q.detach(), k.detach(), wq.detach(), None, cos, sin, EPS, True)),
         (OPS.qk_norm_rope_c_backward,
          (g(B, L, H, Dh), None, q.detach(), k.detach(), None, None, cos, sin, EPS, True)),
+        # prepare_attention_c: two streams of a packed qkv (L 2 + 3 = L), joint tables; empty weight = no norm
+        (OPS.prepare_attention_c, (list(qkv2[:2]), list(qkv2[2:4]), list(qkv2[4:]), [none, wq], [none, wk],
+                                   cos, sin, EPS, True)),
+        (OPS.prepare_attention_c, ([q], [k], [q], [wq], [wk], None, None, EPS, False)),
+        (OPS.prepare_attention_c_backward,
+         (g(B, L, H, Dh), None, [x.detach() for x in qkv2[:2]], [x.detach() for x in qkv2[2:4]], [none, wq.detach()],
+          [none, wk.detach()], cos, sin, EPS, True)),
     ]
 
 
@@ -584,7 +595,9 @@ def test_backward_is_deterministic_across_thread_counts():
 @needs_c
 def test_module_reports_its_build():
     assert "cpu" in _C.DEVICES
-    assert set(_C.OPS) >= {"norm_modulate_c", "gated_residual_norm_modulate_c", "apply_rope_c", "qk_norm_rope_c"}
+    assert set(_C.OPS) >= {"norm_modulate_c", "gated_residual_norm_modulate_c", "apply_rope_c", "qk_norm_rope_c",
+                           "prepare_attention_c", "prepare_attention_c_backward"}
+    assert cuda_impl._HAS_PREPARE  # this build has the prepare ops, so the backend does not fall back
     assert _C.MAX_ROW_CUDA == cuda_impl._MAX_ROW_CUDA and _C.MAX_HEAD_DIM_CUDA == cuda_impl._MAX_HEAD_DIM_CUDA
     assert torch.__version__.startswith(_C.TORCH_VERSION)
     assert "built for torch" in _ext.build_info()
