@@ -48,6 +48,7 @@ import contextlib
 import contextvars
 import dataclasses
 import importlib.util
+import operator
 import os
 import warnings
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
@@ -83,8 +84,11 @@ class Spec(NamedTuple):
         dev = like.device
         cuda = dev.type == "cuda"
         index = dev.index if dev.index is not None else -1
-        return Spec(dev.type, like.dtype, int(like.shape[-1]) if like.dim() else 0,
-                    capability_of(index) if cuda else None, index if cuda else -1, tuple(features))
+        # operator.index: under torch.compile(dynamic=True) this specializes a symbolic row width to
+        # the int it is (with a guard), so the cached choice stays a constant of the trace
+        width = operator.index(like.shape[-1]) if like.dim() else 0
+        return Spec(dev.type, like.dtype, width, capability_of(index) if cuda else None, index if cuda else -1,
+                    tuple(features))
 
     def describe(self) -> str:
         gpu = f", compute capability {self.capability[0]}.{self.capability[1]}" if self.capability else ""

@@ -108,14 +108,13 @@ def test_compile_dynamic_no_recompile_per_length():
 
 
 def test_compile_dynamic_cold_start(monkeypatch):
-    """From a fresh process -- the dispatcher's lazily filled availability caches empty, as right after
-    ``import ditfast`` -- a compiled op still compiles once for L = 5 and 7 (no recompile when the
+    """From a fresh process -- the dispatcher's lazily filled probe and choice caches empty, as right
+    after ``import ditfast`` -- a compiled op still compiles once for L = 5 and 7 (no recompile when the
     caches fill during the first call)."""
     from ditfast import _backend
-    from ditfast.ops import attention_backends
 
-    monkeypatch.setattr(_backend, "_AVAILABILITY", {})
-    monkeypatch.setattr(attention_backends, "_PROBED", {})
+    monkeypatch.setattr(_backend, "_PROBED", {})
+    monkeypatch.setattr(_backend, "_CACHE", {})
     backend, graphs = _counting_aot_eager()
     torch._dynamo.reset()
     fn = torch.compile(lambda x, m: ops.norm_modulate(x, *m.chunk(2, -1)), fullgraph=True, dynamic=True,
