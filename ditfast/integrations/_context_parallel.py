@@ -25,13 +25,14 @@ diffusers is imported lazily (only when a config is present), so ``import ditfas
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Callable, Optional
 
 import torch
 
 from .. import ops
 
-__all__ = ["parallel_config", "context_parallel_attention"]
+__all__ = ["parallel_config", "attention_for", "context_parallel_attention"]
 
 Tensor = torch.Tensor
 
@@ -46,6 +47,14 @@ def parallel_config(attn) -> Optional[object]:
     if cfg is None or getattr(cfg, "context_parallel_config", None) is None:
         return None
     return cfg
+
+
+def attention_for(attn) -> Optional[Callable[[Tensor, Tensor, Tensor], Tensor]]:
+    """The ``attention=`` argument of ditfast.nn.functional's blocks for a diffusers attention module:
+    None (the local ditfast attention) without context parallelism, else the context-parallel
+    attention bound to the processor's config."""
+    cfg = parallel_config(attn)
+    return None if cfg is None else functools.partial(context_parallel_attention, config=cfg)
 
 
 def _templates():

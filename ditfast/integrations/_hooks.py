@@ -22,11 +22,14 @@ puts the class forward back there.
 from __future__ import annotations
 
 import types
+import warnings
 from typing import Callable, Optional, Sequence, Tuple
 
 from torch import nn
 
-__all__ = ["hooked", "first_hooked", "bottom_forward", "set_bottom_forward"]
+__all__ = ["hooked", "first_hooked", "falls_back", "is_class_forward", "bottom_forward", "set_bottom_forward"]
+
+_WARNED = set()
 
 
 def hooked(module: Optional[nn.Module]) -> bool:
@@ -36,7 +39,7 @@ def hooked(module: Optional[nn.Module]) -> bool:
         return False
     d = module.__dict__
     f = d.get("forward")
-    if f is not None and not _is_class_forward(f, module):  # (a removed diffusers hook leaves the bound class forward)
+    if f is not None and not is_class_forward(f, module):  # (a removed diffusers hook leaves the bound class forward)
         return True
     return bool(d.get("_hf_hook") is not None or module._forward_hooks or module._forward_pre_hooks
                 or module._backward_hooks or module._backward_pre_hooks)
@@ -56,7 +59,28 @@ def first_hooked(root: nn.Module, names: Sequence[str]) -> Optional[str]:
     return None
 
 
-def _is_class_forward(f, module: nn.Module) -> bool:
+def falls_back(block: nn.Module, bypassed: Sequence[str]) -> bool:
+    """Whether a patched ``block`` must run diffusers' forward for this call because one of the
+    modules its ditfast forward does not call (``bypassed``) carries hooks. Warns once per block
+    class and module name, so a cache or offload setting that turns ditfast off is not silent."""
+    name = first_hooked(block, bypassed)
+    if name is None:
+        return False
+    key = (type(block).__name__, name)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(
+            f"ditfast: {type(block).__name__}.{name} carries hooks (a diffusers cache such as FasterCache, "
+            f"Pyramid Attention Broadcast or TaylorSeer, leaf-level offloading, or PyTorch module hooks); "
+            f"such blocks run diffusers' forward so that the hooks see their module called "
+            f"(ditfast's forward reads the {name} weights / does its work directly)",
+            stacklevel=3,
+        )
+    return True
+
+
+def is_class_forward(f, module: nn.Module) -> bool:
+    """Whether ``f`` is ``module``'s class forward bound to it (what a hook chain starts from)."""
     return (isinstance(f, types.MethodType) and f.__self__ is module
             and f.__func__ is type(module).forward)
 
@@ -73,10 +97,10 @@ def bottom_forward(module: nn.Module) -> Optional[Tuple[str, object, str]]:
     if registry is not None and getattr(registry, "_fn_refs", None):
         ref = registry._fn_refs[0]
         attr = "original_forward" if getattr(ref, "original_forward", None) is not None else "forward"
-        if _is_class_forward(getattr(ref, attr), module):
+        if is_class_forward(getattr(ref, attr), module):
             return "diffusers", ref, attr
         return None
-    if "_old_forward" in d and _is_class_forward(d["_old_forward"], module):
+    if "_old_forward" in d and is_class_forward(d["_old_forward"], module):
         return "accelerate", module, "_old_forward"
     return None
 
