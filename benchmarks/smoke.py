@@ -157,7 +157,7 @@ def smoke_op(op: str, label: str, s: dict, ctx: dict) -> List[dict]:
     for name, run, why in backends_of(op, device):
         row = {"op": op, "shape": label, "dims": dict(s), "backend": name, "metric": metric, "status": "skipped",
                "reason": why, "checks": {}, "max_err_over_bound": None, "fwd": None, "fwd_bwd": None,
-               "sm90": report.sm90_for(op, ctx["sm90"]) if "triton" in name else None}
+               "sm90": report.sm90_for(op, ctx["sm90"], label) if "triton" in name else None}
         rows.append(row)
         if run is None:
             continue

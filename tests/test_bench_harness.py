@@ -317,6 +317,7 @@ def gpu_results() -> dict:
            "dims": {"B": 1, "L": 4608, "H": 24, "Dh": 128}, "dtype": "bfloat16", "metric": "TFLOP/s", "target": True,
            "graph": False, "work": {"fwd": 1.0, "fwd_bwd": 3.5}, "notes": [], "variants": [
                var("ditfast", "ditfast", (1.0, 500, 70.0), (3.0, 400, 55.0), backend="sdpa_cudnn"),
+               var("ditfast:triton", "backend", (1.1, 450, 62.0), (3.2, 380, 52.0), backend="triton"),
                var("sdpa:flash", "peer", (1.2, 420, 60.0), (2.9, 410, 57.0))]}
     res = {"schema": runner.SCHEMA, "meta": {
         "device": {"type": "cuda", "name": "Test GPU 80GB"}, "date": "2030-01-02T03:04:05Z", "dtype": "bfloat16",
@@ -383,20 +384,25 @@ def test_markdown_and_readme_markers():
 
 
 def test_sm90_report_next_to_the_triton_kernels(tmp_path):
-    entries = [{"kernel": "_norm_modulate_fwd", "config": {}, "shape": [1, 4608, 3072], "registers": 40, "spills": 0,
+    entries = [{"kernel": "_norm_modulate_fwd", "config": {}, "shape": "FLUX:1x4608x3072", "registers": 40, "spills": 0,
                 "shared_bytes": 0, "ctas_per_sm": 12, "waves": 0.3},
-               {"kernel": "_flash_attn_fwd", "config": {}, "shape": [], "registers": 255, "spills": 16,
-                "shared_bytes": 98304, "ctas_per_sm": 1, "waves": 2.1}]
+               {"kernel": "_attn_fwd_kernel", "config": {}, "shape": "FLUX:1x4608x24x128", "registers": 255, "spills": 16,
+                "shared_bytes": 98304, "ctas_per_sm": 1, "waves": 2.1},
+               {"kernel": "_attn_fwd_kernel", "config": {}, "shape": "SD3.5:1x4429x38x64", "registers": 168, "spills": 0,
+                "shared_bytes": 65536, "ctas_per_sm": 2, "waves": 1.3}]
     path = tmp_path / "sm90.json"
     path.write_text(json.dumps(entries))
     sm90 = report.load_sm90(str(path))
-    assert sm90["source"] == str(path) and len(sm90["entries"]) == 2
+    assert sm90["source"] == str(path) and len(sm90["entries"]) == 3
     assert report.sm90_for("norm_modulate", sm90) == "_norm_modulate_fwd: 40 regs/0 spills/12 CTA/SM"
-    assert "255 regs/16 spills/1 CTA/SM" in report.sm90_for("joint_attention", sm90)
+    assert report.sm90_for("gated_residual", sm90) == "not in the offline report"  # not the norm_modulate kernel
+    assert report.sm90_for("joint_attention", sm90, "FLUX-dev") == "_attn_fwd_kernel: 255 regs/16 spills/1 CTA/SM"
+    assert report.sm90_for("joint_attention", sm90, "SD3.5-large CFG") == "_attn_fwd_kernel: 168 regs/0 spills/2 CTA/SM"
     assert report.sm90_for("apply_rope", sm90) == "not in the offline report"
     assert report.sm90_for("apply_rope", None) == "no offline report"
     text = report.render_table(gpu_results(), sm90)
     assert "sm_90: _norm_modulate_fwd: 40 regs/0 spills/12 CTA/SM" in text and str(path) in text
+    assert "sm_90: _attn_fwd_kernel: 255 regs/16 spills/1 CTA/SM" in text  # the FLUX row of gpu_results()
 
 
 @pytest.mark.skipif(not HAVE_MPL, reason="matplotlib is not installed")

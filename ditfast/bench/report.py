@@ -212,26 +212,32 @@ def load_sm90(path: Optional[str] = None) -> Optional[dict]:
     return None
 
 
-# the words of a Triton kernel's name that tie it to an op (a kernel may serve several ops)
-OP_WORDS = {"norm_modulate": ("modulate", "adaln", "layernorm"), "norm_modulate_dual": ("modulate", "dual"),
-            "gated_residual": ("gated", "residual"), "gated_residual_norm_modulate": ("gated", "residual"),
-            "rms_norm": ("rms",), "apply_rope": ("rope",), "qk_norm_rope": ("rope", "qk"),
-            "joint_attention": ("attn", "attention", "flash"), "prepare_attention": ("prepare",)}
+# the Triton kernels (by name prefix, ditfast/kernels/triton/) that run each op
+OP_KERNELS = {"norm_modulate": ("_norm_modulate_",), "norm_modulate_dual": ("_norm_modulate_",),
+              "gated_residual": ("_gated_residual_fwd", "_gated_residual_bwd"),
+              "gated_residual_norm_modulate": ("_gated_residual_norm_modulate_",),
+              "rms_norm": ("_norm_rope_",), "apply_rope": ("_norm_rope_",), "qk_norm_rope": ("_norm_rope_",),
+              "joint_attention": ("_attn_",), "prepare_attention": ("_prepare_",)}
 
 
-def sm90_for(op: str, sm90: Optional[dict]) -> str:
-    """"kernel: regs/spills/CTAs per SM" for the report's kernels that belong to ``op``."""
+def _family(label: str) -> str:
+    """'FLUX.1-dev', 'FLUX-dev', 'FLUX:...' -> 'flux'; 'SD3.5-large CFG' -> 'sd3'."""
+    low = str(label).lower()
+    return "flux" if low.startswith("flux") else "sd3" if low.startswith("sd3") else low.split(":")[0]
+
+
+def sm90_for(op: str, sm90: Optional[dict], shape: Optional[str] = None) -> str:
+    """"kernel: regs/spills/CTAs per SM" of the report's kernels that run ``op`` (at ``shape``'s model
+    when the report has rows for it); one entry per kernel: its first (primary) config."""
     if not sm90:
         return "no offline report"
-    words = OP_WORDS.get(op, (op,))
-    hits = [e for e in sm90["entries"] if any(w in str(e["kernel"]).lower() for w in words)]
-    seen, parts = set(), []
-    for e in hits:
-        text = f"{e['kernel']}: {e.get('registers')} regs/{e.get('spills')} spills/{e.get('ctas_per_sm')} CTA/SM"
-        if text not in seen:
-            seen.add(text)
-            parts.append(text)
-    return "; ".join(parts) if parts else "not in the offline report"
+    hits = [e for e in sm90["entries"] if str(e["kernel"]).startswith(OP_KERNELS.get(op, (f"_{op}",)))]
+    same = [e for e in hits if shape and _family(e.get("shape", "")) == _family(shape)]
+    parts = {}
+    for e in same or hits:
+        parts.setdefault(e["kernel"], f"{e['kernel']}: {e.get('registers')} regs/{e.get('spills')} spills/"
+                                      f"{e.get('ctas_per_sm')} CTA/SM")
+    return "; ".join(parts.values()) if parts else "not in the offline report"
 
 
 # ------------------------------------------------------------------------------------------- text tables
@@ -293,7 +299,7 @@ def case_table(case: dict, sm90: Optional[dict] = None) -> str:
         f, b, g = v.get("fwd") or {}, v.get("fwd_bwd") or {}, v.get("graph") or {}
         notes = [f"f+b: {_cut(b['reason'], 50)}"] if b.get("ms") is None and b.get("reason") else []
         if "triton" in str(v.get("backend")) and case["level"] in ("ops", "attention"):
-            notes.append("sm_90: " + sm90_for(case["case"], sm90))
+            notes.append("sm_90: " + sm90_for(case["case"], sm90, case["label"]))
         sp = v.get("speedup") or {}
         rows.append([name, fmt(f.get("ms")), fmt(f.get("rate")), fmt(f.get("pct_peak"), "%"), fmt(b.get("ms")),
                      fmt(b.get("rate")), fmt(b.get("pct_peak"), "%"), fmt(g.get("ms")), fmt(b.get("peak_mem_mb")),
