@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one GPU run, in tiers, most information first (docs/gpu-run.md). Every tier writes its result
 # file into OUT_DIR before the next starts; the whole run keeps within DITFAST_GPU_RUN_SECONDS (360).
-#   1 install      pip install -e . for sm_90 only (+ wheels/*.whl)        -> logs.tar.gz
+#   1 install      pip install -e . for sm_90 only (+ wheels/*.whl); beside it the offline sm_90 compile
+#                  report of the Triton kernels (tests/compile_sm90.py)   -> logs.tar.gz
 #   2 smoke        every op x backend, fwd+bwd, FLUX.1-dev / SD3.5-large   -> smoke.json
 #   3 tests        kernel tests first, pytest -n 8, stopped at the cap     -> tests.xml / tests.log (in the archive)
 #   4 ops          ops + attention benchmark, no compile peers             -> bench_ops.json, backend_table.json
@@ -31,11 +32,10 @@ if [ -z "${DITFAST_BENCH_COMMIT:-}" ]; then
     DITFAST_BENCH_COMMIT="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
     export DITFAST_BENCH_COMMIT
 fi
-export DITFAST_SM90_REPORT="${DITFAST_SM90_REPORT:-$PWD/benchmarks/sm90_report.json}"
 if [ "$REHEARSE" = 1 ]; then
     BASE=290
     # cumulative deadlines (seconds since the start) of tiers 1..6; a tier that ends early leaves its time to the next
-    DEADLINES=(15 105 160 202 240 282)
+    DEADLINES=(30 115 165 205 242 284)
     export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
     # the interpreter's Triton kernels are exercised by the smoke; the bench tiers force the extension's CPU kernels
     BENCH_ARGS=(--device cpu --quick --backends cuda)
@@ -68,6 +68,12 @@ trap 'echo "interrupted"; exit 130' INT TERM
 # ------------------------------------------------------------------------------------------- 1 install
 step "1/6 install"
 { date -u; nvidia-smi 2>&1 | head -n 20; } >"$LOGS/machine.txt" 2>&1
+# the offline sm_90 compile report of this checkout's Triton kernels (ptxas only, no GPU), beside the install
+sm90_pid=""
+if [ -z "${DITFAST_SM90_REPORT:-}" ] && [ -e tests/compile_sm90.py ]; then
+    env -u TRITON_INTERPRET timeout 120 "$PY" tests/compile_sm90.py --report "$LOGS/sm90_report.json" >"$LOGS/sm90.log" 2>&1 &
+    sm90_pid=$!
+fi
 if [ "$REHEARSE" = 1 ]; then
     echo "rehearsal: no pip install (would run: DITFAST_CUDA_ARCHS=9.0 $PY -m pip install --no-build-isolation --no-deps -e .)" \
         >"$LOGS/install.log"
@@ -84,6 +90,11 @@ else
 fi
 "$PY" -m ditfast.info >"$LOGS/ditfast_info.txt" 2>&1 || true
 tail -n 3 "$LOGS/install.log"
+if [ -n "$sm90_pid" ]; then
+    wait "$sm90_pid" && [ -s "$LOGS/sm90_report.json" ] && export DITFAST_SM90_REPORT="$LOGS/sm90_report.json" &&
+        echo "sm_90 report: $(grep -c '"kernel"' "$LOGS/sm90_report.json") kernel configs" ||
+        echo "sm_90 report: not produced (see sm90.log)"
+fi
 publish
 
 # ------------------------------------------------------------------------------------------- 2 smoke
