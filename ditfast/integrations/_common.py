@@ -8,7 +8,7 @@ Nothing here imports diffusers: diffusers classes are recognised by name and mod
 from __future__ import annotations
 
 import inspect
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -195,14 +195,10 @@ def no_kwargs(kwargs) -> bool:
     return not kwargs
 
 
-class BlockSpec:
+class BlockSpec(NamedTuple):
     """A diffusers block class ditfast can run: its class name, a patch-time ``check(block) -> problems``
     and the replacement ``forward`` (a plain function taking the block first, with the diffusers signature)."""
 
-    __slots__ = ("name", "check", "forward")
-
-    def __init__(self, name: str, check: Callable[[nn.Module], List[str]], forward: Callable):
-        self.name, self.check, self.forward = name, check, forward
-
-    def __repr__(self) -> str:
-        return f"BlockSpec({self.name})"
+    name: str
+    check: Callable[[nn.Module], List[str]]
+    forward: Callable

@@ -37,12 +37,7 @@ class RMSNormWeight(nn.Module):
 
     def __init__(self, dim: int, name: str = "weight"):
         super().__init__()
-        self._name = name
         self.register_parameter(name, nn.Parameter(torch.ones(dim)))
-
-    @property
-    def param(self) -> torch.Tensor:
-        return getattr(self, self._name)
 
 
 class QKNorm(nn.Module):
