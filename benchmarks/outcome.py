@@ -82,7 +82,7 @@ def smoke_table(res: dict) -> str:
         rows.append([r["op"], r["shape"], r["backend"], r["status"], R.fmt(r.get("max_err_over_bound")),
                      R.fmt(f.get("ms")), f"{R.fmt(f.get('rate'))} {unit}" if f else "",
                      R.fmt(f.get("pct_peak"), "%"), R.fmt(b.get("ms")), R.fmt(b.get("pct_peak"), "%"),
-                     (note or "")[:110]])
+                     (note or "")[:200]])
     return R.format_table(["op", "shape", "backend", "status", "err/bound", "fwd ms", "fwd rate", "%pk", "f+b ms",
                                 "%pk", "note"], rows, left=4)
 
