@@ -71,7 +71,7 @@ step "1/6 install"
 # the offline sm_90 compile report of this checkout's Triton kernels (ptxas only, no GPU), beside the install
 sm90_pid=""
 if [ -z "${DITFAST_SM90_REPORT:-}" ] && [ -e tests/compile_sm90.py ]; then
-    env -u TRITON_INTERPRET timeout 120 "$PY" tests/compile_sm90.py --report "$LOGS/sm90_report.json" >"$LOGS/sm90.log" 2>&1 &
+    env -u TRITON_INTERPRET PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout 120 "$PY" tests/compile_sm90.py --report "$LOGS/sm90_report.json" >"$LOGS/sm90.log" 2>&1 &
     sm90_pid=$!
 fi
 if [ "$REHEARSE" = 1 ]; then
@@ -79,12 +79,13 @@ if [ "$REHEARSE" = 1 ]; then
         >"$LOGS/install.log"
     "$PY" -c "import ditfast, ditfast._C; print('ditfast', ditfast.__version__, 'from', ditfast.__file__)" >>"$LOGS/install.log" 2>&1 || status=1
 else
-    DITFAST_CUDA_ARCHS=9.0 MAX_JOBS="$(nproc)" timeout "$(left 1 30)" \
+    # PIP_BREAK_SYSTEM_PACKAGES: a system python3 marked externally managed (PEP 668) still takes the install
+    DITFAST_CUDA_ARCHS=9.0 MAX_JOBS="$(nproc)" PIP_BREAK_SYSTEM_PACKAGES=1 timeout "$(left 1 30)" \
         "$PY" -m pip install --no-build-isolation --no-deps -e . >"$LOGS/install.log" 2>&1 ||
         { echo "pip install -e . failed (tail follows); going on from the source tree"; tail -n 20 "$LOGS/install.log"; status=1; }
     for whl in wheels/*.whl; do
         [ -e "$whl" ] || continue
-        "$PY" -m pip install --no-deps "$whl" >>"$LOGS/install.log" 2>&1 && echo "installed $(basename "$whl")" ||
+        PIP_BREAK_SYSTEM_PACKAGES=1 "$PY" -m pip install --no-deps "$whl" >>"$LOGS/install.log" 2>&1 && echo "installed $(basename "$whl")" ||
             echo "could not install $(basename "$whl") (see install.log)"
     done
 fi
