@@ -10,8 +10,8 @@ without TRITON_INTERPRET (tests/test_sm90_compile.py does): under the interprete
 One row per (kernel, config, shape): the attention kernels (forward, backward preprocess, backward in
 its deterministic and atomic-dq forms) at each config ditfast/kernels/triton/attention.py uses for
 bf16 at the FLUX.1 shape (B 1, 512 + 4096 tokens, 24 heads, Dh 128) and the SD3.5-large shape
-(B 1, 333 + 4096 tokens, 38 heads, Dh 64) -- the forward with its fallbacks too -- and the adaLN /
-rope kernels at their launchers' configs for those models' widths. Columns:
+(B 1, 333 + 4096 tokens, 38 heads, Dh 64) -- the forward also with its fallbacks and its fp32 tiles --
+and the adaLN / rope kernels at their launchers' configs for those models' widths. Columns:
 
 * registers: per thread; spills: bytes of spill stores + spill loads per thread (ptxas -v);
 * shared_bytes: Triton's dynamic shared memory + ptxas' static shared memory per program;
@@ -54,7 +54,7 @@ FP32_POINTERS = {"LSE", "DELTA", "DQ_ACC", "MEAN", "RSTD"}
 ROPE_BF16 = {"q_ptr", "k_ptr", "qo_ptr", "ko_ptr", "dqo_ptr", "dko_ptr", "dq_ptr", "dk_ptr", "kw_ptr"}
 
 
-def signature(kernel, module, consts, fp32_pointers=()):
+def signature(kernel, module, consts, fp32_pointers=(), dtype="bf16"):
     sig = {}
     for name in kernel.arg_names:
         if name in consts:
@@ -66,7 +66,7 @@ def signature(kernel, module, consts, fp32_pointers=()):
         elif name in INT_SCALARS[module] or not name.isupper():
             sig[name] = "i32"
         else:
-            sig[name] = "*fp32" if name in FP32_POINTERS or name in fp32_pointers else "*bf16"
+            sig[name] = "*fp32" if name in FP32_POINTERS or name in fp32_pointers else f"*{dtype}"
     return sig
 
 
@@ -111,11 +111,11 @@ ROWS = []
 
 
 def compile_sm90(module, kernel, consts, num_warps=8, num_stages=2, fp32_pointers=(), *, label=None, grid=None,
-                 shape=None, values=None):
+                 shape=None, values=None, dtype="bf16"):
     """Compile one variant; with a label, add its row (grid: programs launched at ``shape``; values:
     integer arguments known at that shape)."""
     start = time.time()
-    sig = signature(kernel, module, consts, fp32_pointers)
+    sig = signature(kernel, module, consts, fp32_pointers, dtype)
     src = ASTSource(kernel, sig, consts, attrs(kernel, sig, values or {}))
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
@@ -151,6 +151,12 @@ def attention_rows():
             compile_sm90(A, A._attn_fwd_kernel, dict(base, EVEN_N=L % blocks["BLOCK_N"] == 0, **blocks),
                          warps, stages, label=dict(blocks, fallback=i), shape=shape, values=vals,
                          grid=triton.cdiv(L, blocks["BLOCK_M"]) * B * H)
+        cfg = A.configs("fwd", dp, torch.float32)[0]  # fp32 inputs: exact fp32 dots, own tiles
+        blocks, warps, stages = _launch_opts(cfg)
+        compile_sm90(A, A._attn_fwd_kernel, dict(base, PREC="ieee", MM=tl.float32, EVEN_N=L % blocks["BLOCK_N"] == 0,
+                                                 **blocks), warps, stages, label=dict(blocks, fallback=0),
+                     shape=shape.replace("bf16", "fp32"), grid=triton.cdiv(L, blocks["BLOCK_M"]) * B * H, values=vals,
+                     dtype="fp32")
         blocks, warps, stages = _launch_opts(A.configs("pre", dp, torch.bfloat16)[0])
         compile_sm90(A, A._attn_bwd_preprocess_kernel, dict(D=Dh, DP=dp, **blocks), warps, stages,
                      label=dict(blocks), shape=shape, grid=triton.cdiv(L, blocks["BLOCK_M"]) * B * H, values=vals)
