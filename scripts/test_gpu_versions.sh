@@ -49,15 +49,15 @@ git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' 
     [ -f "$f" ] && { mkdir -p "$work/$(dirname "$f")"; cp -p "$f" "$work/$f"; }
 done
 (cd "$work" && DITFAST_SKIP_CUDA_BUILD=1 MAX_JOBS="${MAX_JOBS:-2}" pip_q --no-build-isolation --no-deps .)
-"$py" - <<'EOF'
-import numpy, torch, triton, ditfast
-print(f"torch {torch.__version__}  triton {triton.__version__}  numpy {numpy.__version__}  ditfast {ditfast.__version__} ({ditfast.__file__})")
-EOF
 
 if [ "$#" -eq 0 ]; then
     if [ -n "${ALL:-}" ]; then set -- tests; else set -- tests/test_modulate.py tests/test_rope.py tests/test_attention.py; fi
 fi
-# From the copy, so the installed package (not the checkout's ditfast/) is what the tests import.
+# From the copy, without its ditfast/ folder, so the tests import the installed package.
 cd "$work"
-rm -rf ditfast  # tests import the installed copy
+rm -rf ditfast
+"$py" - <<'EOF'
+import numpy, torch, triton, ditfast
+print(f"torch {torch.__version__}  triton {triton.__version__}  numpy {numpy.__version__}  ditfast {ditfast.__version__} ({ditfast.__file__})")
+EOF
 "$py" -m pytest -q -p no:cacheprovider "$@"
