@@ -26,7 +26,10 @@ def _block(kind: str):
 
     torch.manual_seed(3)
     block = {"dit": lambda: dnn.DiTBlock(D, HEADS, mlp_ratio=2.0),
-             "double": lambda: dnn.DoubleStreamBlock(D, HEADS, mlp_ratio=2.0, qkv_bias=True)}[kind]()
+             "double": lambda: dnn.DoubleStreamBlock(D, HEADS, mlp_ratio=2.0, qkv_bias=True),
+             "sd3": lambda: dnn.JointBlock(D, HEADS, mlp_ratio=2.0, qk_norm="rms"),
+             "sd35_dual": lambda: dnn.JointBlock(D, HEADS, mlp_ratio=2.0, qk_norm="rms", x_block_self_attn=True),
+             "sd3_last": lambda: dnn.JointBlock(D, HEADS, mlp_ratio=2.0, pre_only=True)}[kind]()
     with torch.no_grad():
         for p in block.parameters():  # no zero-initialized gates: every path carries signal
             p.copy_(torch.randn_like(p) * 0.2 + (1.0 if p.dim() == 1 and p.numel() == D // HEADS else 0.0))
@@ -39,6 +42,8 @@ def _inputs(kind: str):
     torch.manual_seed(4)
     if kind == "dit":
         return [torch.randn(B, L, D), torch.randn(B, D)], None
+    if kind.startswith("sd3"):
+        return [torch.randn(B, LT, D), torch.randn(B, L, D), torch.randn(B, D)], None
     ids = torch.stack([torch.zeros(LT + L), torch.arange(LT + L) % 3, torch.arange(LT + L) // 3], -1)
     rope = ops.rope_freqs(ids, (4, 2, 2))
     return [torch.randn(B, L, D), torch.randn(B, LT, D), torch.randn(B, D)], rope
@@ -64,7 +69,7 @@ def run_tp(kind: str):
     def run(m):
         leaves = [x.clone().requires_grad_() for x in xs]
         out = m(*leaves, *extra)
-        out = out if isinstance(out, tuple) else (out,)
+        out = tuple(o for o in (out if isinstance(out, tuple) else (out,)) if o is not None)
         torch.manual_seed(5)
         torch.autograd.backward(out, [torch.randn_like(o) for o in out])
         return [o.detach() for o in out], [x.grad for x in leaves]
@@ -88,7 +93,7 @@ def run_tp(kind: str):
     return errs, heads
 
 
-@pytest.mark.parametrize("kind", ["dit", "double"])
+@pytest.mark.parametrize("kind", ["dit", "double", "sd3", "sd35_dual", "sd3_last"])
 def test_tensor_parallel_block_matches_one_process(ranks, kind):
     results = ranks.run(run_tp, kind)
     for errs, heads in results:
