@@ -148,3 +148,13 @@ def run_single_stream_refused():
 def test_single_stream_block_refused(ranks):
     for msg in ranks.run(run_single_stream_refused):
         assert msg is not None and "single-stream" in msg
+
+
+def test_tp_plan_lists_what_is_split():
+    from ditfast import nn as dnn
+    from ditfast.parallel import tp_plan
+
+    plan = tp_plan(dnn.DoubleStreamBlock(D, HEADS, mlp_ratio=2.0))
+    assert "img_attn.qkv: packed colwise [q_r|k_r|v_r]; img_attn.num_heads local" in plan
+    assert "img_attn.proj: rowwise" in plan and "txt_mlp.0: colwise; txt_mlp.2: rowwise" in plan
+    assert not any("mod" in line for line in plan), "adaLN modulation stays replicated"
