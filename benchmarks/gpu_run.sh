@@ -28,6 +28,8 @@ PY="${PYTHON:-python3}"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/ditfast-gpu-run.XXXXXX")"
 LOGS="$WORK/logs"
 mkdir -p "$LOGS"
+# every tier imports ditfast from this checkout, installed or not (a failed install still leaves the smoke and tests)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -z "${DITFAST_BENCH_COMMIT:-}" ]; then
     DITFAST_BENCH_COMMIT="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
     export DITFAST_BENCH_COMMIT
@@ -71,7 +73,7 @@ step "1/6 install"
 # the offline sm_90 compile report of this checkout's Triton kernels (ptxas only, no GPU), beside the install
 sm90_pid=""
 if [ -z "${DITFAST_SM90_REPORT:-}" ] && [ -e tests/compile_sm90.py ]; then
-    env -u TRITON_INTERPRET PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout 120 "$PY" tests/compile_sm90.py --report "$LOGS/sm90_report.json" >"$LOGS/sm90.log" 2>&1 &
+    env -u TRITON_INTERPRET timeout 120 "$PY" tests/compile_sm90.py --report "$LOGS/sm90_report.json" >"$LOGS/sm90.log" 2>&1 &
     sm90_pid=$!
 fi
 if [ "$REHEARSE" = 1 ]; then
