@@ -130,16 +130,23 @@ def test_dit_block():
                          lambda x: ours(x, c), x, attention_steps=1)
 
 
-def test_flux_double_block():
+@pytest.mark.parametrize("fused", [False, True], ids=["to_q/k/v", "fused-to_qkv"])
+def test_flux_double_block(fused):
     ref = randomize_(FluxTransformerBlock(D, H, D // H), seed=3).eval()
     ours = DoubleStreamBlock(D, H, qkv_bias=True)
     ours.load_state_dict(convert.diffusers_to_flux_double_block(ref.state_dict()), strict=True)
+    packed_calls = []
+    if fused:  # diffusers' fuse_qkv_projections(): the patched block reads the packed to_qkv / to_added_qkv
+        ref.attn.fuse_projections()
+        for lin in (ref.attn.to_qkv, ref.attn.to_added_qkv):
+            lin.register_forward_hook(lambda *_: packed_calls.append(1))
     patch(torch.nn.ModuleList([ref]))
     rope_d, rope_o = flux_ropes()
     img, txt, temb = inputs((B, LI, D), (B, LT, D), (B, D), seed=4)
     d_in = [t.detach().clone().requires_grad_() for t in (img, txt, temb)]
     assert_same_sequence(lambda i, t, e: ref(i, t, e, image_rotary_emb=rope_d)[::-1], d_in,
                          lambda i, t, e: ours(i, t, e, rope_o), [img, txt, temb], attention_steps=1)
+    assert len(packed_calls) == (2 if fused else 0)
 
 
 def test_flux_single_block():
