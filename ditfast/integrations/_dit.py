@@ -19,6 +19,7 @@ import functools
 from typing import List
 
 from ..nn import functional as F
+from . import _hooks
 from ._common import (
     BlockSpec,
     ada_chunks,
@@ -34,6 +35,11 @@ from ._common import (
     out_proj,
     stream,
 )
+
+
+# the submodules diffusers' forward calls and ditfast's does not (it reads their weights or does
+# their work itself): hooks on any of them make the block run diffusers' forward (see _hooks.py)
+_BYPASSED = ("attn1", "attn1.norm_q", "attn1.norm_k", "norm1", "norm1.norm", "norm3")
 
 
 def dit_block_forward(
@@ -56,7 +62,7 @@ def dit_block_forward(
         and hidden_states.dim() == 3
         and fast_dtypes(hidden_states)
     )
-    if not fast:
+    if not fast or _hooks.falls_back(self, _BYPASSED):
         return type(self).forward(
             self, hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, timestep,
             cross_attention_kwargs, class_labels, added_cond_kwargs,

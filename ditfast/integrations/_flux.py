@@ -17,7 +17,13 @@ diffusers' ``apply_rotary_emb(use_real_unbind_dim=-1)`` does.
 
 The original forward runs instead (same call, same result) when ``joint_attention_kwargs`` is not
 empty (IP-adapter), when the attention processor is not diffusers' ``FluxAttnProcessor``, when the
-RoPE argument is not a (cos, sin) pair of that shape, or for dtypes other than fp32/bf16/fp16.
+RoPE argument is not a (cos, sin) pair of that shape, or for dtypes other than fp32/bf16/fp16; and when a submodule ditfast does not call (the
+attention module, its QK-norms, the adaLN modules) carries hooks, e.g. diffusers' attention caches
+or leaf-level offloading (ditfast/integrations/_hooks.py).
+
+Context parallelism (diffusers' ``enable_parallelism``): when the attention processor has a
+context-parallel config, the attention step spans every rank's tokens through diffusers' Ulysses /
+ring templates with ditfast's kernel as the local attention (ditfast/integrations/_context_parallel.py).
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from typing import List
 import torch
 
 from ..nn import functional as F
+from . import _context_parallel, _hooks
 from ._common import (
     BlockSpec,
     ada_chunks,
@@ -71,12 +78,19 @@ def _rope_if_fast(attn, kwargs, image_rotary_emb, length: int, *tensors):
     return rope_tables(image_rotary_emb, length, attn.head_dim)
 
 
+# the submodules diffusers' forward calls and ditfast's does not (it reads their weights or does
+# their work itself): hooks on any of them make the block run diffusers' forward (see _hooks.py)
+_BYPASSED_DOUBLE = ("attn", "attn.norm_q", "attn.norm_k", "attn.norm_added_q", "attn.norm_added_k",
+                    "norm1", "norm1_context", "norm1.norm", "norm1_context.norm", "norm2", "norm2_context")
+_BYPASSED_SINGLE = ("attn", "attn.norm_q", "attn.norm_k", "norm", "norm.norm")
+
+
 def flux_block_forward(
     self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None
 ):
     """ditfast forward of diffusers' ``FluxTransformerBlock``; returns (encoder_hidden_states, hidden_states)."""
     attn = self.attn
-    rope = _rope_if_fast(attn, joint_attention_kwargs, image_rotary_emb,
+    rope = False if _hooks.falls_back(self, _BYPASSED_DOUBLE) else _rope_if_fast(attn, joint_attention_kwargs, image_rotary_emb,
                          encoder_hidden_states.shape[1] + hidden_states.shape[1], hidden_states, encoder_hidden_states,
                          temb)
     if rope is False:
@@ -88,7 +102,8 @@ def flux_block_forward(
                    self.norm2_context.eps)
     x, c = F.flux_double(hidden_states, encoder_hidden_states, ada_chunks(self.norm1, temb, 6),
                          ada_chunks(self.norm1_context, temb, 6), rope, img_s, txt_s,
-                         head_dim=attn.head_dim, qk_eps=rms_eps(attn.norm_q, attn.norm_added_q))
+                         head_dim=attn.head_dim, qk_eps=rms_eps(attn.norm_q, attn.norm_added_q),
+                         attention=_context_parallel.attention_for(attn))
     if c.dtype == torch.float16:
         c = c.clip(-65504, 65504)
     return c, x
@@ -103,7 +118,7 @@ def flux_single_block_forward(
 ):
     """ditfast forward of diffusers' ``FluxSingleTransformerBlock``; returns (encoder_hidden_states, hidden_states)."""
     attn, Lt = self.attn, encoder_hidden_states.shape[1]
-    rope = _rope_if_fast(attn, joint_attention_kwargs, image_rotary_emb, Lt + hidden_states.shape[1], hidden_states,
+    rope = False if _hooks.falls_back(self, _BYPASSED_SINGLE) else _rope_if_fast(attn, joint_attention_kwargs, image_rotary_emb, Lt + hidden_states.shape[1], hidden_states,
                          encoder_hidden_states, temb)
     if rope is False:
         return type(self).forward(
@@ -113,7 +128,7 @@ def flux_single_block_forward(
     # proj_out maps [attention | MLP hidden]
     s = stream(attn, False, self.proj_out, functools.partial(_single_mlp, self), self.norm.norm.eps)
     x = F.flux_single(x, ada_chunks(self.norm, temb, 3), rope, s, head_dim=attn.head_dim,
-                      qk_eps=rms_eps(attn.norm_q))
+                      qk_eps=rms_eps(attn.norm_q), attention=_context_parallel.attention_for(attn))
     if x.dtype == torch.float16:
         x = x.clip(-65504, 65504)
     return x[:, :Lt], x[:, Lt:]

@@ -22,6 +22,7 @@ import functools
 from typing import List
 
 from ..nn import functional as F
+from . import _hooks
 from ._common import (
     BlockSpec,
     ada_chunks,
@@ -45,6 +46,13 @@ from ._common import (
 _PROCESSOR = "JointAttnProcessor2_0"
 
 
+# the submodules diffusers' forward calls and ditfast's does not (it reads their weights or does
+# their work itself): hooks on any of them make the block run diffusers' forward (see _hooks.py)
+_BYPASSED = ("attn", "attn.norm_q", "attn.norm_k", "attn.norm_added_q", "attn.norm_added_k", "attn2",
+             "attn2.norm_q", "attn2.norm_k", "norm1", "norm1.norm", "norm1_context", "norm1_context.norm", "norm2",
+             "norm2_context")
+
+
 def joint_block_forward(self, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs=None):
     """ditfast forward of diffusers' ``JointTransformerBlock``; returns (encoder_hidden_states, hidden_states)."""
     attn, attn2 = self.attn, self.attn2
@@ -54,7 +62,7 @@ def joint_block_forward(self, hidden_states, encoder_hidden_states, temb, joint_
         and (attn2 is None or is_diffusers(attn2.processor, _PROCESSOR))
         and fast_dtypes(hidden_states, encoder_hidden_states, temb)
     )
-    if not fast:
+    if not fast or _hooks.falls_back(self, _BYPASSED):
         return type(self).forward(self, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs)
     c = encoder_hidden_states
     x_mod = ada_chunks(self.norm1, temb, 9 if self.use_dual_attention else 6)

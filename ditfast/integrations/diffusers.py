@@ -20,9 +20,16 @@ What stays diffusers: the embedders, ``norm_out`` / ``proj_out``, every Linear a
 (called as modules, so LoRA / PEFT and quantized layers keep working) and every forward call a
 block cannot take (IP-adapter kwargs, attention masks, a changed attention processor, float64):
 those calls run the original forward. Each family's module (``_flux``, ``_sd3``, ``_dit``) says
-exactly when. The QK-norm weights are read directly, so hooks that move weights per module
-(accelerate's sequential CPU offload) do not reach them; blocks whose ``forward`` is already
-replaced by a hook are refused, so patch before adding hooks.
+exactly when.
+
+Hooks (ditfast/integrations/_hooks.py): hooks on a patched block wrap ditfast's forward (diffusers'
+first-block cache, block-level group offloading). A block that already carries diffusers or
+accelerate hooks when ``patch`` runs is patched beneath them (its hook chain then ends in ditfast's
+forward; ``unpatch`` restores the class forward there); any other instance ``forward`` is refused.
+The FLUX blocks run diffusers' forward for every call where a submodule they do not call (the
+attention module, its QK-norms, the adaLN modules) carries hooks: attention-level caches
+(FasterCache, Pyramid Attention Broadcast, TaylorSeer) and leaf-level offloading then work as
+without ditfast, with a one-time warning.
 
 Errors: ``patch`` raises :class:`UnsupportedModelError` naming each block it cannot run and why
 (nothing is patched then), or when the model has no supported blocks at all; ``TypeError`` for an
@@ -35,7 +42,7 @@ from typing import Dict, List, Tuple
 
 from torch import nn
 
-from . import _dit, _flux, _sd3
+from . import _dit, _flux, _hooks, _sd3
 from ._common import BlockSpec
 
 __all__ = ["patch", "unpatch", "is_patched", "UnsupportedModelError", "SUPPORTED_BLOCKS"]
@@ -99,7 +106,7 @@ def _plan(model: nn.Module) -> List[Tuple[nn.Module, BlockSpec]]:
         if spec is None or _is_ours(module):
             continue
         where = f"{name or '<model>'} ({spec.name})"
-        if "forward" in module.__dict__:
+        if "forward" in module.__dict__ and _hooks.bottom_forward(module) is None:
             problems.append(f"{where}: its forward is already replaced on the instance (a hook from accelerate, "
                             f"diffusers' cache/offload hooks or another patch); call ditfast.patch before adding hooks")
             continue
@@ -132,7 +139,10 @@ def patch(model):
     if getattr(target, _MARK, False):
         return model
     for block, spec in _plan(target):
-        block.forward = _bind(spec, block)
+        if "forward" in block.__dict__:  # beneath diffusers' / accelerate's hooks (checked by _plan)
+            _hooks.set_bottom_forward(block, _bind(spec, block), expect=lambda f, b=block: _hooks.is_class_forward(f, b))
+        else:
+            block.forward = _bind(spec, block)
     setattr(target, _MARK, True)
     return model
 
@@ -142,22 +152,13 @@ def unpatch(model):
     that was never patched is returned unchanged."""
     target = _resolve(model)
     for module in target.modules():
-        if not _is_ours(module) and _is_ours_hooked(module):
-            raise RuntimeError(
-                f"ditfast.unpatch: a hook was installed on top of ditfast's forward of {type(module).__name__}; "
-                f"remove the hook (e.g. accelerate's remove_hook_from_module) before unpatching"
-            )
-    for module in target.modules():
         if _is_ours(module):
             del module.forward
+        elif "forward" in module.__dict__:  # ditfast's forward beneath diffusers' / accelerate's hooks
+            _hooks.set_bottom_forward(module, None, expect=lambda f, m=module: _is_ditfast_forward(f, m))
     if _MARK in target.__dict__:
         delattr(target, _MARK)
     return model
-
-
-def _is_ours_hooked(module: nn.Module) -> bool:
-    """accelerate's hooks keep the forward they wrap as ``_old_forward``."""
-    return _is_ditfast_forward(module.__dict__.get("_old_forward"), module)
 
 
 def is_patched(model) -> bool:

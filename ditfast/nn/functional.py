@@ -28,6 +28,8 @@ Tensor = torch.Tensor
 Module = Callable[[Tensor], Tensor]
 QKV = Union[Module, Tuple[Module, Module, Module]]
 Rope = Optional[Tuple[Tensor, Tensor]]
+# the attention of prepared joint q, k, v (B, L, H, Dh) -> (B, L, H, Dh); None: ops.joint_attention
+Attention = Optional[Callable[[Tensor, Tensor, Tensor], Tensor]]
 
 __all__ = ["Stream", "qkv_heads", "attend", "dit_block", "flux_double", "flux_single", "sd3_joint", "final_layer"]
 
@@ -64,16 +66,23 @@ def qkv_heads(qkv: QKV, h: Tensor, head_dim: int) -> Tuple[Tensor, Tensor, Tenso
 def attend(qs: Sequence[Tensor], ks: Sequence[Tensor], vs: Sequence[Tensor], *,
            q_weights: Optional[Sequence[Optional[Tensor]]] = None,
            k_weights: Optional[Sequence[Optional[Tensor]]] = None, rope: Rope = None,
-           eps: float = 1e-6) -> Tuple[Tensor, ...]:
+           eps: float = 1e-6, attention: Attention = None) -> Tuple[Tensor, ...]:
     """One attention over the joint sequence ``[stream 0; stream 1; ...]``; per stream its (B, L_i, H·Dh) output.
 
     qs, ks, vs: one (B, L_i, H, Dh) tensor per stream (strided views of the projections), before
     QK-norm and RoPE. q_weights, k_weights: one RMSNorm weight (Dh,) or None per stream (or None:
     no QK-norm anywhere); eps: their eps. rope: the fp32 (cos, sin) of the joint sequence
-    (``ops.rope_freqs`` layout, FLUX's interleaved pairs), or None.
+    (``ops.rope_freqs`` layout, FLUX's interleaved pairs), or None. attention: what attends the
+    prepared joint q, k, v (default ``ops.joint_attention``); the diffusers integration passes
+    context-parallel attention here (ditfast/integrations/_context_parallel.py).
     """
     if q_weights is not None and all(w is None for w in q_weights) and all(w is None for w in k_weights):
         q_weights = k_weights = None
+    if attention is not None:
+        q, k, v = ops.prepare_attention(tuple(qs), tuple(ks), tuple(vs), q_weights=q_weights, k_weights=k_weights,
+                                        rope=rope, eps=eps)
+        out = attention(q, k, v)
+        return tuple(o.flatten(2) for o in out.split([int(t.shape[1]) for t in qs], dim=1))
     if len(qs) == 1 and q_weights is None and rope is None:  # nothing to prepare: attend the views as they are
         return (ops.joint_attention(qs[0], ks[0], vs[0]).flatten(2),)
     outs = ops.joint_attention_streams(tuple(qs), tuple(ks), tuple(vs), q_weights=q_weights,
@@ -81,16 +90,18 @@ def attend(qs: Sequence[Tensor], ks: Sequence[Tensor], vs: Sequence[Tensor], *,
     return tuple(o.flatten(2) for o in outs)
 
 
-def _attend_streams(streams: Sequence[Stream], qkvs, rope: Rope, eps: float) -> Tuple[Tensor, ...]:
+def _attend_streams(streams: Sequence[Stream], qkvs, rope: Rope, eps: float,
+                    attention: Attention = None) -> Tuple[Tensor, ...]:
     qs, ks, vs = zip(*qkvs)
     return attend(qs, ks, vs, q_weights=tuple(s.q_norm for s in streams),
-                  k_weights=tuple(s.k_norm for s in streams), rope=rope, eps=eps)
+                  k_weights=tuple(s.k_norm for s in streams), rope=rope, eps=eps, attention=attention)
 
 
 # ------------------------------------------------------------------------------------------------
 # Blocks
 # ------------------------------------------------------------------------------------------------
-def dit_block(x: Tensor, mod: Sequence[Tensor], s: Stream, *, head_dim: int, qk_eps: float = 1e-6) -> Tensor:
+def dit_block(x: Tensor, mod: Sequence[Tensor], s: Stream, *, head_dim: int, qk_eps: float = 1e-6,
+              attention: Attention = None) -> Tensor:
     """DiT block (adaLN-Zero, self-attention, MLP): x (B, L, D) -> (B, L, D).
 
     mod: (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp).
@@ -103,7 +114,8 @@ def dit_block(x: Tensor, mod: Sequence[Tensor], s: Stream, *, head_dim: int, qk_
 
 
 def flux_double(img: Tensor, txt: Tensor, img_mod: Sequence[Tensor], txt_mod: Sequence[Tensor], rope: Rope,
-                img_s: Stream, txt_s: Stream, *, head_dim: int, qk_eps: float = 1e-6) -> Tuple[Tensor, Tensor]:
+                img_s: Stream, txt_s: Stream, *, head_dim: int, qk_eps: float = 1e-6,
+                attention: Attention = None) -> Tuple[Tensor, Tensor]:
     """FLUX double-stream block: img (B, Li, D), txt (B, Lt, D) -> (img, txt).
 
     *_mod: (shift1, scale1, gate1, shift2, scale2, gate2) per stream. rope: (cos, sin) of the joint
@@ -113,7 +125,7 @@ def flux_double(img: Tensor, txt: Tensor, img_mod: Sequence[Tensor], txt_mod: Se
     i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = img_mod
     t_qkv = qkv_heads(txt_s.qkv, ops.norm_modulate(txt, t_shift1, t_scale1, eps=txt_s.eps), head_dim)
     i_qkv = qkv_heads(img_s.qkv, ops.norm_modulate(img, i_shift1, i_scale1, eps=img_s.eps), head_dim)
-    t_o, i_o = _attend_streams((txt_s, img_s), (t_qkv, i_qkv), rope, qk_eps)  # text first, as FLUX
+    t_o, i_o = _attend_streams((txt_s, img_s), (t_qkv, i_qkv), rope, qk_eps, attention)  # text first, as FLUX
 
     img, h = ops.gated_residual_norm_modulate(img, img_s.proj(i_o), i_gate1, i_shift2, i_scale2, eps=img_s.eps2)
     img = ops.gated_residual(img, img_s.mlp(h), i_gate2)
@@ -123,7 +135,7 @@ def flux_double(img: Tensor, txt: Tensor, img_mod: Sequence[Tensor], txt_mod: Se
 
 
 def flux_single(x: Tensor, mod: Sequence[Tensor], rope: Rope, s: Stream, *, head_dim: int,
-                qk_eps: float = 1e-6) -> Tensor:
+                qk_eps: float = 1e-6, attention: Attention = None) -> Tensor:
     """FLUX single-stream block (attention and MLP in parallel): x [txt, img] (B, L, D) -> (B, L, D).
 
     mod: (shift, scale, gate). ``s.proj`` is the output Linear over ``[attention | MLP hidden]``
@@ -141,13 +153,13 @@ def flux_single(x: Tensor, mod: Sequence[Tensor], rope: Rope, s: Stream, *, head
     else:
         mlp = s.mlp(h)
         q, k, v = qkv_heads(s.qkv, h, head_dim)
-    (o,) = _attend_streams((s,), ((q, k, v),), rope, qk_eps)
+    (o,) = _attend_streams((s,), ((q, k, v),), rope, qk_eps, attention)
     return ops.gated_residual(x, s.proj(torch.cat((o, mlp), dim=-1)), gate)
 
 
 def sd3_joint(context: Tensor, x: Tensor, c_mod: Sequence[Tensor], x_mod: Sequence[Tensor], cs: Stream,
               xs: Stream, *, head_dim: int, x2: Optional[Stream] = None,
-              qk_eps: float = 1e-6) -> Tuple[Optional[Tensor], Tensor]:
+              qk_eps: float = 1e-6, attention: Attention = None) -> Tuple[Optional[Tensor], Tensor]:
     """SD3 / SD3.5 MM-DiT joint block: context (B, Lc, D), x (B, Lx, D) -> (context, x).
 
     c_mod: (shift, scale, gate, shift_mlp, scale_mlp, gate_mlp), or (shift, scale) for a pre-only
@@ -164,13 +176,13 @@ def sd3_joint(context: Tensor, x: Tensor, c_mod: Sequence[Tensor], x_mod: Sequen
     else:
         h = ops.norm_modulate(x, x_mod[0], x_mod[1], eps=xs.eps)
     c_qkv, x_qkv = qkv_heads(cs.qkv, hc, head_dim), qkv_heads(xs.qkv, h, head_dim)
-    c_o, x_o = _attend_streams((cs, xs), (c_qkv, x_qkv), None, qk_eps)
+    c_o, x_o = _attend_streams((cs, xs), (c_qkv, x_qkv), None, qk_eps, attention)
 
     # image stream: attention residual (then attn2's), modulate for the MLP, MLP
     a, gate = xs.proj(x_o), x_mod[2]
     if x2 is not None:
         x = ops.gated_residual(x, a, gate)
-        (o2,) = _attend_streams((x2,), (qkv_heads(x2.qkv, h2, head_dim),), None, qk_eps)
+        (o2,) = _attend_streams((x2,), (qkv_heads(x2.qkv, h2, head_dim),), None, qk_eps, attention)
         a, gate = x2.proj(o2), x_mod[8]
     x, h = ops.gated_residual_norm_modulate(x, a, gate, x_mod[3], x_mod[4], eps=xs.eps2)
     x = ops.gated_residual(x, xs.mlp(h), x_mod[5])
