@@ -85,4 +85,6 @@ def joint_attention_streams(
     q, k, v = prepare_attention(qs, ks, vs, q_weights=q_weights, k_weights=k_weights, rope=rope,
                                 eps=eps, interleaved=interleaved)
     out = joint_attention(q, k, v, backend=backend)
+    if len(qs) == 1:  # no split: its backward would copy the gradient into a new tensor
+        return (out,)
     return tuple(out.split([int(t.shape[1]) for t in qs], dim=1))
