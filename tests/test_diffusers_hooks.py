@@ -309,3 +309,74 @@ def test_unpatch_beneath_block_hooks(monkeypatch):
     with torch.no_grad(), model.cache_context("cond"):
         model(**inputs(500), return_dict=False)
     assert ran.n == 0
+
+
+# ---- SD3 / DiT blocks ------------------------------------------------------------------------------
+SD3_CFG = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=3,
+               joint_attention_dim=12, caption_projection_dim=24, pooled_projection_dim=10, out_channels=4,
+               pos_embed_max_size=8, qk_norm="rms_norm", dual_attention_layers=(0,))
+
+
+def _sd3():
+    from diffusers import SD3Transformer2DModel
+
+    model = SD3Transformer2DModel(**SD3_CFG)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            p.copy_(r * p[0].numel() ** -0.5 if p.dim() >= 2 else (1 + 0.2 * r if "norm" in name else 0.1 * r))
+    return model.eval()
+
+
+def _sd3_inputs(t: int):
+    g = torch.Generator().manual_seed(1)
+    return dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g),
+                encoder_hidden_states=torch.randn(2, 5, 12, generator=g),
+                pooled_projections=torch.randn(2, 10, generator=g), timestep=torch.full((2,), float(t)))
+
+
+def test_sd3_attention_cache_on_patched_model(monkeypatch):
+    """PAB hooks on SD3's attention modules (attn and SD3.5's attn2): the patched model gives the
+    unpatched cached outputs, the hooks run on every step, and the blocks fall back to diffusers."""
+    from diffusers.hooks import apply_pyramid_attention_broadcast
+
+    base = _sd3()
+    runs = []
+    for patched in (False, True):
+        model, clock = copy.deepcopy(base), {"t": TIMESTEPS[0]}
+        if patched:
+            patch(model)
+        apply_pyramid_attention_broadcast(model, _pab(clock))  # SD3's model has no enable_cache
+        calls = count_hook_calls(model, "pyramid_attention_broadcast")
+        outs = []
+        with torch.no_grad():
+            for t in TIMESTEPS:
+                clock["t"] = t
+                outs.append(model(**_sd3_inputs(t), return_dict=False)[0])
+        assert all(n == len(TIMESTEPS) for n in calls.values()), calls
+        runs.append(outs)
+    for i, (g, e) in enumerate(zip(runs[1], runs[0])):
+        assert close(g, e), f"step {i}: {(g - e).abs().max().item():.3g}"
+
+
+def test_context_parallel_model_refuses_blocks_without_cp_processor():
+    """On a model running diffusers' context parallelism, patch refuses blocks whose attention
+    processor has no context-parallel config (SD3's JointAttnProcessor2_0): neither diffusers nor
+    ditfast could attend across the ranks there. FLUX's processors carry the config: accepted."""
+    import types
+
+    from ditfast.integrations import UnsupportedModelError
+
+    cp = types.SimpleNamespace(context_parallel_config=object())
+    sd3 = _sd3()
+    sd3._parallel_config = cp
+    with pytest.raises(UnsupportedModelError, match="no context-parallel config"):
+        patch(sd3)
+    flux = flux_model()
+    flux._parallel_config = cp
+    for m in flux.modules():
+        if hasattr(getattr(m, "processor", None), "_parallel_config"):
+            m.processor._parallel_config = cp
+    patch(flux)  # accepted
+    assert ditfast.integrations.is_patched(flux)

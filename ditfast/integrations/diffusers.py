@@ -42,7 +42,7 @@ from typing import Dict, List, Tuple
 
 from torch import nn
 
-from . import _dit, _flux, _hooks, _sd3
+from . import _context_parallel, _dit, _flux, _hooks, _sd3
 from ._common import BlockSpec
 
 __all__ = ["patch", "unpatch", "is_patched", "UnsupportedModelError", "SUPPORTED_BLOCKS"]
@@ -101,6 +101,7 @@ def _block_types(model: nn.Module) -> List[str]:
 def _plan(model: nn.Module) -> List[Tuple[nn.Module, BlockSpec]]:
     """The blocks to patch, after checking all of them; raises UnsupportedModelError listing every problem."""
     todo, problems = [], []
+    cp_on = getattr(getattr(model, "_parallel_config", None), "context_parallel_config", None) is not None
     for name, module in model.named_modules():
         spec = _spec(module)
         if spec is None or _is_ours(module):
@@ -111,6 +112,8 @@ def _plan(model: nn.Module) -> List[Tuple[nn.Module, BlockSpec]]:
                             f"diffusers' cache/offload hooks or another patch); call ditfast.patch before adding hooks")
             continue
         found = spec.check(module)
+        if cp_on:
+            found = found + _cp_problems(module)
         if found:
             problems.extend(f"{where}: {p}" for p in found)
         else:
@@ -128,6 +131,20 @@ def _plan(model: nn.Module) -> List[Tuple[nn.Module, BlockSpec]]:
     return todo
 
 
+def _cp_problems(block: nn.Module) -> List[str]:
+    """Under diffusers' context parallelism every attention of a patched block must carry the config
+    (its processor's ``_parallel_config``): ditfast's attention then spans the ranks. diffusers only
+    gives it to processors that can run context-parallel attention (FLUX's, not SD3's or DiT's)."""
+    out = []
+    for name in ("attn", "attn1", "attn2"):
+        attn = getattr(block, name, None)
+        if attn is not None and _context_parallel.parallel_config(attn) is None:
+            out.append(f"{name}: the model runs diffusers' context parallelism but this attention's processor "
+                       f"({type(getattr(attn, 'processor', None)).__name__}) has no context-parallel config, so "
+                       f"neither diffusers nor ditfast can attend across ranks here")
+    return out
+
+
 def patch(model):
     """Run ``model``'s DiT / SD3 / FLUX blocks on ditfast, in place; returns ``model``.
 
@@ -140,7 +157,8 @@ def patch(model):
         return model
     for block, spec in _plan(target):
         if "forward" in block.__dict__:  # beneath diffusers' / accelerate's hooks (checked by _plan)
-            _hooks.set_bottom_forward(block, _bind(spec, block), expect=lambda f, b=block: _hooks.is_class_forward(f, b))
+            _hooks.set_bottom_forward(block, _bind(spec, block),
+                                      expect=lambda f, b=block: _hooks.is_class_forward(f, b))
         else:
             block.forward = _bind(spec, block)
     setattr(target, _MARK, True)
