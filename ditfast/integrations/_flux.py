@@ -17,9 +17,9 @@ diffusers' ``apply_rotary_emb(use_real_unbind_dim=-1)`` does.
 
 The original forward runs instead (same call, same result) when ``joint_attention_kwargs`` is not
 empty (IP-adapter), when the attention processor is not diffusers' ``FluxAttnProcessor``, when the
-RoPE argument is not a (cos, sin) pair of that shape, or for dtypes other than fp32/bf16/fp16; and when a submodule ditfast does not call (the
-attention module, its QK-norms, the adaLN modules) carries hooks, e.g. diffusers' attention caches
-or leaf-level offloading (ditfast/integrations/_hooks.py).
+RoPE argument is not a (cos, sin) pair of that shape, for dtypes other than fp32/bf16/fp16, and
+when a submodule ditfast does not call (the attention module, its QK-norms, the adaLN modules)
+carries hooks, e.g. diffusers' attention caches or leaf-level offloading (ditfast/integrations/_hooks.py).
 
 Context parallelism (diffusers' ``enable_parallelism``): when the attention processor has a
 context-parallel config, the attention step spans every rank's tokens through diffusers' Ulysses /
@@ -90,10 +90,10 @@ def flux_block_forward(
 ):
     """ditfast forward of diffusers' ``FluxTransformerBlock``; returns (encoder_hidden_states, hidden_states)."""
     attn = self.attn
-    rope = False if _hooks.falls_back(self, _BYPASSED_DOUBLE) else _rope_if_fast(attn, joint_attention_kwargs, image_rotary_emb,
+    rope = _rope_if_fast(attn, joint_attention_kwargs, image_rotary_emb,
                          encoder_hidden_states.shape[1] + hidden_states.shape[1], hidden_states, encoder_hidden_states,
                          temb)
-    if rope is False:
+    if rope is False or _hooks.falls_back(self, _BYPASSED_DOUBLE):
         return type(self).forward(
             self, hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs
         )
@@ -118,9 +118,9 @@ def flux_single_block_forward(
 ):
     """ditfast forward of diffusers' ``FluxSingleTransformerBlock``; returns (encoder_hidden_states, hidden_states)."""
     attn, Lt = self.attn, encoder_hidden_states.shape[1]
-    rope = False if _hooks.falls_back(self, _BYPASSED_SINGLE) else _rope_if_fast(attn, joint_attention_kwargs, image_rotary_emb, Lt + hidden_states.shape[1], hidden_states,
+    rope = _rope_if_fast(attn, joint_attention_kwargs, image_rotary_emb, Lt + hidden_states.shape[1], hidden_states,
                          encoder_hidden_states, temb)
-    if rope is False:
+    if rope is False or _hooks.falls_back(self, _BYPASSED_SINGLE):
         return type(self).forward(
             self, hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs
         )
