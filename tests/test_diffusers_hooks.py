@@ -8,8 +8,8 @@ cached outputs must differ from the uncached ones at some step (the cache really
 
 Offloading runs with CPU as both devices, so the hooks' onload / offload logic runs without a GPU:
 outputs equal to the unpatched offloaded run, every group-offloading hook entered on every forward,
-and the ditfast block math counted where it runs (block level: every block; leaf level: none, since
-the QK-norm weights sit behind per-module hooks, so those blocks run diffusers' forward).
+and the ditfast block math counted on every block (leaf level: the QK-norm weights sit behind
+per-module hooks, so the patched blocks call the attention module, whose processor calls the norms).
 """
 from __future__ import annotations
 
@@ -144,7 +144,7 @@ def _fbc(clock):
     return FirstBlockCacheConfig(threshold=10.0)  # always reuse after the first step
 
 
-CACHES = {  # name -> (config factory, hook name, hooks on attention modules (ditfast falls back there))
+CACHES = {  # name -> (config factory, hook name, hooks on attention modules)
     "faster_cache": (_faster, "faster_cache_block", True),
     "pyramid_attention_broadcast": (_pab, "pyramid_attention_broadcast", True),
     "taylorseer": (_taylor, "taylorseer_cache", True),
@@ -181,10 +181,10 @@ def test_cache_on_patched_model(cache, order, monkeypatch):
                             f"by {(g - e).abs().max().item():.3g}"
     assert all(n == len(TIMESTEPS) for n in calls.values()), f"hooks not entered on every step: {calls}"
     blocks = CFG["num_layers"] + CFG["num_single_layers"]
-    if on_attention:  # every block falls back to diffusers' forward so the attention hooks run
-        assert ran.n == 0
+    if on_attention:  # ditfast runs every block and calls the (hooked) attention modules in it
+        assert ran.n == blocks * len(TIMESTEPS)
     else:  # block-level hooks wrap ditfast's forward: the ditfast math runs whenever the block is computed
-        assert ran.n > 0 and ran.n <= blocks * len(TIMESTEPS)
+        assert 0 < ran.n <= blocks * len(TIMESTEPS)
 
     # the cache state is reset and the model keeps working; unpatch removes ditfast from under the hooks
     model.disable_cache()
@@ -194,31 +194,42 @@ def test_cache_on_patched_model(cache, order, monkeypatch):
     assert close(out, uncached[0])
 
 
-def test_attention_hook_fallback_warns_once(monkeypatch):
+def test_hooked_adaln_falls_back_with_one_warning(monkeypatch):
+    """A hook on a module ditfast does not call and cannot route (the adaLN module norm1): that
+    block runs diffusers' forward, the hook runs, the output is the unpatched one, warned once."""
     from ditfast.integrations import _hooks
 
     monkeypatch.setattr(_hooks, "_WARNED", set())  # once per process: forget earlier tests' warnings
-    model = patch(flux_model())
-    model.enable_cache(_pab({"t": 500}))
-    with warnings.catch_warnings(record=True) as seen:
+    model, ref = patch(flux_model()), flux_model()
+    seen = []
+    model.transformer_blocks[0].norm1.register_forward_hook(lambda m, a, out: seen.append(1))
+    ran = Counts(monkeypatch)
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with torch.no_grad(), model.cache_context("cond"):
-            model(**inputs(500), return_dict=False)
-    msgs = [str(w.message) for w in seen if "ditfast" in str(w.message)]
-    # one per block class (double, single), each naming the hooked attention module
-    assert len(msgs) == 2 and all("attn carries hooks" in m for m in msgs), msgs
+        with torch.no_grad():
+            for _ in range(2):
+                out = model(**inputs(500), return_dict=False)[0]
+        exp = ref(**inputs(500), return_dict=False)[0]
+    msgs = [str(w.message) for w in caught if "ditfast" in str(w.message)]
+    assert len(msgs) == 1 and "FluxTransformerBlock.norm1 carries hooks" in msgs[0], msgs
+    assert len(seen) == 2 and close(out, exp)
+    assert ran.n == 2 * (CFG["num_layers"] + CFG["num_single_layers"] - 1)  # all blocks but the hooked one
 
 
-def test_torch_forward_hook_on_attention_runs():
-    """A plain PyTorch forward hook on an attention module sees every call after the patch."""
+def test_torch_forward_hook_on_attention_runs(monkeypatch):
+    """Plain PyTorch forward hooks on attention modules (double and single block) see every call after
+    the patch, and their blocks still run ditfast around the attention module."""
     model = patch(flux_model())
     seen = []
-    model.transformer_blocks[0].attn.register_forward_hook(lambda m, a, kw_out: seen.append(1))
+    model.transformer_blocks[0].attn.register_forward_hook(lambda m, a, out: seen.append(type(out)))
+    model.single_transformer_blocks[1].attn.register_forward_hook(lambda m, a, out: seen.append(type(out)))
     ref = flux_model()
+    ran = Counts(monkeypatch)
     with torch.no_grad():
         out = model(**inputs(500), return_dict=False)[0]
         exp = ref(**inputs(500), return_dict=False)[0]
-    assert len(seen) == 1 and close(out, exp)
+    assert seen == [tuple, torch.Tensor] and close(out, exp)
+    assert ran.n == CFG["num_layers"] + CFG["num_single_layers"]
 
 
 def test_disable_cache_restores_ditfast(monkeypatch):
@@ -277,9 +288,11 @@ def test_group_offload_cpu(level, order, monkeypatch, offload_ready):
             assert close(out, expected)
     blocks = CFG["num_layers"] + CFG["num_single_layers"]
     # every group's hook entered on each forward: its weights were onloaded before anything read them
+    # (leaf level: the QK-norms' hooks too, as the patched blocks call the attention modules then)
     missed = {n: c for n, c in calls.items() if c < 2}
     assert not missed, f"group-offloading hooks not entered on every forward: {missed}"
-    assert ran.n == (2 * blocks if level == "block_level" else 0)
+    assert any(n.endswith("attn.norm_q") for n in calls) == (level == "leaf_level")
+    assert ran.n == 2 * blocks
 
 
 def test_layerwise_casting_patched():

@@ -18,8 +18,9 @@ diffusers' ``apply_rotary_emb(use_real_unbind_dim=-1)`` does.
 The original forward runs instead (same call, same result) when ``joint_attention_kwargs`` is not
 empty (IP-adapter), when the attention processor is not diffusers' ``FluxAttnProcessor``, when the
 RoPE argument is not a (cos, sin) pair of that shape, for dtypes other than fp32/bf16/fp16, and
-when a submodule ditfast does not call (the attention module, its QK-norms, the adaLN modules)
-carries hooks, e.g. diffusers' attention caches or leaf-level offloading (ditfast/integrations/_hooks.py).
+when an adaLN module (which ditfast does not call) carries hooks. Hooks on the attention module or
+its QK-norms (diffusers' attention caches, leaf-level offloading) keep ditfast for the rest of the
+block, which then calls the attention module itself (ditfast/integrations/_hooks.py).
 
 Context parallelism (diffusers' ``enable_parallelism``): when the attention processor has a
 context-parallel config, the attention step spans every rank's tokens through diffusers' Ulysses /
@@ -85,6 +86,26 @@ _BYPASSED_DOUBLE = ("attn", "attn.norm_q", "attn.norm_k", "attn.norm_added_q", "
 _BYPASSED_SINGLE = ("attn", "attn.norm_q", "attn.norm_k", "norm", "norm.norm")
 
 
+def _attention_call(block, bypassed, image_rotary_emb):
+    """None: no bypassed module is hooked (ditfast runs the whole block). A callable that calls the
+    block's attention module as diffusers' forward does (its hooks and processor run) when only the
+    attention module and its QK-norms are hooked. False (after a one-time warning): another bypassed
+    module is hooked, so the original forward must run."""
+    names = _hooks.hooked_names(block, bypassed)
+    if not names:
+        return None
+    if all(n == "attn" or n.startswith("attn.") for n in names):
+        return functools.partial(_call_attention, block.attn, image_rotary_emb)
+    _hooks.warn_fallback(block, next(n for n in names if not n.startswith("attn")))
+    return False
+
+
+def _call_attention(attn, image_rotary_emb, h, h_context=None):
+    if h_context is None:  # single-stream block: the attention output before proj_out
+        return attn(hidden_states=h, image_rotary_emb=image_rotary_emb)
+    return attn(hidden_states=h, encoder_hidden_states=h_context, image_rotary_emb=image_rotary_emb)
+
+
 def flux_block_forward(
     self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None
 ):
@@ -93,7 +114,8 @@ def flux_block_forward(
     rope = _rope_if_fast(attn, joint_attention_kwargs, image_rotary_emb,
                          encoder_hidden_states.shape[1] + hidden_states.shape[1], hidden_states, encoder_hidden_states,
                          temb)
-    if rope is False or _hooks.falls_back(self, _BYPASSED_DOUBLE):
+    attn_call = False if rope is False else _attention_call(self, _BYPASSED_DOUBLE, image_rotary_emb)
+    if attn_call is False:
         return type(self).forward(
             self, hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs
         )
@@ -103,7 +125,7 @@ def flux_block_forward(
     x, c = F.flux_double(hidden_states, encoder_hidden_states, ada_chunks(self.norm1, temb, 6),
                          ada_chunks(self.norm1_context, temb, 6), rope, img_s, txt_s,
                          head_dim=attn.head_dim, qk_eps=rms_eps(attn.norm_q, attn.norm_added_q),
-                         attention=_context_parallel.attention_for(attn))
+                         attention=_context_parallel.attention_for(attn), attn_call=attn_call)
     if c.dtype == torch.float16:
         c = c.clip(-65504, 65504)
     return c, x
@@ -120,7 +142,8 @@ def flux_single_block_forward(
     attn, Lt = self.attn, encoder_hidden_states.shape[1]
     rope = _rope_if_fast(attn, joint_attention_kwargs, image_rotary_emb, Lt + hidden_states.shape[1], hidden_states,
                          encoder_hidden_states, temb)
-    if rope is False or _hooks.falls_back(self, _BYPASSED_SINGLE):
+    attn_call = False if rope is False else _attention_call(self, _BYPASSED_SINGLE, image_rotary_emb)
+    if attn_call is False:
         return type(self).forward(
             self, hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs
         )
@@ -128,7 +151,8 @@ def flux_single_block_forward(
     # proj_out maps [attention | MLP hidden]
     s = stream(attn, False, self.proj_out, functools.partial(_single_mlp, self), self.norm.norm.eps)
     x = F.flux_single(x, ada_chunks(self.norm, temb, 3), rope, s, head_dim=attn.head_dim,
-                      qk_eps=rms_eps(attn.norm_q), attention=_context_parallel.attention_for(attn))
+                      qk_eps=rms_eps(attn.norm_q), attention=_context_parallel.attention_for(attn),
+                      attn_call=attn_call)
     if x.dtype == torch.float16:
         x = x.clip(-65504, 65504)
     return x[:, :Lt], x[:, Lt:]

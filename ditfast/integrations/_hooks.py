@@ -8,9 +8,13 @@ when its module is *called*. A patched block calls its Linear and MLP modules, b
 whose work the ditfast ops take over: the adaLN modules (it calls their ``linear`` and ``silu``),
 the attention module and its QK-RMSNorms (whose weights the prepare pass reads directly), the
 parameter-free LayerNorms. So each patched forward asks, on every call, whether one of those
-*bypassed* modules is hooked (:func:`first_hooked`, a few dictionary look-ups), and if so runs
-diffusers' forward for that call: the hooks see their modules called exactly as without ditfast
-(a cache skips or reuses work; an offload hook onloads the weights before they are read).
+*bypassed* modules is hooked (:func:`hooked_names`, a few dictionary look-ups). FLUX blocks whose
+hooks sit only on the attention module or its QK-norms (FasterCache, Pyramid Attention Broadcast,
+TaylorSeer, leaf-level offloading) keep ditfast for the rest of the block and call the attention
+module itself, with its processor, in place of ditfast's attention step; any other hooked bypassed
+module (and SD3 / DiT blocks with any) makes the block run diffusers' forward for that call, with
+a one-time warning. Either way the hooks see their modules called exactly as without ditfast (a
+cache skips or reuses work; an offload hook onloads the weights before they are read).
 Hooks on the block itself wrap ditfast's forward and need nothing (first-block cache, block-level
 group offloading, TaylorSeer's lite mode).
 
@@ -23,11 +27,12 @@ from __future__ import annotations
 
 import types
 import warnings
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from torch import nn
 
-__all__ = ["hooked", "first_hooked", "falls_back", "is_class_forward", "bottom_forward", "set_bottom_forward"]
+__all__ = ["hooked", "hooked_names", "first_hooked", "falls_back", "warn_fallback", "is_class_forward",
+           "bottom_forward", "set_bottom_forward"]
 
 _WARNED = set()
 
@@ -45,9 +50,10 @@ def hooked(module: Optional[nn.Module]) -> bool:
                 or module._backward_hooks or module._backward_pre_hooks)
 
 
-def first_hooked(root: nn.Module, names: Sequence[str]) -> Optional[str]:
-    """The first of the dotted submodule ``names`` of ``root`` that is :func:`hooked` (None: none is).
+def hooked_names(root: nn.Module, names: Sequence[str]) -> List[str]:
+    """Those of the dotted submodule ``names`` of ``root`` that are :func:`hooked`, in order.
     Missing modules (an optional QK-norm set to None) are skipped."""
+    out = []
     for name in names:
         m = root
         for part in name.split("."):
@@ -55,8 +61,14 @@ def first_hooked(root: nn.Module, names: Sequence[str]) -> Optional[str]:
             if m is None:
                 break
         if m is not None and hooked(m):
-            return name
-    return None
+            out.append(name)
+    return out
+
+
+def first_hooked(root: nn.Module, names: Sequence[str]) -> Optional[str]:
+    """The first of ``names`` that is hooked (see :func:`hooked_names`), or None."""
+    found = hooked_names(root, names)
+    return found[0] if found else None
 
 
 def falls_back(block: nn.Module, bypassed: Sequence[str]) -> bool:
@@ -66,6 +78,12 @@ def falls_back(block: nn.Module, bypassed: Sequence[str]) -> bool:
     name = first_hooked(block, bypassed)
     if name is None:
         return False
+    warn_fallback(block, name)
+    return True
+
+
+def warn_fallback(block: nn.Module, name: str) -> None:
+    """The once-per-(block class, module name) warning of :func:`falls_back`."""
     key = (type(block).__name__, name)
     if key not in _WARNED:
         _WARNED.add(key)
@@ -74,9 +92,8 @@ def falls_back(block: nn.Module, bypassed: Sequence[str]) -> bool:
             f"Pyramid Attention Broadcast or TaylorSeer, leaf-level offloading, or PyTorch module hooks); "
             f"such blocks run diffusers' forward so that the hooks see their module called "
             f"(ditfast's forward reads the {name} weights / does its work directly)",
-            stacklevel=3,
+            stacklevel=4,
         )
-    return True
 
 
 def is_class_forward(f, module: nn.Module) -> bool:

@@ -115,36 +115,48 @@ def dit_block(x: Tensor, mod: Sequence[Tensor], s: Stream, *, head_dim: int, qk_
 
 def flux_double(img: Tensor, txt: Tensor, img_mod: Sequence[Tensor], txt_mod: Sequence[Tensor], rope: Rope,
                 img_s: Stream, txt_s: Stream, *, head_dim: int, qk_eps: float = 1e-6,
-                attention: Attention = None) -> Tuple[Tensor, Tensor]:
+                attention: Attention = None, attn_call: Optional[Callable] = None) -> Tuple[Tensor, Tensor]:
     """FLUX double-stream block: img (B, Li, D), txt (B, Lt, D) -> (img, txt).
 
     *_mod: (shift1, scale1, gate1, shift2, scale2, gate2) per stream. rope: (cos, sin) of the joint
-    sequence [txt, img] or None.
+    sequence [txt, img] or None. attn_call: None, or a callable taking the modulated (img, txt)
+    and returning their projected attention outputs (img, txt), which then replaces the streams'
+    qkv / QK-norm / attention / proj (the diffusers integration calls the attention module
+    through it when hooks sit on that module).
     """
     t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = txt_mod
     i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = img_mod
-    t_qkv = qkv_heads(txt_s.qkv, ops.norm_modulate(txt, t_shift1, t_scale1, eps=txt_s.eps), head_dim)
-    i_qkv = qkv_heads(img_s.qkv, ops.norm_modulate(img, i_shift1, i_scale1, eps=img_s.eps), head_dim)
-    t_o, i_o = _attend_streams((txt_s, img_s), (t_qkv, i_qkv), rope, qk_eps, attention)  # text first, as FLUX
+    h_txt = ops.norm_modulate(txt, t_shift1, t_scale1, eps=txt_s.eps)
+    h_img = ops.norm_modulate(img, i_shift1, i_scale1, eps=img_s.eps)
+    if attn_call is not None:
+        i_a, t_a = attn_call(h_img, h_txt)
+    else:
+        t_qkv, i_qkv = qkv_heads(txt_s.qkv, h_txt, head_dim), qkv_heads(img_s.qkv, h_img, head_dim)
+        t_o, i_o = _attend_streams((txt_s, img_s), (t_qkv, i_qkv), rope, qk_eps, attention)  # text first, as FLUX
+        i_a, t_a = img_s.proj(i_o), txt_s.proj(t_o)
 
-    img, h = ops.gated_residual_norm_modulate(img, img_s.proj(i_o), i_gate1, i_shift2, i_scale2, eps=img_s.eps2)
+    img, h = ops.gated_residual_norm_modulate(img, i_a, i_gate1, i_shift2, i_scale2, eps=img_s.eps2)
     img = ops.gated_residual(img, img_s.mlp(h), i_gate2)
-    txt, h = ops.gated_residual_norm_modulate(txt, txt_s.proj(t_o), t_gate1, t_shift2, t_scale2, eps=txt_s.eps2)
+    txt, h = ops.gated_residual_norm_modulate(txt, t_a, t_gate1, t_shift2, t_scale2, eps=txt_s.eps2)
     txt = ops.gated_residual(txt, txt_s.mlp(h), t_gate2)
     return img, txt
 
 
 def flux_single(x: Tensor, mod: Sequence[Tensor], rope: Rope, s: Stream, *, head_dim: int,
-                qk_eps: float = 1e-6, attention: Attention = None) -> Tensor:
+                qk_eps: float = 1e-6, attention: Attention = None, attn_call: Optional[Callable] = None) -> Tensor:
     """FLUX single-stream block (attention and MLP in parallel): x [txt, img] (B, L, D) -> (B, L, D).
 
     mod: (shift, scale, gate). ``s.proj`` is the output Linear over ``[attention | MLP hidden]``
     (FLUX's ``linear2``). ``s.mlp`` maps the modulated input to the MLP hidden activation
     (GELU(tanh) of ``proj_mlp``), or is None when ``s.qkv`` is FLUX's ``linear1``, whose output
-    ``[q | k | v | mlp]`` is split here (one matmul) and the GELU(tanh) applied here.
+    ``[q | k | v | mlp]`` is split here (one matmul) and the GELU(tanh) applied here. attn_call: None,
+    or a callable mapping the modulated input to the (unprojected) attention output, replacing the
+    qkv / QK-norm / attention steps (needs ``s.mlp``; see :func:`flux_double`).
     """
     shift, scale, gate = mod
     h = ops.norm_modulate(x, shift, scale, eps=s.eps)
+    if attn_call is not None:
+        return ops.gated_residual(x, s.proj(torch.cat((attn_call(h), s.mlp(h)), dim=-1)), gate)
     if s.mlp is None:
         out, width = s.qkv(h), 3 * x.shape[-1]
         q, k, v = out[..., :width].unflatten(-1, (3, -1, head_dim)).unbind(-3)
