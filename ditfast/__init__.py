@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):  # keep `import ditfast` light: nn pulls in more modules
-    if name == "nn":
+    if name in ("nn", "parallel"):
         import importlib
 
         return importlib.import_module(".nn", __name__)

@@ -257,8 +257,6 @@ def run_inference_on_dtensor():
     return _compare(got.full_tensor(), want, "norm_modulate no_grad", 1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="the public ops do not call ditfast.parallel.guard.dtensor_inputs yet, so "
-                   "nothing registers the sharding rules on a user's first DTensor call (lead: ops entry points)")
 def test_triton_inference_on_dtensor(ranks):
     """The user's path: no explicit ditfast.parallel call; the op itself must register the rules."""
     ranks.run(run_inference_on_dtensor)

@@ -125,6 +125,26 @@ def test_naive_colwise_qkv_fails_the_check(ranks):
         assert "sharded contiguously" in msgs[1]
 
 
+def run_naive_colwise_block():
+    """The same plan on a whole block: its forward raises the check's error instead of mixing q and k."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (2,))
+    blk = _block("dit")
+    parallelize_module(blk.attn, mesh, {"qkv": ColwiseParallel()})
+    try:
+        blk(torch.randn(B, L, D), torch.randn(B, D))
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_naive_colwise_qkv_fails_in_the_block_forward(ranks):
+    for msg in ranks.run(run_naive_colwise_block):
+        assert "sharded contiguously" in msg and "tensor_parallel" in msg, msg
+
+
 def test_check_qkv_heads_plain():
     check_qkv_heads(3 * 4 * 8, 4, 8)
     with pytest.raises(ValueError, match="expected 3 \\* num_heads \\* head_dim"):

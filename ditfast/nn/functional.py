@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..parallel.heads import check_qkv_heads
 
 Tensor = torch.Tensor
 Module = Callable[[Tensor], Tensor]
@@ -60,7 +61,11 @@ def qkv_heads(qkv: QKV, h: Tensor, head_dim: int) -> Tuple[Tensor, Tensor, Tenso
     """
     if isinstance(qkv, tuple):
         return tuple(proj(h).unflatten(-1, (-1, head_dim)) for proj in qkv)
-    return qkv(h).unflatten(-1, (3, -1, head_dim)).unbind(-3)
+    out = qkv(h)
+    # a packed projection must hold whole heads, and a DTensor weight must be split per rank as
+    # [q_r | k_r | v_r] (ditfast.parallel.tensor_parallel), never contiguously (a plain ColwiseParallel)
+    check_qkv_heads(out.shape[-1], out.shape[-1] // (3 * head_dim), head_dim, getattr(qkv, "weight", None))
+    return out.unflatten(-1, (3, -1, head_dim)).unbind(-3)
 
 
 def attend(qs: Sequence[Tensor], ks: Sequence[Tensor], vs: Sequence[Tensor], *,

@@ -37,6 +37,14 @@ def tensor(name: str, t, ndim: int, layout: str, *, fp64_ok: bool = False) -> to
     return t
 
 
+def dtensor(op: str, **tensors: Optional[torch.Tensor]) -> None:
+    """DTensor inputs: register ditfast's sharding rules on first use and refuse a mix of DTensors and
+    plain tensors, naming them (ditfast/parallel/guard.py; one dict lookup when DTensor is not in use)."""
+    from ..parallel.guard import dtensor_inputs
+
+    dtensor_inputs(op, **tensors)
+
+
 def same_device(ref_name: str, ref: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
     for name, t in others.items():
         if t is not None and t.device != ref.device:

@@ -52,6 +52,7 @@ def joint_attention(
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     check.same_device("q", q, k=k, v=v)
+    check.dtensor("joint_attention", q=q, k=k, v=v)
     if k.shape[1] == 0 and q.shape[1] > 0:  # nothing to attend to: zeros, as SDPA gives (q * 0 keeps q in the graph)
         if not return_lse:
             return q * 0

@@ -29,6 +29,7 @@ def norm_modulate(
     _check_x(x)
     scale = v.modulation("scale", scale, x)
     shift = None if shift is None else v.modulation("shift", shift, x)
+    v.dtensor("norm_modulate", x=x, shift=shift, scale=scale)
     return _backend.select("norm_modulate", x.device, x)(x, shift, scale, eps=v.eps(eps))
 
 
@@ -49,6 +50,7 @@ def norm_modulate_dual(
     scale1, scale2 = v.modulation("scale1", scale1, x), v.modulation("scale2", scale2, x)
     shift1 = None if shift1 is None else v.modulation("shift1", shift1, x)
     shift2 = None if shift2 is None else v.modulation("shift2", shift2, x)
+    v.dtensor("norm_modulate_dual", x=x, shift1=shift1, scale1=scale1, shift2=shift2, scale2=scale2)
     impl = _backend.select("norm_modulate_dual", x.device, x)
     return impl(x, shift1, scale1, shift2, scale2, eps=v.eps(eps))
 
@@ -60,6 +62,7 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
     v.same_shape("y", y, "x", x)
     v.same_device("x", x, y=y)
     gate = v.modulation("gate", gate, x)
+    v.dtensor("gated_residual", x=x, y=y, gate=gate)
     return _backend.select("gated_residual", x.device, x)(x, y, gate)
 
 
@@ -80,6 +83,7 @@ def gated_residual_norm_modulate(
     gate = v.modulation("gate", gate, x)
     scale = v.modulation("scale", scale, x)
     shift = None if shift is None else v.modulation("shift", shift, x)
+    v.dtensor("gated_residual_norm_modulate", x=x, y=y, gate=gate, shift=shift, scale=scale)
     impl = _backend.select("gated_residual_norm_modulate", x.device, x)
     return impl(x, y, gate, shift, scale, eps=v.eps(eps))
 
@@ -347,8 +351,11 @@ _gated_residual_norm_modulate_op.register_autograd(
 def _direct(*tensors: Optional[Tensor]) -> bool:
     """True for an eager call that records no autograd graph (inference): it launches the kernels
     without the custom-op dispatch, which costs more host time than the launch. Under torch.compile /
-    export, or when a gradient is needed, the custom ops run."""
+    export, when a gradient is needed, or for tensor subclasses (DTensor: its sharding rules live on the
+    custom ops, ditfast/parallel/sharding.py), the custom ops run."""
     if torch.compiler.is_compiling():
+        return False
+    if any(t is not None and type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter) for t in tensors):
         return False
     return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 

@@ -139,6 +139,10 @@ def prepare_attention(
             )
     L_total = sum(q.shape[1] for q in qs)
     cos, sin = _tables(rope, B, L_total, Dh, q0)
+    v.dtensor("prepare_attention", **{f"qs[{i}]": t for i, t in enumerate(qs)},
+              **{f"ks[{i}]": t for i, t in enumerate(ks)}, **{f"vs[{i}]": t for i, t in enumerate(vs)},
+              **{f"q_weights[{i}]": t for i, t in enumerate(qw)}, **{f"k_weights[{i}]": t for i, t in enumerate(kw)},
+              cos=cos, sin=sin)
     impl = _backend.select("prepare_attention", q0.device, q0)
     return impl(
         qs, ks, vs, q_weights=qw, k_weights=kw, rope=None if cos is None else (cos, sin), eps=v.eps(eps),
@@ -250,7 +254,11 @@ def _(dq, dk, qs, ks, q_weights, k_weights, rstd, cos, sin, interleaved):
 
 def _zeros_if_none(g: Optional[Tensor], shape, like: Tensor) -> Tensor:
     # an unused output may get no gradient; a stride-0 zero view costs no memory
-    return g if g is not None else torch.zeros((), dtype=like.dtype, device=like.device).expand(shape)
+    if g is not None:
+        return g
+    if type(like) is not torch.Tensor:  # a DTensor: a real zero tensor of its kind, not a plain view
+        return like.new_zeros(shape)
+    return torch.zeros((), dtype=like.dtype, device=like.device).expand(shape)
 
 
 def _prepare_setup(ctx, inputs, output):

@@ -55,6 +55,7 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], *, eps: float = 1e
     if x.dim() < 1:
         raise ValueError(f"x must have at least one dim (..., D), got shape {tuple(x.shape)}")
     _check_weight("weight", weight, x)
+    v.dtensor("rms_norm", x=x, weight=weight)
     return _backend.select("rms_norm", x.device, x)(x, weight, eps=v.eps(eps))
 
 
@@ -85,6 +86,7 @@ def apply_rope(
     """Rotate x (B, L, H, Dh): interleaved pairs (2i, 2i+1) by default, else half-split (i, i+Dh/2)."""
     v.tensor("x", x, 4, "(B, L, H, Dh)")
     _check_rope(cos, sin, x)
+    v.dtensor("apply_rope", x=x, cos=cos, sin=sin)
     return _backend.select("apply_rope", x.device, x)(x, cos, sin, interleaved=bool(interleaved))
 
 
@@ -117,6 +119,7 @@ def qk_norm_rope(
         _check_rope(cos, sin, q)
     if (q_weight is None) != (k_weight is None):
         raise ValueError("q_weight and k_weight must both be given (norm) or both be None (RoPE only)")
+    v.dtensor("qk_norm_rope", q=q, k=k, q_weight=q_weight, k_weight=k_weight, cos=cos, sin=sin)
     if q_weight is None:  # RoPE only
         if cos is None:
             return q, k
@@ -160,7 +163,11 @@ def _empty(like: Tensor) -> Tensor:
 
 def _zeros_if_none(g: Optional[Tensor], like: Tensor) -> Tensor:
     # An unused output may get no gradient; a stride-0 zero view costs no memory.
-    return g if g is not None else torch.zeros((), dtype=like.dtype, device=like.device).expand(like.shape)
+    if g is not None:
+        return g
+    if type(like) is not torch.Tensor:  # a DTensor: a zero DTensor like it, not a plain view
+        return torch.zeros_like(like)
+    return torch.zeros((), dtype=like.dtype, device=like.device).expand(like.shape)
 
 
 # -- rms_norm --------------------------------------------------------------------------------------
