@@ -80,7 +80,8 @@ def _rope_if_fast(attn, kwargs, image_rotary_emb, length: int, *tensors):
 
 
 # the submodules diffusers' forward calls and ditfast's does not (it reads their weights or does
-# their work itself): hooks on any of them make the block run diffusers' forward (see _hooks.py)
+# their work itself): hooks on the attention module or its QK-norms make the block call the attention
+# module; hooks on the others make it run diffusers' forward (see _hooks.py)
 _BYPASSED_DOUBLE = ("attn", "attn.norm_q", "attn.norm_k", "attn.norm_added_q", "attn.norm_added_k",
                     "norm1", "norm1_context", "norm1.norm", "norm1_context.norm", "norm2", "norm2_context")
 _BYPASSED_SINGLE = ("attn", "attn.norm_q", "attn.norm_k", "norm", "norm.norm")

@@ -26,10 +26,11 @@ Hooks (ditfast/integrations/_hooks.py): hooks on a patched block wrap ditfast's 
 first-block cache, block-level group offloading). A block that already carries diffusers or
 accelerate hooks when ``patch`` runs is patched beneath them (its hook chain then ends in ditfast's
 forward; ``unpatch`` restores the class forward there); any other instance ``forward`` is refused.
-The FLUX blocks run diffusers' forward for every call where a submodule they do not call (the
-attention module, its QK-norms, the adaLN modules) carries hooks: attention-level caches
-(FasterCache, Pyramid Attention Broadcast, TaylorSeer) and leaf-level offloading then work as
-without ditfast, with a one-time warning.
+When a submodule a block does not call carries hooks, the hooks still see it called: FLUX blocks
+call their attention module (hooks and processor) in place of ditfast's attention step when the
+hooks sit on it or its QK-norms (FasterCache, Pyramid Attention Broadcast, TaylorSeer, leaf-level
+offloading); any other such hook (and any on SD3 / DiT blocks' attention) makes the block run
+diffusers' forward for that call, with a one-time warning.
 
 Errors: ``patch`` raises :class:`UnsupportedModelError` naming each block it cannot run and why
 (nothing is patched then), or when the model has no supported blocks at all; ``TypeError`` for an
