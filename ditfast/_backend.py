@@ -271,6 +271,10 @@ class Request(NamedTuple):
 
 _AUTO = Request(None)
 _REQUEST: contextvars.ContextVar[Optional[Request]] = contextvars.ContextVar("ditfast_backend", default=None)
+# What torch.compile traces read instead of the ContextVar (Dynamo in torch <= 2.11 cannot trace
+# ContextVar.get): the innermost use_backend request of the process, a global Dynamo guards on.
+# Eager calls always read the ContextVar, so they are per thread / task.
+_TRACED_REQUEST: Optional[Request] = None
 
 
 def _known_names() -> set:
@@ -301,20 +305,24 @@ def use_backend(name: Optional[str], *, strict: bool = False) -> Iterator[None]:
     """Run the ops inside the ``with`` block on backend ``name``: a family ("reference", "triton",
     "cuda"), an implementation name, or None / "auto" for the automatic choice. An op the backend
     does not implement takes its automatic choice with a one-time warning; ``strict=True`` raises
-    instead. Per thread and per asyncio task (a ContextVar)."""
+    instead. Per thread and per asyncio task (a ContextVar) in eager mode; code compiled with
+    torch.compile sees the innermost block of the process."""
+    global _TRACED_REQUEST
     req = Request(check_name(name, "ditfast.use_backend"), bool(strict), "ditfast.use_backend")
-    token = _REQUEST.set(req)
+    token, outer = _REQUEST.set(req), _TRACED_REQUEST
+    _TRACED_REQUEST = req
     try:
         yield
     finally:
         _REQUEST.reset(token)
+        _TRACED_REQUEST = outer
 
 
 def current_request(op: Optional[str] = None, backend: Optional[str] = None) -> Request:
     """The request in force for ``op``: ``backend=`` argument, use_backend, the op's variable, DITFAST_BACKEND."""
     if backend is not None:
         return Request(check_name(backend, "the backend= argument"), True, "the backend= argument")
-    req = _REQUEST.get()
+    req = _TRACED_REQUEST if torch.compiler.is_compiling() else _REQUEST.get()
     if req is not None:
         return req
     if op is not None and _ENV_REQUEST.get(op) is not None:

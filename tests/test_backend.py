@@ -204,3 +204,29 @@ def test_import_does_not_import_triton_or_touch_cuda():
             "print('triton' in sys.modules, torch.cuda.is_initialized(), 'diffusers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False", "False"]
+
+
+def test_compiled_code_follows_use_backend():
+    """torch.compile traces read the request through a global Dynamo guards on: a compiled function
+    entered under another use_backend block is traced again and runs that backend's ops."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return gm.forward
+
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, m: ditfast.ops.gated_residual_norm_modulate(x, x, m, m, m)[1], fullgraph=True,
+                      backend=backend)
+    x, m = torch.randn(2, 3, 8), torch.randn(2, 8)
+    with ditfast.use_backend("reference"):
+        want = f(x, m)
+    with ditfast.use_backend("cuda", strict=True):
+        if not _backend.availability("cuda", "cpu")[0]:
+            pytest.skip("ditfast._C is not built")
+        got = f(x, m)
+    torch._dynamo.reset()
+    assert len(graphs) == 2
+    assert not any("ditfast" in t for t in graphs[0]), graphs[0]
+    assert any("ditfast" in t for t in graphs[1]), graphs[1]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -363,9 +363,14 @@ def test_only_one_input_requires_grad(device):
 
 
 def test_rows_wider_than_a_tile_are_rejected(device):
+    """The triton implementations declare max_width = the kernels' MAX_D: asked for by name, a wider row
+    is the dispatcher's RuntimeError naming the width; the kernel launcher refuses it too."""
+    assert rope_ops._TRITON_MAX_ROW == rope_kernels.MAX_D
     x = torch.randn(1, rope_kernels.MAX_D + 2, device=device)
-    with triton_backend(), pytest.raises(ValueError, match="rows up to"):
+    with triton_backend(), pytest.raises(RuntimeError, match=f"width {rope_kernels.MAX_D + 2} > {rope_kernels.MAX_D}"):
         ops.rms_norm(x, None)
+    with pytest.raises(ValueError, match="rows up to"):
+        rope_kernels._Plan(1, rope_kernels.MAX_D + 2, False, x.device)
 
 
 # --------------------------------------------------------------------------------------------------
