@@ -340,7 +340,7 @@ def test_errors_name_the_argument(device):
         P((q,), (k,), (v,), q_weights=(1.0,), k_weights=(w,))
     with pytest.raises(TypeError, match="rope must be None or a"):
         P((q,), (k,), (v,), rope=cos)
-    with pytest.raises(ValueError, match=r"rope\[0\] \(cos\) must be a table of the joint sequence.*\(9, 20\)"):
+    with pytest.raises(ValueError, match=r"rope\[0\] \(cos\) must have shape \(L_total \(the joint sequence\), Dh/2\).*\(9, 20\)"):
         P((q,), (k,), (v,), rope=(cos, sin))  # tables of 9 tokens for a 5-token sequence
     with pytest.raises(TypeError, match=r"rope\[1\] \(sin\) must be float32"):
         P((q, q2), (k, q2), (v, q2), rope=(cos, sin.double()))

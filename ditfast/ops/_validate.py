@@ -45,6 +45,21 @@ def dtensor(op: str, **tensors: Optional[torch.Tensor]) -> None:
     dtensor_inputs(op, **tensors)
 
 
+def rope_table(name: str, t, B: int, L: int, Dh: int, like: torch.Tensor, *, seq: str = "L") -> None:
+    """A RoPE table: an fp32 tensor (L, Dh/2) or (B, L, Dh/2) (``seq`` names L in the message), on
+    the device of ``like``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (from rope_freqs), got {type(t).__name__}")
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32 (as rope_freqs returns), got {t.dtype}")
+    if not ((t.dim() == 2 and t.shape == (L, Dh // 2)) or (t.dim() == 3 and t.shape == (B, L, Dh // 2))):
+        raise ValueError(
+            f"{name} must have shape ({seq}, Dh/2) = ({L}, {Dh // 2}) or (B, {seq}, Dh/2) = ({B}, {L}, {Dh // 2}), "
+            f"got {tuple(t.shape)}"
+        )
+    same_device("the input", like, **{name: t})
+
+
 def same_device(ref_name: str, ref: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
     for name, t in others.items():
         if t is not None and t.device != ref.device:

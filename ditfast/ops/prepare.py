@@ -73,17 +73,7 @@ def _tables(rope, B: int, L_total: int, Dh: int, like: Tensor) -> Tuple[Optional
     if Dh % 2:
         raise ValueError(f"rope needs an even head dim, got Dh = {Dh}")
     for name, t in zip(("rope[0] (cos)", "rope[1] (sin)"), rope):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor (from rope_freqs), got {type(t).__name__}")
-        if t.dtype != torch.float32:
-            raise TypeError(f"{name} must be float32 (as rope_freqs returns), got {t.dtype}")
-        ok = (t.dim() == 2 and t.shape == (L_total, Dh // 2)) or (t.dim() == 3 and t.shape == (B, L_total, Dh // 2))
-        if not ok:
-            raise ValueError(
-                f"{name} must be a table of the joint sequence, (L_total, Dh/2) = ({L_total}, {Dh // 2}) or "
-                f"(B, L_total, Dh/2) = ({B}, {L_total}, {Dh // 2}), got {tuple(t.shape)}"
-            )
-        v.same_device("qs[0]", like, **{name: t})
+        v.rope_table(name, t, B, L_total, Dh, like, seq="L_total (the joint sequence)")
     return rope[0], rope[1]
 
 

@@ -34,17 +34,7 @@ def _check_rope(cos, sin, x: torch.Tensor) -> None:
     if Dh % 2:
         raise ValueError(f"RoPE needs an even head dim, got Dh = {Dh}")
     for name, t in (("cos", cos), ("sin", sin)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor (from rope_freqs), got {type(t).__name__}")
-        if t.dtype != torch.float32:
-            raise TypeError(f"{name} must be float32 (as rope_freqs returns), got {t.dtype}")
-        ok = (t.dim() == 2 and t.shape == (L, Dh // 2)) or (t.dim() == 3 and t.shape == (B, L, Dh // 2))
-        if not ok:
-            raise ValueError(
-                f"{name} must have shape (L, Dh/2) = ({L}, {Dh // 2}) or (B, L, Dh/2) = ({B}, {L}, {Dh // 2}), "
-                f"got {tuple(t.shape)}"
-            )
-        v.same_device("the input", x, **{name: t})
+        v.rope_table(name, t, B, L, Dh, x)
 
 
 def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], *, eps: float = 1e-6) -> torch.Tensor:
