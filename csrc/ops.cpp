@@ -580,7 +580,7 @@ std::tuple<Tensor, Tensor> qk_norm_rope_c(const Tensor& q_in, const Tensor& k_in
   a.out[1] = heads_of(k_out, "k_out");
   set_weights(a, qw, kw);
   set_tables(tb, a.cos, a.sin, a.cb, a.cl);
-  a.norm = qw.defined() || kw.defined();  // both weights None: RoPE only (DESIGN.md)
+  a.norm = qw.defined() || kw.defined();  // both weights None: RoPE only (docs/design.md, section 3)
   a.interleaved = interleaved;
   run(a, q);
   return {q_out, k_out};

@@ -1,5 +1,5 @@
 """ditfast's Triton FlashAttention (ditfast/ops/_attention_triton.py, ditfast/kernels/triton/attention.py)
-against ditfast.reference.joint_attention by DESIGN.md's rule (ditfast.testing.check_op), forward and
+against ditfast.reference.joint_attention by the tolerance rule (docs/numerics.md) (ditfast.testing.check_op), forward and
 backward, fp32 / bf16 / fp16; its log-sum-exp against torch.logsumexp of the scaled scores; the custom
 ops under torch.library.opcheck and torch.compile(fullgraph=True).
 

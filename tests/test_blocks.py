@@ -1,6 +1,6 @@
 """ditfast.nn blocks against from-the-formula computations, and their upstream state-dict keys.
 
-The formulas are written here in plain torch (REFERENCE.md): LayerNorm without affine, eps 1e-6;
+The formulas are written here in plain torch (docs/upstream.md): LayerNorm without affine, eps 1e-6;
 ``modulate(x) = LN(x) * (1 + scale) + shift``; attention by an explicit softmax with scale Dh**-0.5;
 GELU(tanh) MLP; gates applied after the output projection. Weights are random (seeded), fp32, CPU,
 ditfast on the reference backend; outputs must agree within ``1e-5 * max(1, max|ref|)``.
@@ -23,7 +23,7 @@ def _reference_backend():
 
 
 # ---------------------------------------------------------------------------------------------
-# formulas (plain torch, written from REFERENCE.md)
+# formulas (plain torch, written from docs/upstream.md)
 # ---------------------------------------------------------------------------------------------
 def ln(x):
     return F.layer_norm(x, x.shape[-1:], eps=1e-6)

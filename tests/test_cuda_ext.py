@@ -2,7 +2,7 @@
 
 _C registers torch.ops.ditfast.<op>_c with CPU kernels (always) and CUDA kernels (when built
 with nvcc). The CPU kernels are checked here on every machine where _C is built: forward and
-backward against ditfast.reference by DESIGN.md's rule (ditfast.testing.check_op), in fp32 / bf16 /
+backward against ditfast.reference by the tolerance rule (docs/numerics.md) (ditfast.testing.check_op), in fp32 / bf16 /
 fp16, on awkward widths (D = 72, 200; Dh = 40, 72) and the strided views the ops layer hands over
 (x a slice or transpose of a wider tensor; shift/scale/gate chunks of one adaLN output, per sample,
 per token or expanded over the batch; q/k unbound from a packed qkv). The same tests run on the

@@ -477,7 +477,7 @@ def _fast_backend_context():
 
 @pytest.mark.parametrize("family", ["flux", "sd3.5-medium", "dit"])
 def test_patched_bf16_fast_path_by_the_rule(family):
-    """The fast kernels inside a patched model, in bf16, by DESIGN.md's rule: |patched bf16 - unpatched fp32|
+    """The fast kernels inside a patched model, in bf16, by the tolerance rule (docs/numerics.md): |patched bf16 - unpatched fp32|
     <= 2 |unpatched bf16 - unpatched fp32| + atol on the output. CUDA: realistic token counts, default
     backend; CPU: tiny shapes, the Triton kernels under the interpreter.
 

@@ -3,7 +3,7 @@
 Each case builds per-stream q, k, v the way the blocks do (strided views of a packed qkv projection,
 or separate projections), runs the op on the "triton" backend (the Triton interpreter without a GPU)
 and on the "cuda" backend (the compiled ditfast._C kernels: CPU loops here, CUDA kernels on a GPU),
-and compares outputs and gradients with the reference by DESIGN.md's rule (ditfast.testing.check_op)
+and compares outputs and gradients with the reference by the tolerance rule (docs/numerics.md) (ditfast.testing.check_op)
 in fp32, bf16 and fp16.
 
 Weight grads in bf16/fp16. A weight grad is a sum over all of a stream's rows; the fast kernels sum

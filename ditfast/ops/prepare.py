@@ -151,7 +151,7 @@ _backend.register("prepare_attention", "reference", _reference)
 # ------------------------------------------------------------------------------------------------
 # The "triton" backend: custom ops around ditfast/kernels/triton/prepare.py.
 #
-# custom_op (not triton_op: DESIGN.md, the interpreter under torch.compile). Weights travel as
+# custom_op (not triton_op: docs/design.md section 6, the interpreter under torch.compile). Weights travel as
 # Tensor[] with an empty (0,) tensor for "no norm on this stream": torch.library's autograd treats a
 # list that holds a None as one opaque leaf, so weights in a Tensor?[] would get no gradient. The
 # forward op returns
