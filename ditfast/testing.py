@@ -16,9 +16,6 @@ from typing import Callable, Collection, Sequence
 
 import torch
 
-# fp32 reassociation noise, relative to the output's magnitude.
-DEFAULT_ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
-
 
 def unit_roundoff(dtype: torch.dtype) -> float:
     """u = 2**-p for a float dtype with p significand bits (the implicit bit counted): bf16 2**-8,
