@@ -168,13 +168,15 @@ def _prepare_backward(ctx, grad_q, grad_k, grad_v):
     dqs, dks, dqws, dkws = torch.ops.ditfast.prepare_attention_c_backward(
         grad_q, grad_k, qs, ks, qws, kws, cos, sin, ctx.eps, ctx.interleaved
     )
-    dvs = [None] * n
-    if grad_v is not None:  # v was copied: its grads are the stream's rows of the joint grad
-        starts = [sum(ctx.lengths[:i]) for i in range(n)]
+    # Lists of gradients hold tensors only (no None): torch 2.11's autograd wrapper reads a list with a
+    # None as one opaque item and rejects the structure. An empty (0,) weight (no norm) gets its empty
+    # gradient; v was copied, so its grads are the stream's rows of the joint grad (zeros if unused).
+    starts = [sum(ctx.lengths[:i]) for i in range(n)]
+    if grad_v is None:
+        dvs = [qs[i].new_zeros(qs[i].shape) for i in range(n)]
+    else:
         dvs = [grad_v.narrow(1, s, L) for s, L in zip(starts, ctx.lengths)]
-    dqws = [None if w.numel() == 0 else g for w, g in zip(qws, dqws)]
-    dkws = [None if w.numel() == 0 else g for w, g in zip(kws, dkws)]
-    return list(dqs), list(dks), dvs, dqws, dkws, None, None, None, None
+    return list(dqs), list(dks), dvs, list(dqws), list(dkws), None, None, None, None
 
 
 _REGISTERED = False
