@@ -37,6 +37,7 @@ from triton.compiler import ASTSource
 
 from ditfast.kernels.triton import attention as A
 from ditfast.kernels.triton import modulate as M
+from ditfast.kernels.triton import prepare as P
 from ditfast.kernels.triton import rope as R
 
 SMS, REGS_PER_SM, SMEM_PER_SM, THREADS_PER_SM, CTAS_MAX = 132, 65536, 228 * 1024, 2048, 32
@@ -52,6 +53,8 @@ FLOAT_SCALARS = {"sm_scale", "qk_scale", "eps"}
 FP32_POINTERS = {"LSE", "DELTA", "DQ_ACC", "MEAN", "RSTD"}
 # rope.py names its pointers *_ptr: bf16 activations, fp32 statistics / tables / weight grads
 ROPE_BF16 = {"q_ptr", "k_ptr", "qo_ptr", "ko_ptr", "dqo_ptr", "dko_ptr", "dq_ptr", "dk_ptr", "kw_ptr"}
+# prepare.py: bf16 q / k / v and weights, fp32 rstd and tables
+PREPARE_FP32 = {"q_rstd_ptr", "k_rstd_ptr", "cos_ptr", "sin_ptr"}
 
 
 def signature(kernel, module, consts, fp32_pointers=(), dtype="bf16"):
@@ -63,6 +66,8 @@ def signature(kernel, module, consts, fp32_pointers=(), dtype="bf16"):
             sig[name] = "fp32"
         elif module is R:
             sig[name] = ("*bf16" if name in ROPE_BF16 else "*fp32") if name.endswith("_ptr") else "i32"
+        elif module is P:
+            sig[name] = ("*fp32" if name in PREPARE_FP32 else "*bf16") if name.endswith("_ptr") else "i32"
         elif name in INT_SCALARS[module] or not name.isupper():
             sig[name] = "i32"
         else:
@@ -234,6 +239,25 @@ def rope_rows():
         compile_sm90(R, kernel, consts)
 
 
+def prepare_rows():
+    """The prepare pass's forward at both shapes: the image stream (the larger launch) with QK-norm and
+    RoPE (FLUX: interleaved pairs; SD3.5-large: norm only, as that model has no RoPE). Its backward
+    is rope.py's norm_rope_bwd, reported above."""
+    import torch
+
+    for shape_name, (B, L, H, Dh, _) in SHAPES.items():
+        rope = shape_name == "flux"
+        L_txt, L_img = (512, 4096) if rope else (333, 4096)
+        N = B * L_img * H
+        plan = R._Plan(N, Dh, rope, torch.device("cuda"))
+        consts = dict(DO_NORM=True, HAS_ROPE=rope, INTERLEAVED=rope, BLOCK_R=plan.BLOCK_R, BLOCK_P=plan.BLOCK_P,
+                      BLOCK_PV=triton.next_power_of_2((Dh + 1) // 2), SOFT_BF16=False)
+        compile_sm90(P, P._prepare_fwd_kernel, consts, plan.num_warps,
+                     label=dict(BLOCK_R=plan.BLOCK_R, BLOCK_P=plan.BLOCK_P, rope=rope),
+                     shape=f"{shape_name}: image stream rows={N} Dh={Dh} bf16", grid=plan.n_tiles,
+                     values=dict(N=N, L=L_img, H=H, D=Dh, P0=plan.P0, offset=L_txt, L_total=L_txt + L_img))
+
+
 def table(rows) -> str:
     head = f"{'kernel':32} {'config':76} {'shape':12} {'regs':>4} {'spill':>5} {'smem':>7} {'CTA/SM':>6} {'waves':>6}"
     out = [head, "-" * len(head)]
@@ -247,9 +271,10 @@ def table(rows) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--report", metavar="FILE.json", help="write the rows as a JSON list")
-    parser.add_argument("--only", choices=["attention", "modulate", "rope"], help="one kernel family only")
+    parser.add_argument("--only", choices=["attention", "modulate", "rope", "prepare"], help="one kernel family only")
     args = parser.parse_args(argv)
-    for family, fn in (("attention", attention_rows), ("modulate", modulate_rows), ("rope", rope_rows)):
+    for family, fn in (("attention", attention_rows), ("modulate", modulate_rows), ("rope", rope_rows),
+                       ("prepare", prepare_rows)):
         if args.only in (None, family):
             fn()
     print(table(ROWS))

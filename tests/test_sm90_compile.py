@@ -62,3 +62,11 @@ def test_modulate_and_rope_kernels_do_not_spill(report):
     for prefix in ("_norm_modulate", "_gated_residual", "_norm_rope"):
         for r in _rows(report, prefix):
             assert r["spills"] == 0, r
+
+
+@pytest.mark.skipif(ON_GPU, reason="with a GPU every kernel test compiles and runs the kernels")
+def test_prepare_forward_does_not_spill(report):
+    rows = _rows(report, "_prepare_fwd")
+    assert {r["shape"].split(":")[0] for r in rows} == {"flux", "sd35_large"}
+    for r in rows:
+        assert r["spills"] == 0, r
