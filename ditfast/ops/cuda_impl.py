@@ -251,10 +251,22 @@ def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, *, eps=1e-6, interleaved=Tr
     return tuple(torch.ops.ditfast.qk_norm_rope_c(q, k, q_weight, k_weight, cos, sin, eps, interleaved))
 
 
+# torch <= 2.11's autograd wrapper for a C++ op with Tensor[] arguments rejects the gradients of
+# prepare_attention_c ("Expected the return from backward to be of the same structure as the inputs",
+# an extra entry of its own); there, a call that needs gradients runs the reference instead.
+_OLD_LIST_AUTOGRAD = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (2, 12)
+
+
+def _needs_grad(*groups) -> bool:
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for g in groups if g is not None for t in g)
+
+
 def prepare_attention(qs, ks, vs, *, q_weights=None, k_weights=None, rope=None, eps=1e-6, interleaved=True):
     Dh = qs[0].shape[-1]
     cos, sin = (None, None) if rope is None else rope
-    if not _HAS_PREPARE or Dh % 2 or (qs[0].is_cuda and Dh > _MAX_HEAD_DIM_CUDA) or _tables_need_grad(cos, sin):
+    if (not _HAS_PREPARE or Dh % 2 or (qs[0].is_cuda and Dh > _MAX_HEAD_DIM_CUDA) or _tables_need_grad(cos, sin)
+            or (_OLD_LIST_AUTOGRAD and _needs_grad(qs, ks, vs, q_weights, k_weights))):
         return _reference_prepare(
             qs, ks, vs, q_weights=q_weights, k_weights=k_weights, rope=rope, eps=eps, interleaved=interleaved
         )
