@@ -23,6 +23,7 @@ import torch
 
 pytest.importorskip("diffusers")
 from ditfast.parallel.testing import Ranks  # noqa: E402
+import conftest  # noqa: F401,E402  (also in the spawned ranks: TRITON_INTERPRET and the interpreter work-around)
 
 pytestmark = pytest.mark.distributed
 

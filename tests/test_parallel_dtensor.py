@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ditfast.parallel.testing import Ranks
+import conftest  # noqa: F401,E402  (also in the spawned ranks: TRITON_INTERPRET and the interpreter work-around)
 
 pytestmark = pytest.mark.distributed
 

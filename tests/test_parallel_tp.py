@@ -9,6 +9,7 @@ import torch
 
 from ditfast.parallel.heads import check_qkv_heads
 from ditfast.parallel.testing import Ranks
+import conftest  # noqa: F401,E402  (also in the spawned ranks: TRITON_INTERPRET and the interpreter work-around)
 
 pytestmark = pytest.mark.distributed
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ditfast.parallel.testing import Ranks
+import conftest  # noqa: F401,E402  (also in the spawned ranks: TRITON_INTERPRET and the interpreter work-around)
 
 pytestmark = pytest.mark.distributed
 
