@@ -9,6 +9,7 @@ import torch
 
 from ditfast.parallel.heads import check_qkv_heads
 from ditfast.parallel.testing import Ranks
+from ditfast.parallel.tp import strided_shard_works, tensor_parallel
 import conftest  # noqa: F401,E402  (also in the spawned ranks: TRITON_INTERPRET and the interpreter work-around)
 
 pytestmark = pytest.mark.distributed
@@ -94,6 +95,24 @@ def run_tp(kind: str):
     return errs, heads
 
 
+def run_old_torch_refused():
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2,))
+    try:
+        tensor_parallel(_block("dit"), mesh)
+    except RuntimeError as e:
+        return str(e)
+    return "no error"
+
+
+@pytest.mark.skipif(strided_shard_works(), reason="this torch runs the plan (tested below)")
+def test_old_torch_refuses_tensor_parallel(ranks):
+    for msg in ranks.run(run_old_torch_refused):
+        assert "needs torch >= 2.12" in msg, msg
+
+
+@pytest.mark.skipif(not strided_shard_works(), reason="torch <= 2.11: tensor_parallel refuses (tested above)")
 @pytest.mark.parametrize("kind", ["dit", "double", "sd3", "sd35_dual", "sd3_last"])
 def test_tensor_parallel_block_matches_one_process(ranks, kind):
     results = ranks.run(run_tp, kind)

@@ -96,10 +96,21 @@ def _is_single_stream(m: nn.Module) -> bool:
     return all(isinstance(getattr(m, a, None), nn.Linear) for a in ("linear1", "linear2")) and hasattr(m, "num_heads")
 
 
+def strided_shard_works() -> bool:
+    """Whether this torch's DTensor runs a Linear on a _StridedShard weight (torch 2.11 cannot)."""
+    return tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 12)
+
+
 def tensor_parallel(model: nn.Module, mesh) -> nn.Module:
     """Split the ditfast.nn attentions and MLPs of ``model`` over the 1-D ``mesh`` (see the module
     docstring); returns ``model``, changed in place. Every rank must call it with the same model
     (same initial weights) and then feed it the same inputs."""
+    if not strided_shard_works():
+        raise RuntimeError(
+            f"ditfast.parallel.tensor_parallel needs torch >= 2.12 (this is {torch.__version__}): the packed "
+            "qkv weight is a DTensor with a strided shard placement, which older DTensor cannot redistribute "
+            "in a Linear forward"
+        )
     if mesh.ndim != 1:
         raise ValueError(f"tensor_parallel takes a 1-D device mesh, got {mesh.ndim} dims; pass mesh['tp'] "
                          "of a larger mesh")
