@@ -105,12 +105,6 @@ def tensor_parallel(model: nn.Module, mesh) -> nn.Module:
     """Split the ditfast.nn attentions and MLPs of ``model`` over the 1-D ``mesh`` (see the module
     docstring); returns ``model``, changed in place. Every rank must call it with the same model
     (same initial weights) and then feed it the same inputs."""
-    if not strided_shard_works():
-        raise RuntimeError(
-            f"ditfast.parallel.tensor_parallel needs torch >= 2.12 (this is {torch.__version__}): the packed "
-            "qkv weight is a DTensor with a strided shard placement, which older DTensor cannot redistribute "
-            "in a Linear forward"
-        )
     if mesh.ndim != 1:
         raise ValueError(f"tensor_parallel takes a 1-D device mesh, got {mesh.ndim} dims; pass mesh['tp'] "
                          "of a larger mesh")
@@ -126,6 +120,12 @@ def tensor_parallel(model: nn.Module, mesh) -> nn.Module:
                 "(linear1 packs [q | k | v | mlp] of unequal widths); keep them replicated by splitting only "
                 "the other blocks: tensor_parallel(block, mesh) per block"
             )
+    if not strided_shard_works():
+        raise RuntimeError(
+            f"ditfast.parallel.tensor_parallel needs torch >= 2.12 (this is {torch.__version__}): the packed "
+            "qkv weight is a DTensor with a strided shard placement, which older DTensor cannot redistribute "
+            "in a Linear forward"
+        )
     split_heads = {}
     for name, m in list(model.named_modules()):
         if isinstance(getattr(m, "qkv", None), nn.Linear) and hasattr(m, "num_heads"):
