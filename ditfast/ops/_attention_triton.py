@@ -20,7 +20,6 @@ from typing import Tuple
 import torch
 
 Tensor = torch.Tensor
-_KERNELS = None
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 256  # == ditfast.kernels.triton.attention.MAX_HEAD_DIM (the tests check they agree)
 
@@ -28,12 +27,9 @@ __all__ = ["triton_attention", "MAX_HEAD_DIM"]
 
 
 def _kernels():
-    global _KERNELS
-    if _KERNELS is None:
-        from ..kernels.triton import attention as kernels
+    from ..kernels import triton as kernels  # no triton import until load()
 
-        _KERNELS = kernels
-    return _KERNELS
+    return kernels.load("attention")
 
 
 def _unit_last(t: Tensor) -> Tensor:

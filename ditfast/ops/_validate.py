@@ -2,9 +2,12 @@
 shape or device) naming the argument, what it got and what it expected, before any kernel runs."""
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
+
+from ..parallel.guard import dtensor_inputs
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -37,11 +40,14 @@ def tensor(name: str, t, ndim: int, layout: str, *, fp64_ok: bool = False) -> to
     return t
 
 
+def dtensor_possible() -> bool:
+    """Whether any tensor can be a DTensor: torch.distributed.tensor has been imported."""
+    return sys.modules.get("torch.distributed.tensor") is not None
+
+
 def dtensor(op: str, **tensors: Optional[torch.Tensor]) -> None:
     """DTensor inputs: register ditfast's sharding rules on first use and refuse a mix of DTensors and
     plain tensors, naming them (ditfast/parallel/guard.py; one dict lookup when DTensor is not in use)."""
-    from ..parallel.guard import dtensor_inputs
-
     dtensor_inputs(op, **tensors)
 
 

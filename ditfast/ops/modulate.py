@@ -104,16 +104,12 @@ _backend.register("gated_residual_norm_modulate", "reference", reference.gated_r
 # -------------------------------------------------------------------------------------------------
 Tensor = torch.Tensor
 _TRITON_MAX_D = 16384  # == ditfast.kernels.triton.modulate.MAX_D (tests check they agree)
-_KERNELS = None
 
 
 def _kernels():
-    global _KERNELS
-    if _KERNELS is None:
-        from ..kernels.triton import modulate as kernels
+    from ..kernels import triton as kernels  # no triton import until load()
 
-        _KERNELS = kernels
-    return _KERNELS
+    return kernels.load("modulate")
 
 
 def _empty_stats(x: Tensor) -> tuple[Tensor, Tensor]:

@@ -129,10 +129,11 @@ def prepare_attention(
             )
     L_total = sum(q.shape[1] for q in qs)
     cos, sin = _tables(rope, B, L_total, Dh, q0)
-    v.dtensor("prepare_attention", **{f"qs[{i}]": t for i, t in enumerate(qs)},
-              **{f"ks[{i}]": t for i, t in enumerate(ks)}, **{f"vs[{i}]": t for i, t in enumerate(vs)},
-              **{f"q_weights[{i}]": t for i, t in enumerate(qw)}, **{f"k_weights[{i}]": t for i, t in enumerate(kw)},
-              cos=cos, sin=sin)
+    if v.dtensor_possible():  # (the per-stream argument names are built only then)
+        v.dtensor("prepare_attention", **{f"qs[{i}]": t for i, t in enumerate(qs)},
+                  **{f"ks[{i}]": t for i, t in enumerate(ks)}, **{f"vs[{i}]": t for i, t in enumerate(vs)},
+                  **{f"q_weights[{i}]": t for i, t in enumerate(qw)},
+                  **{f"k_weights[{i}]": t for i, t in enumerate(kw)}, cos=cos, sin=sin)
     impl = _backend.select("prepare_attention", q0.device, q0)
     return impl(
         qs, ks, vs, q_weights=qw, k_weights=kw, rope=None if cos is None else (cos, sin), eps=v.eps(eps),
@@ -160,16 +161,12 @@ _backend.register("prepare_attention", "reference", _reference)
 # tensors for a stream without norm: custom ops cannot return None); v's grads are narrow views of
 # the joint grad, made in the autograd formula (a custom op may not return views of its inputs).
 # ------------------------------------------------------------------------------------------------
-_K = None
 
 
 def _kernels():
-    global _K
-    if _K is None:
-        from ..kernels.triton import prepare as kernels
+    from ..kernels import triton as kernels  # no triton import until load()
 
-        _K = kernels
-    return _K
+    return kernels.load("prepare")
 
 
 @torch.library.custom_op("ditfast::prepare_attention", mutates_args=())

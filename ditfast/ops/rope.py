@@ -135,16 +135,12 @@ _backend.register("qk_norm_rope", "reference", reference.qk_norm_rope)
 # ------------------------------------------------------------------------------------------------
 Tensor = torch.Tensor
 _EMPTY = (0,)
-_K = None
 
 
 def _kernels():
-    global _K
-    if _K is None:
-        from ..kernels.triton import rope as kernels
+    from ..kernels import triton as kernels  # no triton import until load()
 
-        _K = kernels
-    return _K
+    return kernels.load("rope")
 
 
 def _empty(like: Tensor) -> Tensor:

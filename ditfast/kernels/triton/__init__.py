@@ -4,3 +4,18 @@ Importing a module here imports triton; ditfast.ops does that lazily, on the fir
 the "triton" backend. On CPU tensors the kernels run under the Triton interpreter
 (``TRITON_INTERPRET=1`` set before triton is imported).
 """
+import importlib
+from types import ModuleType
+from typing import Dict
+
+_LOADED: Dict[str, ModuleType] = {}
+
+
+def load(name: str) -> ModuleType:
+    """The kernel module ``name`` ("modulate", "rope", "prepare", "attention"), imported on first use
+    (this is what imports triton)."""
+    mod = _LOADED.get(name)
+    if mod is None:
+        mod = _LOADED[name] = importlib.import_module(f"{__name__}.{name}")
+    return mod
+
