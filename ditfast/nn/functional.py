@@ -83,15 +83,10 @@ def attend(qs: Sequence[Tensor], ks: Sequence[Tensor], vs: Sequence[Tensor], *,
     """
     if q_weights is not None and all(w is None for w in q_weights) and all(w is None for w in k_weights):
         q_weights = k_weights = None
-    if attention is not None:
-        q, k, v = ops.prepare_attention(tuple(qs), tuple(ks), tuple(vs), q_weights=q_weights, k_weights=k_weights,
-                                        rope=rope, eps=eps)
-        out = attention(q, k, v)
-        return tuple(o.flatten(2) for o in out.split([int(t.shape[1]) for t in qs], dim=1))
-    if len(qs) == 1 and q_weights is None and rope is None:  # nothing to prepare: attend the views as they are
-        return (ops.joint_attention(qs[0], ks[0], vs[0]).flatten(2),)
+    if attention is None and len(qs) == 1 and q_weights is None and rope is None:
+        return (ops.joint_attention(qs[0], ks[0], vs[0]).flatten(2),)  # nothing to prepare: the views as they are
     outs = ops.joint_attention_streams(tuple(qs), tuple(ks), tuple(vs), q_weights=q_weights,
-                                       k_weights=k_weights, rope=rope, eps=eps)
+                                       k_weights=k_weights, rope=rope, eps=eps, attention=attention)
     return tuple(o.flatten(2) for o in outs)
 
 

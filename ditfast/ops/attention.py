@@ -15,7 +15,7 @@ an implementation needs it (the Triton kernel and flash-attention need a unit st
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -73,6 +73,7 @@ def joint_attention_streams(
     eps: float = 1e-6,
     interleaved: bool = True,
     backend: Optional[str] = None,
+    attention: Optional[Callable[[Tensor, Tensor, Tensor], Tensor]] = None,
 ) -> Tuple[Tensor, ...]:
     """Attention over the joint sequence ``[stream 0; stream 1; ...]``, one output view per stream.
 
@@ -81,11 +82,13 @@ def joint_attention_streams(
     or None per stream; a stream's q and k weights are both tensors or both None. rope: None or the
     fp32 (cos, sin) pair of the whole joint sequence, each (L_total, Dh/2) or (B, L_total, Dh/2);
     pairs interleaved (FLUX) or half-split. ``backend`` picks the attention implementation (the
-    prepare pass follows ``use_backend``). Returns (B, L_i, H, Dh) views of one joint output.
+    prepare pass follows ``use_backend``). attention: a callable ``(q, k, v) -> o`` that attends the
+    prepared joint tensors instead of :func:`joint_attention` (the diffusers integration passes
+    context-parallel attention). Returns (B, L_i, H, Dh) views of one joint output.
     """
     q, k, v = prepare_attention(qs, ks, vs, q_weights=q_weights, k_weights=k_weights, rope=rope,
                                 eps=eps, interleaved=interleaved)
-    out = joint_attention(q, k, v, backend=backend)
+    out = joint_attention(q, k, v, backend=backend) if attention is None else attention(q, k, v)
     if len(qs) == 1:  # no split: its backward would copy the gradient into a new tensor
         return (out,)
     return tuple(out.split([int(t.shape[1]) for t in qs], dim=1))
