@@ -23,6 +23,7 @@ import torch
 
 pytest.importorskip("diffusers")
 from ditfast.parallel.testing import Ranks  # noqa: E402
+from helpers import randomize_  # noqa: E402
 import conftest  # noqa: F401,E402  (also in the spawned ranks: TRITON_INTERPRET and the interpreter work-around)
 
 pytestmark = pytest.mark.distributed
@@ -112,12 +113,7 @@ def _flux():
     from diffusers import FluxTransformer2DModel
 
     model = FluxTransformer2DModel(**CFG)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            p.copy_(r * p[0].numel() ** -0.5 if p.dim() >= 2 else (1 + 0.2 * r if "norm" in name else 0.1 * r))
-    return model.eval()
+    return randomize_(model, 0).eval()
 
 
 def _inputs(rows=4, cols=4, text=6):

@@ -32,6 +32,7 @@ from diffusers import (  # noqa: E402
     TaylorSeerCacheConfig,
 )
 from diffusers.hooks import HookRegistry  # noqa: E402
+from helpers import randomize_  # noqa: E402
 
 CFG = dict(patch_size=1, in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=16,
            num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=12, guidance_embeds=True,
@@ -48,13 +49,7 @@ def _reference_ops():
 
 
 def flux_model(seed: int = 0) -> FluxTransformer2DModel:
-    model = FluxTransformer2DModel(**CFG)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            p.copy_(r * p[0].numel() ** -0.5 if p.dim() >= 2 else (1 + 0.2 * r if "norm" in name else 0.1 * r))
-    return model.eval()
+    return randomize_(FluxTransformer2DModel(**CFG), seed).eval()
 
 
 def inputs(t: int, rows: int = 4, cols: int = 4, text: int = 6, seed: int = 1) -> dict:
@@ -334,12 +329,7 @@ def _sd3():
     from diffusers import SD3Transformer2DModel
 
     model = SD3Transformer2DModel(**SD3_CFG)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            p.copy_(r * p[0].numel() ** -0.5 if p.dim() >= 2 else (1 + 0.2 * r if "norm" in name else 0.1 * r))
-    return model.eval()
+    return randomize_(model, 0).eval()
 
 
 def _sd3_inputs(t: int):
