@@ -19,7 +19,7 @@ Families are the names users ask for with ``ditfast.use_backend`` / ``DITFAST_BA
 An implementation's own name may also be asked for (``use_backend("sdpa_cudnn")``, or attention's
 ``backend=`` argument).
 
-Which implementation runs (:func:`resolve`):
+Which implementation runs (:func:`resolve_name`):
 
 1. a request -- the op's ``backend=`` argument, else the innermost ``use_backend`` block, else the
    op's own environment variable (``DITFAST_ATTENTION_BACKEND`` for attention), else
@@ -428,11 +428,6 @@ def _resolve(op: str, request: Request, spec: Spec) -> str:
         f"ditfast backend {request.name!r} (asked for by {request.source}) cannot run {op} on "
         f"{spec.describe()}: {why}\n{explain(op, spec)}"
     )
-
-
-def resolve(op: str, like: torch.Tensor, *, backend: Optional[str] = None, features: Sequence[str] = ()) -> Impl:
-    """The :class:`Impl` that runs ``op`` for inputs like ``like`` (its main input)."""
-    return _IMPLS[op][resolve_name(op, current_request(op, backend), Spec.of(like, features))]
 
 
 def select(op: str, device: torch.device, like: Optional[torch.Tensor] = None) -> Callable:

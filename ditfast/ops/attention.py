@@ -42,7 +42,8 @@ def joint_attention(
     through the output only: the lse is returned without a gradient path on the kernel backends
     (the reference's lse is an ordinary autograd graph, so its gradient is exact there).
     """
-    fp64_ok = _backend.current_request(backends.OP, backend).name in backends.FP64_BACKENDS
+    request = _backend.current_request(backends.OP, backend)
+    fp64_ok = request.name in backends.FP64_BACKENDS
     check.tensor("q", q, 4, "(B, L, H, Dh)", fp64_ok=fp64_ok)
     check.tensor("k", k, 4, "(B, L, H, Dh)", fp64_ok=fp64_ok)
     check.tensor("v", v, 4, "(B, L, H, Dh)", fp64_ok=fp64_ok)
@@ -58,8 +59,9 @@ def joint_attention(
             return q * 0
         B, Lq, H, _ = q.shape
         return q * 0, torch.full((B, H, Lq), float("-inf"), device=q.device, dtype=torch.float32)
-    impl = _backend.resolve(backends.OP, q, backend=backend, features=("lse",) if return_lse else ())
-    return impl.fn(q, k, v, return_lse=True) if return_lse else impl.fn(q, k, v)
+    spec = _backend.Spec.of(q, ("lse",) if return_lse else ())
+    fn = _backend.impl(backends.OP, _backend.resolve_name(backends.OP, request, spec)).fn
+    return fn(q, k, v, return_lse=True) if return_lse else fn(q, k, v)
 
 
 def joint_attention_streams(
