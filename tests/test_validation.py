@@ -1,4 +1,6 @@
 """Every public op rejects bad input with a TypeError/ValueError naming the argument."""
+import warnings
+
 import pytest
 import torch
 
@@ -83,3 +85,86 @@ def _rope(L=5, half=4):
 def test_rope_and_attention_errors(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# -- messages that say what was expected and how to fix it (issue 27, item 8) ----------------------
+def _ids(L=6):
+    return torch.stack([torch.zeros(L), torch.arange(L) // 3, torch.arange(L) % 3], -1)
+
+
+@pytest.mark.parametrize("axes_dim", [16, 16.0])
+def test_rope_freqs_scalar_axes_dim_says_to_pass_a_tuple(axes_dim):
+    with pytest.raises(TypeError) as e:
+        ops.rope_freqs(torch.zeros(6, 1), axes_dim=axes_dim)
+    msg = str(e.value)
+    assert "axes_dim must be a sequence" in msg and "one per column of ids" in msg
+    assert f"axes_dim=({axes_dim!r},)" in msg and "not iterable" not in msg
+
+
+def test_rope_freqs_non_int_entries_and_ids_layout():
+    with pytest.raises(TypeError, match=r"every entry of axes_dim must be an int, got \(4\.0, 4\)"):
+        ops.rope_freqs(torch.zeros(6, 2), (4.0, 4))
+    with pytest.raises(ValueError, match=r"one row per token, one column per RoPE axis"):
+        ops.rope_freqs(torch.zeros(6, 2), (4, 4, 4))
+    # numpy-style integers and int tensors keep working
+    cos, _ = ops.rope_freqs(torch.zeros(6, 2), (torch.tensor(4), 4))
+    assert cos.shape == (6, 4)
+
+
+def _rope_calls(cos, sin, Dh):
+    q = torch.randn(1, 6, 2, Dh)
+    return {
+        "apply_rope": lambda: ops.apply_rope(q, cos, sin),
+        "qk_norm_rope": lambda: ops.qk_norm_rope(q, q, torch.ones(Dh), torch.ones(Dh), cos, sin),
+        "prepare_attention": lambda: ops.prepare_attention((q,), (q,), (q,), rope=(cos, sin)),
+    }
+
+
+@pytest.mark.parametrize("op", ["apply_rope", "qk_norm_rope", "prepare_attention"])
+def test_rope_table_for_another_head_dim_names_sum_of_axes_dim(op):
+    cos, sin = ops.rope_freqs(_ids(), (8, 8, 8))  # built for Dh = 24
+    with pytest.raises(ValueError) as e:
+        _rope_calls(cos, sin, 32)[op]()
+    msg = str(e.value)
+    assert "got (6, 12)" in msg and "head dim of 24" in msg and "the head dim is 32" in msg
+    assert "sum(axes_dim) == 32" in msg
+
+
+@pytest.mark.parametrize("op", ["apply_rope", "qk_norm_rope", "prepare_attention"])
+def test_diffusers_rope_tables_say_how_to_convert(op):
+    from diffusers.models.embeddings import FluxPosEmbed
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FluxPosEmbed's deprecation notice
+        cos, sin = FluxPosEmbed(theta=10000, axes_dim=[8, 12, 12])(_ids())  # diffusers: (L, Dh) = (6, 32)
+    with pytest.raises(ValueError) as e:
+        _rope_calls(cos, sin, 32)[op]()
+    msg = str(e.value)
+    assert "diffusers' format" in msg and "cos[..., 0::2], sin[..., 0::2]" in msg and "rope_freqs" in msg
+    # ... and the conversion it names is right: it equals ditfast's own tables
+    ours = ops.rope_freqs(_ids(), (8, 12, 12))
+    torch.testing.assert_close(cos[..., 0::2].float(), ours[0])
+    torch.testing.assert_close(sin[..., 0::2].float(), ours[1])
+    _rope_calls(cos[..., 0::2].float(), sin[..., 0::2].float(), 32)[op]()
+
+
+def test_rope_table_with_wrong_length_names_tokens():
+    cos, sin = ops.rope_freqs(_ids(5), (8, 12, 12))
+    with pytest.raises(ValueError, match=r"the table has 5 positions but the sequence has 6 tokens"):
+        _rope_calls(cos, sin, 32)["apply_rope"]()
+
+
+@pytest.mark.parametrize(
+    "shape, fix",
+    [((2, 1, 64), "pass c.squeeze(1)"), ((64,), "pass c.unsqueeze(0)"), ((2, 32), "hidden size 64")],
+)
+def test_dit_block_conditioning_shape(shape, fix):
+    from ditfast.nn import DiTBlock, FinalLayer
+
+    x = torch.randn(2, 5, 64)
+    for module, name in ((DiTBlock(64, 4), "DiTBlock"), (FinalLayer(64, 2, 4), "FinalLayer")):
+        with pytest.raises(ValueError) as e:
+            module(x, torch.randn(*shape))
+        msg = str(e.value)
+        assert f"{name}: c must have shape (B, D) = (B, 64), got {shape}" in msg and fix in msg
+        assert "unpack" not in msg

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import functional as F
-from .layers import Attention, Mlp, ada_ln
+from .layers import Attention, Mlp, ada_ln, check_conditioning
 
 
 class DiTBlock(nn.Module):
@@ -23,6 +23,7 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = ada_ln(hidden_size, 6)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        check_conditioning("c", c, self.adaLN_modulation[1].in_features, "DiTBlock")
         mod = self.adaLN_modulation(c).chunk(6, dim=1)
         return F.dit_block(x, mod, self.attn.stream(self.mlp), head_dim=self.attn.head_dim)
 
@@ -36,5 +37,6 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = ada_ln(hidden_size, 2)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        check_conditioning("c", c, self.adaLN_modulation[1].in_features, "FinalLayer")
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return F.final_layer(x, shift, scale, self.linear)

@@ -27,6 +27,22 @@ def flux_mlp(dim: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
 
 
+def check_conditioning(name: str, c, dim: int, block: str) -> None:
+    """``c`` must be the per-sample conditioning (B, dim) of a block's adaLN; the message says how to fix it."""
+    if not isinstance(c, torch.Tensor):
+        raise TypeError(f"{block}: {name} must be a torch.Tensor (B, {dim}), got {type(c).__name__}")
+    if c.dim() == 2 and c.shape[1] == dim:
+        return
+    hint = ""
+    if c.dim() == 3 and c.shape[1] == 1 and c.shape[2] == dim:
+        hint = f"; {block} takes one conditioning vector per sample: pass {name}.squeeze(1)"
+    elif c.dim() == 1 and c.shape[0] == dim:
+        hint = f"; for a single sample pass {name}.unsqueeze(0)"
+    elif c.dim() >= 1 and c.shape[-1] != dim:
+        hint = f"; its last dim must be the block's hidden size {dim}"
+    raise ValueError(f"{block}: {name} must have shape (B, D) = (B, {dim}), got {tuple(c.shape)}{hint}")
+
+
 def ada_ln(dim: int, chunks: int) -> nn.Sequential:
     """``Sequential(SiLU, Linear(dim, chunks * dim))``: the ``adaLN_modulation`` of DiT and SD3."""
     return nn.Sequential(nn.SiLU(), nn.Linear(dim, chunks * dim))

@@ -61,9 +61,26 @@ def rope_table(name: str, t, B: int, L: int, Dh: int, like: torch.Tensor, *, seq
     if not ((t.dim() == 2 and t.shape == (L, Dh // 2)) or (t.dim() == 3 and t.shape == (B, L, Dh // 2))):
         raise ValueError(
             f"{name} must have shape ({seq}, Dh/2) = ({L}, {Dh // 2}) or (B, {seq}, Dh/2) = ({B}, {L}, {Dh // 2}), "
-            f"got {tuple(t.shape)}"
+            f"got {tuple(t.shape)}{_rope_table_hint(t, B, L, Dh)}"
         )
     same_device("the input", like, **{name: t})
+
+
+def _rope_table_hint(t: torch.Tensor, B: int, L: int, Dh: int) -> str:
+    """Why a RoPE table of the right rank has the wrong shape, and how to get the right one."""
+    if t.dim() not in (2, 3) or (t.dim() == 3 and t.shape[0] not in (1, B)):
+        return ""
+    rows, width = t.shape[-2], t.shape[-1]
+    if rows != L:
+        return (f": the table has {rows} positions but the sequence has {L} tokens (build it from ids with "
+                f"one row per token, in the order of the sequence)")
+    if width == Dh:
+        return (f": this looks like diffusers' format, (L, Dh) with every angle repeated for both elements of "
+                f"a pair; convert it with cos[..., 0::2], sin[..., 0::2] (interleaved pairs, as FLUX's "
+                f"FluxPosEmbed) or cos[..., :{Dh // 2}] (half-split tables, with interleaved=False), "
+                f"or compute ditfast's tables with ops.rope_freqs(ids, axes_dim)")
+    return (f": a table of width {width} is built for a head dim of {2 * width} (rope_freqs makes Dh/2 = "
+            f"sum(axes_dim)/2 columns), but the head dim is {Dh}; choose axes_dim with sum(axes_dim) == {Dh}")
 
 
 def same_device(ref_name: str, ref: torch.Tensor, **others: Optional[torch.Tensor]) -> None:

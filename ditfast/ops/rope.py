@@ -7,6 +7,7 @@ pair to every block. Outputs have the dtype of q / k / x.
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional, Sequence
 
 import torch
@@ -59,11 +60,20 @@ def rope_freqs(
     """
     if not isinstance(ids, torch.Tensor) or ids.is_complex() or ids.dtype == torch.bool:
         raise TypeError(f"ids must be a real-valued tensor, got {getattr(ids, 'dtype', type(ids).__name__)}")
-    axes_dim = tuple(int(d) for d in axes_dim)
+    if isinstance(axes_dim, (int, float)) or not hasattr(axes_dim, "__iter__"):
+        raise TypeError(
+            f"axes_dim must be a sequence of even ints, one per column of ids (FLUX: (16, 56, 56), summing to the "
+            f"head dim), got {axes_dim!r}; for a single axis pass a 1-tuple, e.g. axes_dim=({axes_dim!r},)"
+        )
+    try:
+        axes_dim = tuple(operator.index(d) for d in axes_dim)
+    except TypeError:
+        raise TypeError(f"every entry of axes_dim must be an int, got {tuple(axes_dim)!r}") from None
     if ids.dim() not in (2, 3) or ids.shape[-1] != len(axes_dim):
         raise ValueError(
             f"ids must have shape (L, n_axes) or (B, L, n_axes) with n_axes = len(axes_dim) = {len(axes_dim)}, "
-            f"got {tuple(ids.shape)}"
+            f"got {tuple(ids.shape)}: one row per token, one column per RoPE axis (FLUX: [0, row, col] for an "
+            f"image token, zeros for a text token)"
         )
     if any(d <= 0 or d % 2 for d in axes_dim):
         raise ValueError(f"every entry of axes_dim must be a positive even number, got {axes_dim}")
