@@ -29,23 +29,23 @@ TORCH_LIBRARY_FRAGMENT(ditfast, m) {
       "gated_residual_norm_modulate_c_backward(Tensor? grad_x_new, Tensor? grad_h, Tensor x, Tensor y,"
       " Tensor gate, Tensor? shift, Tensor scale, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
       tags);
-  m.def("apply_rope_c(Tensor x, Tensor cos, Tensor sin, bool interleaved=True, bool inverse=False) -> Tensor", tags);
+  m.def("apply_rope_c(Tensor x, Tensor cos, Tensor sin, bool interleaved, bool inverse) -> Tensor", tags);
   m.def(
       "qk_norm_rope_c(Tensor q, Tensor k, Tensor? q_weight, Tensor? k_weight, Tensor? cos, Tensor? sin,"
-      " float eps, bool interleaved=True) -> (Tensor, Tensor)",
+      " float eps, bool interleaved) -> (Tensor, Tensor)",
       tags);
   m.def(
       "qk_norm_rope_c_backward(Tensor? grad_q, Tensor? grad_k, Tensor q, Tensor k, Tensor? q_weight,"
-      " Tensor? k_weight, Tensor? cos, Tensor? sin, float eps, bool interleaved=True)"
+      " Tensor? k_weight, Tensor? cos, Tensor? sin, float eps, bool interleaved)"
       " -> (Tensor, Tensor, Tensor, Tensor)",
       tags);
   m.def(
       "prepare_attention_c(Tensor[] qs, Tensor[] ks, Tensor[] vs, Tensor[] q_weights, Tensor[] k_weights,"
-      " Tensor? cos, Tensor? sin, float eps, bool interleaved=True) -> (Tensor, Tensor, Tensor)",
+      " Tensor? cos, Tensor? sin, float eps, bool interleaved) -> (Tensor, Tensor, Tensor)",
       tags);
   m.def(
       "prepare_attention_c_backward(Tensor? grad_q, Tensor? grad_k, Tensor[] qs, Tensor[] ks, Tensor[] q_weights,"
-      " Tensor[] k_weights, Tensor? cos, Tensor? sin, float eps, bool interleaved=True)"
+      " Tensor[] k_weights, Tensor? cos, Tensor? sin, float eps, bool interleaved)"
       " -> (Tensor[], Tensor[], Tensor[], Tensor[])",
       tags);
 }

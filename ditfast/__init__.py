@@ -2,10 +2,17 @@
 
 Layers: ``ditfast.ops`` (functional API with backend dispatch), ``ditfast.reference`` (plain-PyTorch
 ground truth), ``ditfast.nn`` (blocks with upstream parameter names). Importing ditfast never touches
-the GPU, and works without Triton or the compiled extension.
+the GPU, and works without Triton or the compiled extension. A torch older than the supported range
+(``ditfast._versions``) fails here, with a message naming the range.
 """
-from . import ops, reference
-from ._backend import BACKENDS, use_backend
+import torch as _torch
+
+from . import _versions
+
+_versions.check_torch(_torch.__version__)
+
+from . import ops, reference  # noqa: E402
+from ._backend import BACKENDS, use_backend  # noqa: E402
 from .integrations import is_patched, patch, unpatch
 
 __version__ = "0.1.0"
@@ -15,7 +22,7 @@ def __getattr__(name):  # keep `import ditfast` light: nn pulls in more modules
     if name in ("nn", "parallel"):
         import importlib
 
-        return importlib.import_module(".nn", __name__)
+        return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module 'ditfast' has no attribute {name!r}")
 
 

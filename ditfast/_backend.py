@@ -114,9 +114,24 @@ def probe_reference(device_type: str) -> Tuple[bool, str]:
     return True, "plain PyTorch, always available"
 
 
+def _triton_version_reason() -> Optional[str]:
+    """Why the installed Triton is too old for ditfast's kernels (read from its metadata, not imported)."""
+    import importlib.metadata
+
+    from . import _versions
+
+    try:
+        return _versions.triton_unsupported_reason(importlib.metadata.version("triton"))
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return None  # a source build without metadata: let the kernels try
+
+
 def probe_triton(device_type: str) -> Tuple[bool, str]:
     if importlib.util.find_spec("triton") is None:
         return False, "the triton package is not installed (pip install triton)"
+    reason = _triton_version_reason()
+    if reason is not None:
+        return False, reason
     if device_type == "cuda":
         return True, "triton is installed"
     if device_type == "cpu":

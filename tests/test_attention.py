@@ -218,10 +218,7 @@ def test_streams_of_packed_projections_make_no_concatenation(backend):
         with log:
             t, i = fast(txt, img, *ws)
     assert t._base is not None and t._base is i._base, "the stream outputs are views of one joint output"
-    from ditfast.ops import cuda_impl
-
-    reference_runs = backend == "reference" or (backend == "cuda" and cuda_impl._OLD_LIST_AUTOGRAD)
-    if not reference_runs:  # (the extension's prepare with gradients runs the reference on torch <= 2.11)
+    if backend != "reference":
         assert not [c for c in log.calls if c.startswith("aten.cat")], log.calls
 
 

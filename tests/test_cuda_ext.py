@@ -418,14 +418,7 @@ def _opcheck_samples(device):
 @needs_c
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
-    from ditfast.ops import cuda_impl
-
     for op, args in _opcheck_samples(device):
-        if op is OPS.prepare_attention_c and cuda_impl._OLD_LIST_AUTOGRAD:
-            # torch <= 2.11 rejects the gradients of a Tensor[] C++ op in its autograd wrapper (ditfast
-            # runs the reference there when gradients are needed): check all but the autograd test
-            torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
-            continue
         torch.library.opcheck(op, args)
 
 

@@ -142,14 +142,6 @@ def test_backends_are_selected(device):
             assert _backend.select("prepare_attention", torch.device(device)) is expected[backend]
 
 
-def _skip_old_list_autograd(backend):
-    from ditfast.ops import cuda_impl
-
-    if backend == "cuda" and cuda_impl._OLD_LIST_AUTOGRAD:
-        pytest.skip("torch <= 2.11 cannot run the autograd of a C++ op with Tensor[] arguments "
-                    "(prepare_attention_c); with gradients that backend runs the reference there")
-
-
 @pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
 def test_empty_stream(backend, device):
     """A stream of length 0 (and its weights) is allowed: it adds nothing, its grads are zeros."""
@@ -219,7 +211,6 @@ def _detached(args):
 
 @pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
 def test_opcheck(backend, device):
-    _skip_old_list_autograd(backend)
     if backend == "triton":
         from ditfast.ops import prepare as mod
 
@@ -245,7 +236,6 @@ def test_opcheck(backend, device):
 
 @pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
 def test_torch_compile_fullgraph(backend, device):
-    _skip_old_list_autograd(backend)
     """prepare -> a stand-in attention -> split: compiles without graph breaks, matches eager (fwd, bwd)."""
     B, H, Dh, Ls = 2, 2, 40, (3, 5)
     torch._dynamo.reset()

@@ -75,27 +75,27 @@ def _fake_grnm_backward(grad_x_new, grad_h, x, y, gate, shift, scale, eps):
     return x.new_empty(x.shape), y.new_empty(y.shape), gate.new_empty(gate.shape), scale.new_empty(scale.shape), dshift
 
 
-def _fake_apply_rope(x, cos, sin, interleaved=True, inverse=False):
+def _fake_apply_rope(x, cos, sin, interleaved, inverse):
     return x.new_empty(x.shape)
 
 
-def _fake_qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, interleaved=True):
+def _fake_qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, interleaved):
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
-def _fake_qk_norm_rope_backward(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps, interleaved=True):
+def _fake_qk_norm_rope_backward(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps, interleaved):
     dqw = q.new_empty(0) if q_weight is None else q_weight.new_empty(q_weight.shape)
     dkw = k.new_empty(0) if k_weight is None else k_weight.new_empty(k_weight.shape)
     return q.new_empty(q.shape), k.new_empty(k.shape), dqw, dkw
 
 
-def _fake_prepare(qs, ks, vs, q_weights, k_weights, cos, sin, eps, interleaved=True):
+def _fake_prepare(qs, ks, vs, q_weights, k_weights, cos, sin, eps, interleaved):
     B, _, H, Dh = qs[0].shape
     joint = (B, sum(q.shape[1] for q in qs), H, Dh)
     return qs[0].new_empty(joint), qs[0].new_empty(joint), qs[0].new_empty(joint)
 
 
-def _fake_prepare_backward(grad_q, grad_k, qs, ks, q_weights, k_weights, cos, sin, eps, interleaved=True):
+def _fake_prepare_backward(grad_q, grad_k, qs, ks, q_weights, k_weights, cos, sin, eps, interleaved):
     return ([q.new_empty(q.shape) for q in qs], [k.new_empty(k.shape) for k in ks],
             [w.new_empty(w.shape) for w in q_weights], [w.new_empty(w.shape) for w in k_weights])
 
@@ -251,22 +251,10 @@ def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, *, eps=1e-6, interleaved=Tr
     return tuple(torch.ops.ditfast.qk_norm_rope_c(q, k, q_weight, k_weight, cos, sin, eps, interleaved))
 
 
-# torch <= 2.11's autograd wrapper for a C++ op with Tensor[] arguments rejects the gradients of
-# prepare_attention_c ("Expected the return from backward to be of the same structure as the inputs",
-# an extra entry of its own); there, a call that needs gradients runs the reference instead.
-_OLD_LIST_AUTOGRAD = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (2, 12)
-
-
-def _needs_grad(*groups) -> bool:
-    return torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for g in groups if g is not None for t in g)
-
-
 def prepare_attention(qs, ks, vs, *, q_weights=None, k_weights=None, rope=None, eps=1e-6, interleaved=True):
     Dh = qs[0].shape[-1]
     cos, sin = (None, None) if rope is None else rope
-    if (not _HAS_PREPARE or Dh % 2 or (qs[0].is_cuda and Dh > _MAX_HEAD_DIM_CUDA) or _tables_need_grad(cos, sin)
-            or (_OLD_LIST_AUTOGRAD and _needs_grad(qs, ks, vs, q_weights, k_weights))):
+    if not _HAS_PREPARE or Dh % 2 or (qs[0].is_cuda and Dh > _MAX_HEAD_DIM_CUDA) or _tables_need_grad(cos, sin):
         return _reference_prepare(
             qs, ks, vs, q_weights=q_weights, k_weights=k_weights, rope=rope, eps=eps, interleaved=interleaved
         )
