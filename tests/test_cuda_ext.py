@@ -246,7 +246,7 @@ def test_apply_rope(device, dtype, case, interleaved):
         q, _ = qk_views(leaf, layout, B, L, H, Dh)
         if impl is None:
             return reference.apply_rope(q, cos, sin, interleaved=interleaved)
-        return OPS.apply_rope_c(q, cos, sin, interleaved)
+        return OPS.apply_rope_c(q, cos, sin, interleaved, False)
 
     args = [qkv_leaf(layout, B, L, H, Dh, dtype, device)]
     check_op(lambda *a: fn("c", *a), lambda *a: fn(None, *a), args, name="apply_rope_c")
