@@ -4,6 +4,8 @@
   python -m ditfast.bench --quick              # a short smoke (the target shapes only)
   python -m ditfast.bench --levels ops,attention --no-compile --time-limit 60 --json out/bench_ops.json
   python -m ditfast.bench --summary benchmarks/results/h200/   # re-print the newest run's summary
+  python -m ditfast.bench ledger               # bytes / FLOPs / calls per op of full-size model steps,
+                                               # counted under FakeTensorMode (no GPU needed); see ledger.py
 """
 from __future__ import annotations
 
@@ -78,6 +80,11 @@ def newest_json(path: str) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["ledger"]:  # a subcommand of its own: it counts, it does not time
+        from . import ledger
+
+        return ledger.main(argv[1:])
     args = parse_args(argv)
     from . import report
 

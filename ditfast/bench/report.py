@@ -116,13 +116,25 @@ def load_json(path: str) -> dict:
         return json.load(f)
 
 
+def add_speedups(case_rec: dict) -> None:
+    """speedup[d] = variant ms / ditfast ms (above 1: ditfast is faster); the fastest variant per direction."""
+    ms = lambda v, d: (v.get(d) or {}).get("ms")  # noqa: E731
+    base = next((v for v in case_rec["variants"] if v["name"] == "ditfast"), None)
+    case_rec["fastest"] = {}
+    for d in ("fwd", "fwd_bwd", "graph"):
+        timed = [(ms(v, d), v["name"]) for v in case_rec["variants"] if ms(v, d)]
+        if timed:
+            case_rec["fastest"][d] = min(timed)[1]
+        b = ms(base, d) if base else None
+        for v in case_rec["variants"]:
+            v["speedup"][d] = ms(v, d) / b if (ms(v, d) and b) else None
+
+
 def merge(runs: Sequence[dict], sources: Sequence[str] = ()) -> dict:
     """One results dict from the tiers of one GPU run (gpu_run.sh writes ops, blocks and peers apart):
     cases in order of first appearance; a case measured again (the peers tier re-runs the target shapes
     with the torch.compile peers) contributes the variants the first one lacked, and the speedups and
     targets are recomputed. The first run's meta is kept, with the sources listed."""
-    from .runner import add_speedups
-
     if not runs:
         raise ValueError("nothing to merge")
     out = json.loads(json.dumps(runs[0]))

@@ -17,6 +17,7 @@ import torch
 
 from . import cases as C
 from . import report, timing
+from .report import add_speedups  # noqa: F401  (runner -> report, never back)
 from .variants import Built, VariantSpec, skipped
 
 SCHEMA = "ditfast-bench/2"
@@ -173,20 +174,6 @@ def measure_variant(ctx: Context, case: C.Case, spec: VariantSpec, deadline: Opt
         del built
         _free()
     return rec
-
-
-def add_speedups(case_rec: dict) -> None:
-    """speedup[d] = variant ms / ditfast ms (above 1: ditfast is faster); the fastest variant per direction."""
-    ms = lambda v, d: (v.get(d) or {}).get("ms")  # noqa: E731
-    base = next((v for v in case_rec["variants"] if v["name"] == "ditfast"), None)
-    case_rec["fastest"] = {}
-    for d in ("fwd", "fwd_bwd", "graph"):
-        timed = [(ms(v, d), v["name"]) for v in case_rec["variants"] if ms(v, d)]
-        if timed:
-            case_rec["fastest"][d] = min(timed)[1]
-        b = ms(base, d) if base else None
-        for v in case_rec["variants"]:
-            v["speedup"][d] = ms(v, d) / b if (ms(v, d) and b) else None
 
 
 def variants_for(case: C.Case, ctx: Context) -> List[VariantSpec]:

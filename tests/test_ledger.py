@@ -1,0 +1,214 @@
+"""The model-step ledger (ditfast/bench/ledger.py): bytes, FLOPs and calls counted under FakeTensorMode.
+
+Every expected number here is derived by hand from the shapes (bf16: 2 bytes, fp32 statistics: 4
+bytes), following the counting rules of the ledger's module docstring; the full-size FLUX.1-dev
+ledger is counted too (seconds: fake tensors carry no data).
+"""
+import ast
+import json
+import os
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import ditfast
+from ditfast.bench import ledger as L
+
+pytest.importorskip("triton")  # the patched ledger takes the Triton family's custom ops (fake kernels only)
+
+BF = 2  # bytes per bf16 element
+F32 = 4
+
+
+def _rows(ledger):
+    return {n: (r.calls, r.bytes_read, r.bytes_written, r.flops) for n, r in ledger.rows.items()}
+
+
+def test_views_strides_broadcasts_and_copies_hand_counted():
+    """The aten rules: views move nothing, a strided view counts its own elements, a stride-0
+    broadcast counts what it addresses, copy_ does not read its destination, allocations are free."""
+    with FakeTensorMode(), L.gpu_dispatch("cpu"):
+        x = torch.randn(2, 3, 8, dtype=torch.bfloat16)  # 48 elements
+
+        def step():
+            half = x[..., :4]  # a strided view: 24 elements
+            y = half * 2  # reads 24, writes 24
+            s = torch.ones(1, 1, 4, dtype=torch.bfloat16).expand(2, 3, 4)  # ones writes 4; expand is free
+            z = y + s  # reads 24 + 4 (its stride-0 dims add nothing), writes 24
+            buf = torch.empty(2, 3, 4, dtype=torch.bfloat16)  # an allocation: free
+            buf.copy_(z)  # reads 24, writes 24 (the destination is not read)
+            return torch.cat((buf, x.view(6, 8).view(2, 3, 8)), dim=-1)  # reads 24 + 48, writes 72
+
+        lg = L.count(step, train=False)
+    assert _rows(lg) == {
+        "aten.mul": (1, 24 * BF, 24 * BF, 0.0),
+        "aten.ones": (1, 0, 4 * BF, 0.0),
+        "aten.add": (1, 28 * BF, 24 * BF, 0.0),
+        "aten.copy_": (1, 24 * BF, 24 * BF, 0.0),
+        "aten.cat": (1, 72 * BF, 72 * BF, 0.0),
+    }
+
+
+def test_linear_gelu_training_hand_counted():
+    """Forward + backward of gelu(Linear(x)).sum() with x a constant: the matmuls' FLOPs, the
+    bias-gradient sum, and a stride-0 expanded gradient counted once."""
+    M, K, N = 6, 4, 8  # tokens (2 x 3), in, out
+    with FakeTensorMode(), L.gpu_dispatch("cpu"):
+        lin = torch.nn.Linear(K, N, dtype=torch.bfloat16)
+        x = torch.randn(2, 3, K, dtype=torch.bfloat16)
+        lg = L.count(lambda: torch.nn.functional.gelu(lin(x), approximate="tanh").sum(), train=True)
+    assert _rows(lg) == {
+        # bias N + x M·K + weight N·K (read through its transpose view) -> z M·N
+        "aten.addmm": (1, (N + M * K + N * K) * BF, M * N * BF, 2.0 * M * N * K),
+        "aten.gelu": (1, M * N * BF, M * N * BF, 0.0),
+        # the loss (M·N -> 1) and the bias gradient (M·N -> N)
+        "aten.sum": (2, 2 * M * N * BF, (1 + N) * BF, 0.0),
+        # the upstream gradient is the loss's scalar expanded (stride 0: one element), plus z
+        "aten.gelu_backward": (1, (1 + M * N) * BF, M * N * BF, 0.0),
+        # the weight gradient dzᵀ·x: (N, M) @ (M, K)
+        "aten.mm": (1, (M * N + M * K) * BF, N * K * BF, 2.0 * N * K * M),
+    }
+
+
+def test_ditfast_op_fwd_bwd_hand_counted():
+    """A ditfast op: its inputs read once, its outputs written once; gate is a (B, D) chunk of a
+    (B, 2D) tensor, counted by its own elements."""
+    B, Ln, D = 2, 3, 4
+    with FakeTensorMode(), L.gpu_dispatch("cpu"), ditfast.use_backend("triton"):
+        x, y = (torch.randn(B, Ln, D, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+        g = torch.randn(B, 2 * D, dtype=torch.bfloat16, requires_grad=True)
+        lg = L.count(lambda: ditfast.ops.gated_residual(x, y, g[:, D:]), train=True)
+    act, mod = B * Ln * D * BF, B * D * BF
+    assert _rows(lg) == {
+        "ditfast.gated_residual": (1, 2 * act + mod, act, 0.0),
+        "ditfast.gated_residual_backward": (1, 2 * act + mod, act + mod, 0.0),  # (dout, y, gate) -> (dy, dgate)
+        "aten.copy_": (1, act, act, 0.0),  # x.grad: autograd copies the upstream gradient the caller still holds
+        "aten.slice_backward": (1, mod, 2 * mod, 0.0),  # dgate into a zero (B, 2D) gradient of g
+    }
+
+
+def _tiny_flux_single(B=2, Lt=3, Li=5, H=2, Dh=8):
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
+
+    D = H * Dh
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        blk = FluxSingleTransformerBlock(D, H, Dh)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    bf = torch.bfloat16
+    args = (torch.randn(B, Li, D, dtype=bf), torch.randn(B, Lt, D, dtype=bf), torch.randn(B, D, dtype=bf),
+            (torch.randn(Lt + Li, Dh), torch.randn(Lt + Li, Dh)))
+    ditfast.patch(blk)
+    return blk, args
+
+
+def test_patched_flux_single_block_hand_counted():
+    """The inference ledger of a patched diffusers FLUX single block, op by op, from its shapes."""
+    pytest.importorskip("diffusers")
+    B, Lt, Li, H, Dh = 2, 3, 5, 2, 8
+    D, Lj, M = H * Dh, Lt + Li, 4 * H * Dh
+    T = B * Lj  # tokens of the joint sequence
+    with FakeTensorMode(), L.gpu_dispatch("cpu"), ditfast.use_backend("triton"):
+        blk, args = _tiny_flux_single(B, Lt, Li, H, Dh)
+        lg = L.count(lambda: blk(*args), train=False)
+    lin = lambda rows, k, n: ((n + rows * k + n * k) * BF, rows * n * BF, 2.0 * rows * n * k)  # noqa: E731
+    mms = [lin(B, D, 3 * D)] + [lin(T, D, D)] * 3 + [lin(T, D, M), lin(T, D + M, D)]  # adaLN, q, k, v, mlp, proj_out
+    stats = 2 * T * F32  # mean and rstd (B, L) fp32
+    expected = {
+        "aten.silu": (1, B * D * BF, B * D * BF, 0.0),
+        "aten.addmm": (6, sum(m[0] for m in mms), sum(m[1] for m in mms), sum(m[2] for m in mms)),
+        # [txt; img] (T·D), then [attention | gelu(mlp)] (T·(D + M))
+        "aten.cat": (2, (T * D + T * (D + M)) * BF, (T * D + T * (D + M)) * BF, 0.0),
+        # x, shift and scale: (B, D) chunks of the (B, 3D) adaLN output -> h and the row statistics
+        "ditfast.norm_modulate": (1, (T * D + 2 * B * D) * BF, T * D * BF + stats, 0.0),
+        "aten.gelu": (1, T * M * BF, T * M * BF, 0.0),
+        # q, k, v, the two RMSNorm weights, the fp32 (L, Dh/2) cos / sin views -> joint q, k, v and the
+        # fp32 (B, L, H) inverse RMS of q and k kept for backward
+        "ditfast.prepare_attention": (1, 3 * T * D * BF + 2 * Dh * BF + 2 * Lj * (Dh // 2) * F32,
+                                      3 * T * D * BF + 2 * T * H * F32, 0.0),
+        # q, k, v -> o and the fp32 (B, H, L) log-sum-exp; 4·B·H·L²·Dh FLOPs
+        "ditfast.flash_attention": (1, 3 * T * D * BF, T * D * BF + B * H * Lj * F32, 4.0 * B * H * Lj * Lj * Dh),
+        # x, proj_out's output, gate (a (B, D) chunk) -> x_new
+        "ditfast.gated_residual": (1, (2 * T * D + B * D) * BF, T * D * BF, 0.0),
+    }
+    assert _rows(lg) == expected
+
+
+def test_fake_cpu_counts_what_fake_cuda_counts():
+    """The CPU stand-in (needed for backward) dispatches like fake CUDA tensors: same inference ledger."""
+    pytest.importorskip("diffusers")
+    counts = {}
+    for device in ("cpu", "cuda"):
+        with FakeTensorMode(), L.gpu_dispatch(device), ditfast.use_backend("triton"):
+            with torch.device(device):
+                blk, args = _tiny_flux_single()
+            counts[device] = _rows(L.count(lambda: blk(*args), train=False))
+    assert counts["cpu"] == counts["cuda"]
+    assert "ditfast.flash_attention" in counts["cuda"]
+
+
+def test_prediction_is_a_roofline_of_the_stated_peaks(tmp_path):
+    lg = L.Ledger()
+    lg.add("aten.mm", 10**9, 2 * 10**9, 7e14)  # compute-bound at 700 TFLOP/s: 1 s
+    lg.add("aten.add", 2 * 10**9, 10**9, 0.0)  # 3 GB at 3 TB/s: 1 ms
+    lg.add("ditfast.flash_attention", 10**6, 0, 6e11)  # 1 ms at 600 TFLOP/s
+    peaks = L.peaks_for("h100", results_root=str(tmp_path))
+    assert not peaks["measured"] and "spec values" in peaks["source"]
+    t = L.predict(lg, peaks)
+    assert t["matmul"] == pytest.approx(1.0) and t["other"] == pytest.approx(1e-3)
+    assert t["attention"] == pytest.approx(1e-3) and t["total"] == pytest.approx(1.002)
+    # a GPU results file of the device replaces the spec values
+    folder = tmp_path / "h100"
+    folder.mkdir()
+    (folder / "bench_x.json").write_text(json.dumps({
+        "meta": {"mode": "gpu"}, "peaks": {"copy": {"gbps": 1500.0}, "matmul": {"tflops": 350.0}},
+        "results": [{"level": "attention", "variants": [{"fwd": {"tflops": 300.0}}]}]}))
+    measured = L.peaks_for("h100", results_root=str(tmp_path))
+    assert measured["measured"] and measured["bandwidth_gbps"] == 1500.0 and measured["attention_tflops"] == 300.0
+    assert L.predict(lg, measured)["total"] == pytest.approx(2.0 + 2e-3 + 2e-3)
+
+
+def test_full_size_flux_ledger(tmp_path):
+    """FLUX.1-dev at 1024² (19 double + 38 single blocks, 4096 + 512 tokens), inference and training,
+    eager vs patched vs floor, with the JSON and the command line."""
+    pytest.importorskip("diffusers")
+    report = L.build_report([L.flux_case()], device="h100")
+    modes = report["models"][0]["modes"]
+    inf, train = modes["inference"], modes["training"]
+    L_, H, Dh, blocks = 4096 + 512, 24, 128, 19 + 38
+    attn_fwd = blocks * 4.0 * H * L_ * L_ * Dh
+    assert inf["patched"]["attention"]["flops"] == inf["eager"]["attention"]["flops"] == attn_fwd
+    assert train["patched"]["attention"]["flops"] == pytest.approx(3.5 * attn_fwd)
+    assert inf["patched"]["matmul"]["flops"] == inf["eager"]["matmul"]["flops"]
+    assert inf["floor"]["bytes_outside_matmul_attention"] == 0
+    for r in (inf, train):
+        assert r["patched"]["bytes_outside_matmul_attention"] < r["eager"]["bytes_outside_matmul_attention"] / 3
+        assert r["floor"]["predicted_ms"]["total"] < r["patched"]["predicted_ms"]["total"] < r["eager"]["predicted_ms"]["total"]
+    text = L.render(report)
+    assert "PREDICTION" in text and "spec values" in text
+    path = tmp_path / "ledger.json"
+    path.write_text(json.dumps(report))
+    assert json.loads(path.read_text())["note"].startswith("PREDICTION")
+
+
+def test_command_line(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    from ditfast.bench.cli import main
+
+    out = tmp_path / "l.json"
+    assert main(["ledger", "--models", "dit-xl-2", "--modes", "inference", "--json", str(out), "--no-plots"]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["models"][0]["model"] == "dit-xl-2" and set(rec["models"][0]["modes"]) == {"inference"}
+    assert "PREDICTION" in capsys.readouterr().out
+
+
+def test_report_does_not_import_runner():
+    """ditfast.bench: runner imports report, never the other way round."""
+    path = os.path.join(os.path.dirname(L.__file__), "report.py")
+    tree = ast.parse(open(path).read())
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [f"{n.module}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) if n.module]
+    names += [a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names]
+    assert not any("runner" in n for n in names)
