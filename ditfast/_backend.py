@@ -12,12 +12,17 @@ Families are the names users ask for with ``ditfast.use_backend`` / ``DITFAST_BA
 ==============  ==================================================================================
 ``reference``   plain PyTorch (``ditfast.reference``; for attention also SDPA's math kernel)
 ``triton``      ditfast's Triton kernels (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``)
-``cuda``        compiled CUDA/C++ kernels: ditfast's extension ``ditfast._C`` (which also has CPU
-                kernels) and, for attention, flash-attention 2/3/4 and PyTorch SDPA's kernels
+``compiled``    compiled kernels: ditfast's extension ``ditfast._C`` (C++ loops on CPU tensors, CUDA
+                kernels on CUDA tensors) and, for attention, flash-attention 2/3/4 and PyTorch
+                SDPA's kernels (its CPU flash kernel on CPU tensors)
 ==============  ==================================================================================
 
-An implementation's own name may also be asked for (``use_backend("sdpa_cudnn")``, or attention's
-``backend=`` argument).
+``"cuda"`` is an alias of ``"compiled"`` (its name before 0.2, kept working everywhere a family is
+named: ``use_backend``, ``DITFAST_BACKEND``, ``backend=``, the measured table, :func:`impl`,
+:func:`availability`). :func:`label` names an implementation with the device it runs on
+(``compiled C++ CPU``, ``compiled CUDA``), as ``python -m ditfast.info`` and the benchmark
+rows print it. An implementation's own name may also be asked for (``use_backend("sdpa_cudnn")``,
+or attention's ``backend=`` argument).
 
 Which implementation runs (:func:`resolve_name`):
 
@@ -29,14 +34,19 @@ Which implementation runs (:func:`resolve_name`):
      inputs; if the family implements the op but none can, a ``RuntimeError`` says why;
    * an implementation name: that implementation, or a ``RuntimeError`` saying why it can't;
    * a family or name that has no implementation of this op for the inputs' device type: the
-     automatic choice for this op, with a one-time warning -- so a whole model runs under ``use_backend("cuda")`` even though
-     some ops have no CUDA kernel. ``use_backend(name, strict=True)`` raises instead.
+     automatic choice for this op, with a one-time warning -- so a whole model runs under
+     ``use_backend("compiled")`` even though some ops have no compiled kernel.
+     ``use_backend(name, strict=True)`` raises instead.
 
-2. automatic: on CUDA tensors the backend a measured table names (:func:`set_chooser`) if it can
-   run; else the first implementation of the op's priority list (:func:`set_priority`; by default
-   triton, cuda, reference on CUDA tensors and cuda, reference on CPU tensors -- the Triton
-   interpreter is a test tool, never an automatic choice) that can run the inputs. The reference
-   ends every list, so the automatic choice never fails.
+2. automatic: the backend a measured table names (:func:`set_chooser`; asked on every device) if
+   it can run; else the first implementation of the op's priority list (:func:`set_priority`; by
+   default triton, compiled, reference on CUDA tensors and compiled, reference on CPU tensors --
+   the Triton interpreter is a test tool, never an automatic choice) that can run the inputs. The
+   reference is in every list, so the automatic choice never fails.
+
+Every introspection function answers with this same resolution, request included:
+:func:`chosen_name`, :func:`select`, :func:`explain` (given the request), ``ops.choose_backend``,
+``ops.explain_choice`` and ``python -m ditfast.info`` report what the next call runs.
 
 The result is cached per (op, request, device, dtype, width, features): a call does no string or
 environment parsing, and under ``torch.compile`` the lookup is a constant of the trace. Nothing here
@@ -57,8 +67,10 @@ import torch
 
 from ._compile import constant_for_compile
 
-FAMILIES = ("reference", "triton", "cuda")
-BACKENDS = FAMILIES  # the names ditfast.use_backend documents
+FAMILIES = ("reference", "triton", "compiled")
+ALIASES = {"cuda": "compiled"}  # old family names, still accepted wherever a family is named
+BACKENDS = FAMILIES + tuple(ALIASES)  # the family names ditfast.use_backend accepts
+DEVICE_LABELS = {"cpu": "C++ CPU", "cuda": "CUDA"}  # what the compiled extension runs per device type
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}
 ENV_VAR = "DITFAST_BACKEND"
@@ -150,8 +162,13 @@ def probe_extension(device_type: str) -> Tuple[bool, str]:
 _FAMILY_DEFAULTS = {  # family -> (probe, device types, dtypes)
     "reference": (probe_reference, None, FLOATS + (torch.float64,)),
     "triton": (probe_triton, ("cuda", "cpu"), FLOATS),
-    "cuda": (probe_extension, ("cuda", "cpu"), FLOATS),
+    "compiled": (probe_extension, ("cuda", "cpu"), FLOATS),
 }
+
+
+def canonical(name: Optional[str]) -> Optional[str]:
+    """A family's current name (``"cuda"`` -> ``"compiled"``); other names unchanged."""
+    return ALIASES.get(name, name) if isinstance(name, str) else name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -220,6 +237,7 @@ def register(op: str, backend: str, fn: Callable, *, name: Optional[str] = None,
 
     ``name`` defaults to the family; ``limits`` are :class:`Impl` fields (devices, dtypes, max_width,
     width_multiple, min/max_capability, features, probe, description), defaulting to the family's."""
+    backend = canonical(backend)
     if backend not in FAMILIES:
         raise ValueError(f"unknown ditfast backend family {backend!r}; expected one of {FAMILIES}")
     probe, devices, dtypes = _FAMILY_DEFAULTS[backend]
@@ -242,7 +260,7 @@ def set_priority(op: str, order: Callable[[Spec], Sequence[str]], *, env_var: Op
 
 
 def _default_priority(op: str, spec: Spec) -> Tuple[str, ...]:
-    families = ("triton", "cuda", "reference") if spec.device_type == "cuda" else ("cuda", "reference")
+    families = ("triton", "compiled", "reference") if spec.device_type == "cuda" else ("compiled", "reference")
     impls = _IMPLS[op].values()
     return tuple(i.name for fam in families for i in impls if i.family == fam)
 
@@ -268,8 +286,8 @@ def probed(probe: Probe, device_type: str) -> Tuple[bool, str]:
 
 
 def availability(backend: str, device_type: str) -> Tuple[bool, str]:
-    """(available, why) of a family on a device type (whether its package is installed there)."""
-    probe, devices, _ = _FAMILY_DEFAULTS[backend]
+    """(available, why) of a family (or its alias) on a device type (whether its package is installed there)."""
+    probe, devices, _ = _FAMILY_DEFAULTS[canonical(backend)]
     if devices is not None and device_type not in devices:
         return False, f"runs on {' / '.join(devices)} tensors only, not {device_type}"
     return probed(probe, device_type)
@@ -292,33 +310,36 @@ _REQUEST: contextvars.ContextVar[Optional[Request]] = contextvars.ContextVar("di
 _TRACED_REQUEST: Optional[Request] = None
 
 
-def _known_names() -> set:
-    return set(FAMILIES) | {n for impls in _IMPLS.values() for n in impls}
+def known_names() -> set:
+    """Every name a request may use: the families, their aliases and every implementation name."""
+    return set(BACKENDS) | {n for impls in _IMPLS.values() for n in impls}
 
 
 def check_name(name: Optional[str], source: str = "ditfast backend") -> Optional[str]:
-    """``name`` if it is a family or implementation name (None and "auto" mean automatic)."""
+    """The canonical form of ``name`` if it is a family (or alias) or an implementation name
+    (None and "auto" mean automatic)."""
     if name is None or name == "auto":
         return None
     if not isinstance(name, str):
         raise TypeError(f"{source}: a backend is a string or None, got {type(name).__name__}")
-    if name not in _known_names():
-        others = sorted(_known_names() - set(FAMILIES))
-        raise ValueError(f"unknown ditfast backend {name!r} ({source}); expected one of {FAMILIES}, 'auto', "
-                         f"or an implementation name: {', '.join(others)}")
-    return name
+    if name not in known_names():
+        others = sorted(known_names() - set(BACKENDS))
+        raise ValueError(f"unknown ditfast backend {name!r} ({source}); expected one of {FAMILIES} "
+                         f"('cuda' = 'compiled'), 'auto', or an implementation name: {', '.join(others)}")
+    return canonical(name)
 
 
 _ENV_BACKEND: Optional[str] = os.environ.get(ENV_VAR) or None
-if _ENV_BACKEND is not None and _ENV_BACKEND not in FAMILIES + ("auto",):
-    raise ValueError(f"unknown ditfast backend {_ENV_BACKEND!r} ({ENV_VAR}); expected one of {FAMILIES} or 'auto'")
-_ENV_BACKEND = None if _ENV_BACKEND == "auto" else _ENV_BACKEND
+if _ENV_BACKEND is not None and _ENV_BACKEND not in BACKENDS + ("auto",):
+    raise ValueError(f"unknown ditfast backend {_ENV_BACKEND!r} ({ENV_VAR}); expected one of {FAMILIES} "
+                     "('cuda' = 'compiled') or 'auto'")
+_ENV_BACKEND = None if _ENV_BACKEND == "auto" else canonical(_ENV_BACKEND)
 
 
 @contextlib.contextmanager
 def use_backend(name: Optional[str], *, strict: bool = False) -> Iterator[None]:
     """Run the ops inside the ``with`` block on backend ``name``: a family ("reference", "triton",
-    "cuda"), an implementation name, or None / "auto" for the automatic choice. An op the backend
+    "compiled"; "cuda" is an alias of "compiled"), an implementation name, or None / "auto" for the automatic choice. An op the backend
     does not implement takes its automatic choice with a one-time warning; ``strict=True`` raises
     instead. Per thread and per asyncio task (a ContextVar) in eager mode; code compiled with
     torch.compile sees the innermost block of the process."""
@@ -335,7 +356,7 @@ def use_backend(name: Optional[str], *, strict: bool = False) -> Iterator[None]:
 
 def current_request(op: Optional[str] = None, backend: Optional[str] = None) -> Request:
     """The request in force for ``op``: ``backend=`` argument, use_backend, the op's variable, DITFAST_BACKEND."""
-    if backend is not None:
+    if backend is not None and backend != "auto":
         return Request(check_name(backend, "the backend= argument"), True, "the backend= argument")
     req = _TRACED_REQUEST if torch.compiler.is_compiling() else _REQUEST.get()
     if req is not None:
@@ -347,9 +368,10 @@ def current_request(op: Optional[str] = None, backend: Optional[str] = None) -> 
     return _AUTO
 
 
-def requested_backend() -> Optional[str]:
-    """The backend name asked for by use_backend() or DITFAST_BACKEND; None means automatic."""
-    return current_request().name
+def requested_backend(op: Optional[str] = None) -> Optional[str]:
+    """The backend name in force (use_backend(), for ``op`` also its own variable, DITFAST_BACKEND);
+    None means automatic."""
+    return current_request(op).name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -363,7 +385,8 @@ _WARNED: set = set()
 
 def set_chooser(fn: Optional[Chooser]) -> None:
     """Install (None: remove) the measured-table hook of the automatic choice: ``fn(op, device, dtype,
-    width)`` names the preferred family or implementation for CUDA tensors, or None."""
+    width)`` names the preferred family or implementation for tensors on ``device`` (any device
+    type), or None."""
     global _CHOOSER
     _CHOOSER = fn
     clear_cache()
@@ -379,8 +402,11 @@ def _usable(op: str, name: str, spec: Spec) -> bool:
 
 
 def _automatic(op: str, spec: Spec) -> str:
-    if _CHOOSER is not None and spec.device_type == "cuda" and spec.width:
-        dev = torch.device("cuda", spec.device_index) if spec.device_index >= 0 else torch.device("cuda")
+    if _CHOOSER is not None and spec.width:
+        if spec.device_type == "cuda":
+            dev = torch.device("cuda", spec.device_index) if spec.device_index >= 0 else torch.device("cuda")
+        else:
+            dev = torch.device(spec.device_type)
         pick = _CHOOSER(op, dev, spec.dtype, spec.width)
         for name in _members(op, pick, spec):
             if _usable(op, name, spec):
@@ -395,6 +421,7 @@ def _members(op: str, name: Optional[str], spec: Spec) -> List[str]:
     """The implementations of ``op`` that a request for ``name`` covers, in priority order."""
     if name is None:
         return []
+    name = canonical(name)
     impls = _IMPLS[op]
     if name in FAMILIES:  # the family's namesake first (use_backend("reference") runs ditfast.reference)
         order = [name] * (name in impls) + list(priority(op, spec)) + list(impls)
@@ -428,13 +455,15 @@ def _resolve(op: str, request: Request, spec: Spec) -> str:
         members = [n for n in members if _IMPLS[op][n].devices is None or spec.device_type in _IMPLS[op][n].devices]
     if not members:
         msg = (f"ditfast backend {request.name!r} (asked for by {request.source}) has no implementation of {op} "
-               f"for {spec.device_type} tensors; implemented by {', '.join(_IMPLS[op])}")
+               f"for {spec.device_type} tensors; {_implemented_by(op, spec.device_type)}")
         if request.strict:
             raise RuntimeError(msg)
+        chosen = _automatic(op, spec)
         if (op, request.name, spec.device_type) not in _WARNED:
             _WARNED.add((op, request.name, spec.device_type))
-            warnings.warn(msg + "; running the automatic choice instead", RuntimeWarning, stacklevel=4)
-        return _automatic(op, spec)
+            warnings.warn(f"{msg}; running the automatic choice ({label(op, chosen, spec.device_type)}) instead",
+                          RuntimeWarning, stacklevel=4)
+        return chosen
     for name in members:
         if _usable(op, name, spec):
             return name
@@ -474,19 +503,53 @@ def families(op: str) -> Tuple[str, ...]:
 
 
 def impl(op: str, name: str) -> Impl:
-    return _IMPLS[op][name]
+    """The implementation ``name`` of ``op`` (a family alias names the family's namesake)."""
+    impls = _IMPLS[op]
+    return impls[name] if name in impls else impls[canonical(name)]
+
+
+def label(op: str, name: str, device_type: str) -> str:
+    """``name`` as reports print it: the compiled extension's implementation with the device it runs
+    on (``compiled C++ CPU`` / ``compiled CUDA``: ditfast._C's kernels for that device type); other
+    implementations by their own name (``sdpa_cpu``, ``flash_attn3``)."""
+    if name == "compiled" and device_type in DEVICE_LABELS:
+        return f"compiled {DEVICE_LABELS[device_type]}"
+    return name
+
+
+def _implemented_by(op: str, device_type: str) -> str:
+    """Which families implement ``op`` for ``device_type`` tensors, each with its implementations."""
+    on = {}
+    for name, i in _IMPLS[op].items():
+        if i.devices is None or device_type in i.devices:
+            on.setdefault(i.family, []).append(name)
+    if not on:
+        return f"nothing implements {op} for {device_type} tensors"
+    parts = [f"the {fam} family ({', '.join(names)})" for fam in FAMILIES if (names := on.get(fam))]
+    return f"on {device_type} tensors {op} is implemented by " + " and ".join(parts)
 
 
 def ops() -> Tuple[str, ...]:
     return tuple(_IMPLS)
 
 
-def explain(op: str, spec: Spec) -> str:
-    """One line per implementation of ``op``: usable, or why not; then the priority list and the choice."""
+def explain(op: str, spec: Spec, request: Optional[Request] = None) -> str:
+    """One line per implementation of ``op``: usable, or why not; then the automatic choice (the
+    measured table's pick or the priority list) and, given ``request`` (e.g. :func:`current_request`),
+    the request in force and what it runs: the last line names what the next call runs."""
     lines = [f"{op} implementations for {spec.describe()}:"]
     for name, i in _IMPLS[op].items():
         why = i.reasons(spec)
         lines.append(f"  {name:15s} [{i.family}] " + ("usable" if not why else "no: " + "; ".join(why)))
-    usable = [n for n in priority(op, spec) if _usable(op, n, spec)]
-    lines.append(f"  priority: {', '.join(priority(op, spec))} -> {usable[0] if usable else 'none'}")
+    try:
+        auto = _automatic(op, spec)
+    except RuntimeError:
+        auto = "none"
+    lines.append(f"  priority: {', '.join(priority(op, spec))} -> automatic choice {auto}")
+    if request is not None and request.name is not None:
+        try:
+            runs = resolve_name(op, request, spec)
+        except RuntimeError as exc:
+            runs = f"error: {str(exc).splitlines()[0]}"
+        lines.append(f"  requested: {request.name} (by {request.source}) -> runs {runs}")
     return "\n".join(lines)

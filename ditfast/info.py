@@ -1,8 +1,10 @@
 """``python -m ditfast.info``: what ditfast can run on this machine, and why not where it can't.
 
-Prints the versions, the devices, the backend families, and for every op the implementation the
-dispatcher (ditfast/_backend.py) picks for bf16 and fp32 inputs, with every implementation's reasons
-against it: the same resolution the ops run.
+Prints the versions, the devices, the backend families, the request in force (per op where an op
+has its own variable, such as DITFAST_ATTENTION_BACKEND), and for every op the implementation the
+next call runs for bf16 and fp32 inputs (the dispatcher's own resolution, ditfast/_backend.py,
+request included), with every implementation's reasons against it. Compiled-extension kernels are
+labelled by the device they run on: ``compiled C++ CPU`` / ``compiled CUDA``.
 """
 from __future__ import annotations
 
@@ -49,10 +51,21 @@ def _spec(device: str, dtype: torch.dtype) -> _backend.Spec:
 
 
 def _choice(op: str, spec: _backend.Spec) -> str:
+    """What the next call of ``op`` runs for inputs like ``spec``: the name ops resolve, labelled."""
     try:
-        return _backend.resolve_name(op, _backend.current_request(op), spec)
+        return _backend.label(op, _backend.resolve_name(op, _backend.current_request(op), spec), spec.device_type)
     except RuntimeError as exc:
         return f"error: {str(exc).splitlines()[0]}"
+
+
+def _request_lines() -> list[str]:
+    req = _backend.current_request()
+    out = [f"requested backend: {req.name or 'automatic'} ({req.source})"]
+    for op in _backend.ops():
+        op_req = _backend.current_request(op)
+        if op_req != req:  # an op's own variable (DITFAST_ATTENTION_BACKEND) overrides for that op
+            out.append(f"  {op}: {op_req.name or 'automatic'} ({op_req.source})")
+    return out
 
 
 def report() -> str:
@@ -64,8 +77,7 @@ def report() -> str:
     else:
         out.append("GPU: none visible to torch; ops run on CPU (reference, or the compiled extension)")
     out.append(f"ditfast._C build: {_ext.build_info()}")
-    req = _backend.current_request()
-    out.append(f"requested backend: {req.name or 'automatic'} ({req.source})")
+    out.extend(_request_lines())
     for dev in devices:
         out.append("")
         out.append(f"backend families on {dev}:")
@@ -77,9 +89,11 @@ def report() -> str:
         out.append(f"ops on {dev} (the choice for bf16 / fp32 inputs of width {_WIDTH}; implementations):")
         for op in _backend.ops():
             picks = " / ".join(_choice(op, _spec(dev, dt)) for dt in (torch.bfloat16, torch.float32))
-            out.append(f"  {op:<30} -> {picks:<24} [{', '.join(_backend.implemented(op))}]")
+            out.append(f"  {op:<30} -> {picks:<40} [{', '.join(_backend.implemented(op))}]")
         for dtype in (torch.bfloat16, torch.float32):
-            out.append(_backend.explain("joint_attention", _spec(dev, dtype)))
+            spec = _spec(dev, dtype)
+            out.append(_backend.explain("joint_attention", spec, _backend.current_request("joint_attention")))
+            out.append(f"  runs: {_choice('joint_attention', spec)}")
     return "\n".join(out)
 
 

@@ -48,7 +48,7 @@ SHAPES = {  # name: (B, Lq = Lk, H, Dh, hidden width)
 
 # Upper-case kernel arguments are pointers (default bf16) except the integer scalars listed; lower-case
 # ones are integer scalars except the float ones.
-INT_SCALARS = {A: {"LQ", "LK", "H", "N_SPLITS"}, M: {"N_ROWS", "L", "D", "ROWS", "NCHUNK"}}
+INT_SCALARS = {A: {"LQ", "LK", "H", "HKV", "GROUP", "N_SPLITS"}, M: {"N_ROWS", "L", "D", "ROWS", "NCHUNK"}}
 FLOAT_SCALARS = {"sm_scale", "qk_scale", "eps"}
 FP32_POINTERS = {"LSE", "DELTA", "DQ_ACC", "MEAN", "RSTD"}
 # rope.py names its pointers *_ptr: bf16 activations, fp32 statistics / tables / weight grads
@@ -149,8 +149,9 @@ def attention_rows():
     for shape_name, (B, L, H, Dh, _) in SHAPES.items():
         dp = A.padded_head_dim(Dh)
         shape = f"{shape_name}: B={B} L={L} H={H} Dh={Dh} bf16"
-        base = dict(D=Dh, DP=dp, PREC="tf32", MM=tl.bfloat16, ROUND_BF16=False)
-        vals = dict(LQ=L, LK=L, H=H)
+        # GROUP = 1 (no grouped heads): Triton specializes an integer argument equal to 1 as a constant
+        base = dict(D=Dh, DP=dp, PREC="tf32", MM=tl.bfloat16, ROUND_BF16=False, GROUP=1)
+        vals = dict(LQ=L, LK=L, H=H, HKV=H)
         for i, cfg in enumerate(A.configs("fwd", dp, torch.bfloat16)):  # the forward and its fallbacks
             blocks, warps, stages = _launch_opts(cfg)
             compile_sm90(A, A._attn_fwd_kernel, dict(base, EVEN_N=L % blocks["BLOCK_N"] == 0, **blocks),
@@ -173,6 +174,22 @@ def attention_rows():
             compile_sm90(A, A._attn_bwd_kernel, dict(base, DETERMINISTIC=det, **blocks), warps, stages,
                          label=dict(blocks, deterministic=det, splits=splits), shape=shape, grid=splits * B * H,
                          values=dict(vals, N_SPLITS=splits))
+    # grouped-query attention (Lumina 2 style: 24 query heads over 8 k / v heads): GROUP is a run-time
+    # integer there, the backward loops over the group
+    B, L, H, Dh, _ = SHAPES["flux"]
+    Hk, dp = 8, A.padded_head_dim(Dh)
+    shape = f"flux_gqa: B={B} L={L} H={H} H_kv={Hk} Dh={Dh} bf16"
+    base = dict(D=Dh, DP=dp, PREC="tf32", MM=tl.bfloat16, ROUND_BF16=False)
+    vals = dict(LQ=L, LK=L, H=H, HKV=Hk, GROUP=H // Hk)
+    blocks, warps, stages = _launch_opts(A.configs("fwd", dp, torch.bfloat16)[0])
+    compile_sm90(A, A._attn_fwd_kernel, dict(base, EVEN_N=L % blocks["BLOCK_N"] == 0, **blocks), warps, stages,
+                 label=dict(blocks, fallback=0), shape=shape, values=vals, grid=triton.cdiv(L, blocks["BLOCK_M"]) * B * H)
+    blocks, warps, stages = _launch_opts(A.configs("bwd", dp, torch.bfloat16)[0])
+    n_blocks = triton.cdiv(L, blocks["BLOCK_N"])
+    splits = A.num_splits(n_blocks, B * Hk, SMS * (2 if warps <= 4 else 1))
+    compile_sm90(A, A._attn_bwd_kernel, dict(base, DETERMINISTIC=True, **blocks), warps, stages,
+                 label=dict(blocks, deterministic=True, splits=splits), shape=shape, grid=splits * B * Hk,
+                 values=dict(vals, N_SPLITS=splits))
 
 
 def unit(kernel) -> dict:
@@ -249,7 +266,7 @@ def prepare_rows():
         rope = shape_name == "flux"
         L_txt, L_img = (512, 4096) if rope else (333, 4096)
         N = B * L_img * H
-        plan = R._Plan(N, Dh, rope, torch.device("cuda"))
+        plan = P.prepare_plan(N, Dh, rope, torch.device("cuda"))
         consts = dict(DO_NORM=True, HAS_ROPE=rope, INTERLEAVED=rope, BLOCK_R=plan.BLOCK_R, BLOCK_P=plan.BLOCK_P,
                       BLOCK_PV=triton.next_power_of_2((Dh + 1) // 2), SOFT_BF16=False)
         compile_sm90(P, P._prepare_fwd_kernel, consts, plan.num_warps,

@@ -275,7 +275,7 @@ def test_lse_on_every_backend_that_declares_it(name, dtype):
 
 def test_lse_request_skips_backends_without_it():
     q = torch.randn(1, 5, 2, 16)
-    assert backends.choose_backend(q, q, q, return_lse=True) == "reference"
+    assert backends.choose_backend(q, q, q, return_lse=True) == "sdpa_cpu"  # through its aten op
     with pytest.raises(RuntimeError, match="sdpa_math.*cannot return lse"):
         ops.joint_attention(q, q, q, backend="sdpa_math", return_lse=True)
 
@@ -371,3 +371,87 @@ def test_joint_attention_validation():
         ops.joint_attention(q, q.half(), q.half())
     with pytest.raises(TypeError, match="a backend is a string or None"):
         ops.joint_attention(q, q, q, backend=3)
+
+
+# ------------------------------------------------------------------------------------------------
+# softmax_scale and grouped-query attention on every backend (issue 27.6)
+# ------------------------------------------------------------------------------------------------
+def gqa_reference(scale):
+    """PyTorch's own answer: unpinned SDPA on k / v repeated per query head, with the scale."""
+    def ref(q, k, v):
+        g = q.shape[2] // k.shape[2]
+        k, v = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
+        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                               v.transpose(1, 2), scale=scale)
+        return out.transpose(1, 2)
+    return ref
+
+
+def _gqa_cases():
+    for name in backends.NAMES:
+        for dtype in DTYPES:
+            if dtype in _backend.impl(backends.OP, name).dtypes:
+                yield pytest.param(name, dtype, id=f"{name}-{str(dtype)[6:]}")
+
+
+# (B, Lq, Lk, H, H_kv, Dh, scale): odd lengths, Lq != Lk, padded head dims, GQA 3:1 and MQA, scales
+GQA_SHAPES = [(2, 19, 13, 6, 2, 40, 0.3), (1, 13, 21, 4, 1, 72, None), (2, 11, 11, 2, 2, 24, 1.7)]
+
+
+@pytest.mark.parametrize("shape", GQA_SHAPES, ids=lambda s: "B{}_Lq{}_Lk{}_H{}_Hkv{}_Dh{}_scale{}".format(*s))
+@pytest.mark.parametrize("name, dtype", list(_gqa_cases()))
+def test_scale_and_grouped_heads_on_every_backend(name, dtype, shape):
+    """joint_attention(q, k, v, softmax_scale=s) with fewer k / v heads, forward and backward, by the
+    rule against PyTorch SDPA on repeated k / v: every backend that runs here (the Triton kernel
+    under the interpreter on CPU)."""
+    B, Lq, Lk, H, Hk, Dh, scale = shape
+    if ON_GPU:
+        Lq, Lk = Lq * 17, Lk * 23
+    q = torch.randn(B, Lq, H, Dh, device=DEVICE, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(B, Lk, Hk, Dh, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(2))
+    _skip_unless_runs(name, q)
+    fast = lambda q, k, v: ops.joint_attention(q, k, v, backend=name, softmax_scale=scale)  # noqa: E731
+    check_op(fast, gqa_reference(scale), [q, k, v], name=f"{name} GQA {H}:{Hk} scale {scale}")
+
+
+@pytest.mark.parametrize("name", [n for n in backends.NAMES if "lse" in _backend.impl(backends.OP, n).features])
+def test_lse_with_scale_and_grouped_heads(name):
+    """lse (B, H, Lq) of the scaled scores of each query head against its k / v head."""
+    B, Lq, Lk, H, Hk, Dh, scale = 2, 13, 29, 6, 3, 40, 0.2
+    q = torch.randn(B, Lq, H, Dh, device=DEVICE)
+    k, v = torch.randn(B, Lk, Hk, Dh, device=DEVICE), torch.randn(B, Lk, Hk, Dh, device=DEVICE)
+    _skip_unless_runs(name, q, ("lse",))
+    o, lse = ops.joint_attention(q, k, v, backend=name, softmax_scale=scale, return_lse=True)
+    kk = k.double().repeat_interleave(H // Hk, 2)
+    want = torch.logsumexp(torch.einsum("bqhd,bkhd->bhqk", q.double(), kk) * scale, -1)
+    assert lse.shape == (B, H, Lq) and lse.dtype == torch.float32
+    torch.testing.assert_close(lse.double(), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(o, gqa_reference(scale)(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_default_scale_is_inverse_sqrt_head_dim():
+    q, k, v = qkv(1, 7, 2, 40, torch.float32, grad=False)
+    for name in ("reference", "sdpa_math", "sdpa_cpu") + (("triton",) if _triton_ok() else ()):
+        if _backend.impl(backends.OP, name).not_supported_reasons(q):
+            continue
+        torch.testing.assert_close(ops.joint_attention(q, k, v, backend=name),
+                                   ops.joint_attention(q, k, v, backend=name, softmax_scale=40 ** -0.5))
+
+
+def test_sdpa_layout_is_caught_with_a_hint():
+    """(B, H, L, Dh) tensors (SDPA's layout) whose (B, L, H, Dh) reading is inconsistent but whose
+    transposed reading fits: the error says to transpose. Mismatches that no transpose fixes get
+    the plain message; valid grouped heads pass."""
+    B, H, Lq, Lk, Dh = 2, 4, 9, 7, 16
+    q, k = torch.randn(B, H, Lq, Dh), torch.randn(B, H, Lk, Dh)  # SDPA layout, Lq % Lk != 0
+    with pytest.raises(ValueError, match=r"look like PyTorch SDPA's \(B, H, L, Dh\) layout.*q.transpose\(1, 2\)"):
+        ops.joint_attention(q, k, k)
+    q2, k2 = torch.randn(B, 2, 9, Dh), torch.randn(B, 2 * 3, 2, Dh)  # no reading fits: H_q 9, H_kv 2; 2 vs 6
+    with pytest.raises(ValueError, match="H_kv dividing") as info:
+        ops.joint_attention(q2, k2, k2)
+    assert "SDPA" not in str(info.value)
+    with pytest.raises(ValueError, match="k must have shape"):
+        ops.joint_attention(torch.randn(B, 5, 4, Dh), torch.randn(B, 5, 4, Dh + 1), torch.randn(B, 5, 4, Dh + 1))
+    assert ops.joint_attention(torch.randn(B, 5, 4, Dh), torch.randn(B, 3, 2, Dh), torch.randn(B, 3, 2, Dh)).shape == (B, 5, 4, Dh)
+    with pytest.raises(TypeError, match="softmax_scale must be a float"):
+        ops.joint_attention(q, q, q, softmax_scale="0.1")

@@ -86,8 +86,9 @@ ALL = set(backends.NAMES)
         (cuda(TURING, F16, 64), (), "sdpa_efficient"),  # flash, cuDNN and Triton need sm80
         (cuda(HOPPER, F16, 300), (), "sdpa_math"),  # 300 > 256 and not a multiple of 8
         (cuda(HOPPER), ALL - {"reference"}, "reference"),
-        (Spec("cpu", BF16, 72), (), "reference"),
-        (Spec("cpu", F32, 72), ("reference",), "sdpa_math"),
+        (Spec("cpu", BF16, 72), (), "sdpa_cpu"),  # SDPA's CPU flash kernel: the fastest forward measured
+        (Spec("cpu", F16, 72), ("sdpa_cpu",), "reference"),
+        (Spec("cpu", F32, 72), ("sdpa_cpu", "reference"), "sdpa_math"),
     ],
 )
 def test_automatic_choice(fake, spec, absent, expected):
@@ -98,18 +99,18 @@ def test_automatic_choice(fake, spec, absent, expected):
 
 def test_every_priority_list_holds_the_reference():
     """The reference runs everything, so the automatic choice never fails (on CUDA it comes last;
-    on CPU first: its unpinned SDPA picks PyTorch's fastest CPU kernel)."""
+    on CPU after SDPA's CPU flash kernel)."""
     for cap in (None, TURING, AMPERE, ADA, HOPPER, BLACKWELL, (12, 0)):
         for dtype in (F32, BF16, F16):
             for dh in (40, 64, 72, 128, 256):
                 order = _backend.priority(OP, Spec("cuda" if cap else "cpu", dtype, dh, cap))
-                assert order[-1 if cap else 0] == "reference" and len(set(order)) == len(order), order
+                assert order[-1 if cap else 1] == "reference" and len(set(order)) == len(order), order
                 assert set(order) <= set(backends.NAMES)
 
 
 def test_choose_backend_on_real_tensors():
     q = torch.randn(2, 5, 2, 40)
-    assert backends.choose_backend(q, q, q) == "reference"  # CPU
+    assert backends.choose_backend(q, q, q) == "sdpa_cpu"  # CPU
     assert ops.joint_attention(q, q, q).shape == q.shape
 
 
@@ -181,7 +182,7 @@ def test_impossible_request_lists_every_backends_reasons(fake):
                 assert reason in line, (name, reason, line)
         else:
             assert "usable" in line
-    assert "-> sdpa_efficient" in msg
+    assert "-> automatic choice sdpa_efficient" in msg
 
 
 def test_impossible_request_on_real_tensors():
@@ -235,6 +236,8 @@ def test_lse_requests_skip_implementations_without_it(fake):
     assert auto(cuda(HOPPER)) == "sdpa_cudnn"
     assert auto(spec) == "triton"  # cuDNN's lse is not exposed: skipped when lse is asked for
     assert "cannot return lse" in " ".join(impl("sdpa_cudnn").reasons(spec))
+    assert auto(Spec("cpu", F32, 64, None, -1, ("lse",))) == "sdpa_cpu"  # through its aten op
+    fake(ALL - {"sdpa_cpu"})
     assert auto(Spec("cpu", F32, 64, None, -1, ("lse",))) == "reference"  # sdpa_math has no lse
 
 
@@ -252,27 +255,44 @@ def test_use_backend_routes_joint_attention(monkeypatch):
     assert calls == ["reference", "sdpa_math", "sdpa_math"]
 
 
-def test_family_without_the_op_on_this_device_falls_back_with_one_warning(monkeypatch):
-    """use_backend("cuda") on CPU tensors: no CUDA attention runs on CPU, so attention takes its
-    automatic choice (warned once), while the modulate ops run the extension's CPU kernels."""
+def test_family_without_the_op_on_this_device_falls_back_with_one_warning(fake, monkeypatch):
+    """use_backend("compiled") on CPU tensors where no compiled attention runs on CPU (SDPA's CPU
+    kernel declared CUDA-only here): attention takes its automatic choice (warned once, naming what
+    runs and which families implement the op on CPU), while the modulate ops run the extension's
+    CPU kernels."""
+    fake(ALL - {"sdpa_cpu"})
+    monkeypatch.setattr(impl("sdpa_cpu"), "devices", ("cuda",))
     monkeypatch.setattr(_backend, "_WARNED", set())
-    monkeypatch.setattr(_backend, "_CACHE", {})
     q = torch.randn(1, 3, 2, 32)
-    with ditfast.use_backend("cuda"), pytest.warns(RuntimeWarning, match="no implementation of joint_attention for cpu"):
+    with ditfast.use_backend("compiled"), pytest.warns(RuntimeWarning) as record:
         out = ops.joint_attention(q, q, q)
+    msg = str(record[0].message)
+    assert "ditfast backend 'compiled'" in msg and "usable" not in msg
+    assert ("on cpu tensors joint_attention is implemented by the reference family (sdpa_math, reference) and "
+            "the triton family (triton)") in msg
+    assert "running the automatic choice (reference) instead" in msg
     torch.testing.assert_close(out, reference.joint_attention(q, q, q))
     _backend._CACHE.clear()
     import warnings
-    with ditfast.use_backend("cuda"), warnings.catch_warnings():
+    with ditfast.use_backend("cuda"), warnings.catch_warnings():  # the alias: the same request, warned once
         warnings.simplefilter("error")
-        ops.joint_attention(q, q, q)  # warned once only
-    with ditfast.use_backend("cuda", strict=True), pytest.raises(RuntimeError, match="no implementation of joint_attention"):
         ops.joint_attention(q, q, q)
+    with ditfast.use_backend("compiled", strict=True), pytest.raises(RuntimeError, match="no implementation of joint_attention"):
+        ops.joint_attention(q, q, q)
+
+
+def test_compiled_family_on_cpu_is_sdpas_cpu_kernel(monkeypatch):
+    """With every package present, use_backend("compiled") / its alias "cuda" on CPU tensors runs
+    SDPA's CPU flash kernel, the compiled family's member there."""
+    q = torch.randn(1, 3, 2, 32)
+    for name in ("compiled", "cuda"):
+        with ditfast.use_backend(name):
+            assert ops.choose_backend(q, q, q) == "sdpa_cpu"
 
 
 def test_registered_in_the_one_registry():
     assert set(_backend.implemented("joint_attention")) == set(backends.NAMES) >= {"reference", "triton", "sdpa_math"}
-    assert set(_backend.families("joint_attention")) == {"reference", "triton", "cuda"}
+    assert set(_backend.families("joint_attention")) == {"reference", "triton", "compiled"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -307,3 +327,88 @@ def test_float64_runs_on_attention_backends_asked_for_by_name():
         assert got.dtype == torch.float64 and torch.allclose(got, want, rtol=1e-12, atol=1e-12), name
     with pytest.raises(TypeError, match="q is float64"):
         ops.joint_attention(q, k, v)
+
+
+# ------------------------------------------------------------------------------------------------
+# Introspection reports what the next call runs (issue 27.3): each function against a spy
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def spy(monkeypatch):
+    """Every attention implementation's callable wrapped to record its name when it runs."""
+    calls = []
+    for name in backends.NAMES:
+        fn = impl(name).fn
+        monkeypatch.setattr(impl(name), "fn", lambda *a, name=name, fn=fn, **k: calls.append(name) or fn(*a, **k))
+    monkeypatch.setattr(_backend, "_CACHE", {})
+    monkeypatch.setitem(_backend._ENV_REQUEST, OP, None)
+    monkeypatch.setattr(_backend, "_ENV_BACKEND", None)
+    return calls
+
+
+def _ran(calls, q, k, v, **kw):
+    calls.clear()
+    ops.joint_attention(q, k, v, **kw)
+    assert len(calls) == 1, calls
+    return calls[0]
+
+
+def _explained(q, k, v, **kw):
+    last = backends.explain_choice(q, k, v, **kw).splitlines()[-1]
+    return last.rsplit(" ", 1)[-1]  # "... -> automatic choice X" or "... -> runs X"
+
+
+REQUESTS = [  # (how the request is made, its argument)
+    ("auto", None), ("use_backend", "sdpa_math"), ("use_backend", "reference"), ("use_backend", "compiled"),
+    ("use_backend", "cuda"), ("use_backend", "triton"), ("env_attention", "sdpa_math"), ("env_attention", "reference"),
+    ("env_backend", "reference"), ("argument", "sdpa_math"), ("argument", "auto"),
+]
+
+
+@pytest.mark.parametrize("how, name", REQUESTS, ids=lambda x: str(x).replace("cuda", "alias"))
+@pytest.mark.parametrize("return_lse", [False, True], ids=["o", "lse"])
+def test_introspection_reports_what_runs(spy, monkeypatch, how, name, return_lse):
+    """ops.choose_backend, ops.explain_choice, _backend.chosen_name and python -m ditfast.info's
+    choice each name exactly the implementation the next joint_attention call runs, under every
+    kind of request (DITFAST_ATTENTION_BACKEND, DITFAST_BACKEND, use_backend, backend=, none)."""
+    import contextlib
+    from ditfast import info
+
+    if how == "use_backend" and name == "triton" and _backend.impl(OP, "triton").reasons(Spec("cpu", F32, 128)):
+        pytest.skip("the triton backend cannot run on CPU here (no TRITON_INTERPRET=1)")
+    if how == "env_attention":
+        monkeypatch.setitem(_backend._ENV_REQUEST, OP, name)
+    if how == "env_backend":
+        monkeypatch.setattr(_backend, "_ENV_BACKEND", name)
+    ctx = ditfast.use_backend(name) if how == "use_backend" else contextlib.nullcontext()
+    kw = {"backend": name} if how == "argument" else {}
+    q = torch.randn(1, 5, 2, 128)
+    k, v = torch.randn(1, 7, 2, 128), torch.randn(1, 7, 2, 128)
+    features = ("lse",) if return_lse else ()
+    with ctx:
+        try:
+            said = backends.choose_backend(q, k, v, return_lse=return_lse, **kw)
+        except RuntimeError as exc:  # the request cannot run these inputs: the call raises the same
+            with pytest.raises(RuntimeError, match="cannot run"):
+                ops.joint_attention(q, k, v, return_lse=return_lse, **kw)
+            assert "cannot run" in str(exc) and return_lse and name == "sdpa_math"
+            return
+        ran = _ran(spy, q, k, v, return_lse=return_lse, **kw)
+        assert said == ran
+        assert _explained(q, k, v, return_lse=return_lse, **kw) == ran
+        if how != "argument":  # these read the request in force (no backend= argument)
+            assert _backend.chosen_name(OP, q.device, q, features) == ran
+            if not return_lse:
+                assert info._choice(OP, Spec("cpu", F32, 128)) == ran
+                report = info.report()
+                line = next(l for l in report.splitlines() if l.strip().startswith(OP + " "))
+                assert f"-> {ran} / " in line, line
+                assert f"runs: {ran}" in report
+                if how == "env_attention":
+                    assert f"  {OP}: {name} (DITFAST_ATTENTION_BACKEND)" in report
+
+
+def test_grouped_and_scaled_calls_report_what_runs(spy):
+    """GQA and softmax_scale do not change the resolution: choose_backend still names what runs."""
+    q, k = torch.randn(1, 5, 4, 16), torch.randn(1, 3, 2, 16)
+    for kw in ({}, {"backend": "reference"}, {"backend": "sdpa_math"}):
+        assert backends.choose_backend(q, k, k, **kw) == _ran(spy, q, k, k, softmax_scale=0.3, **kw)

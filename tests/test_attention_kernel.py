@@ -170,6 +170,7 @@ def test_head_dim_limit_agrees_with_kernel():
         (lambda q, k, v: (q[0], k, v), ValueError, r"q must be \(B, L, H, Dh\)"),
         (lambda q, k, v: (q, k, v[:, :3]), ValueError, "v must have the shape of k"),
         (lambda q, k, v: (q, k[..., :32], v[..., :32]), ValueError, "k must have shape"),
+        (lambda q, k, v: (q.repeat(1, 1, 3, 1), k.repeat(1, 1, 2, 1), v.repeat(1, 1, 2, 1)), ValueError, "H_kv dividing"),
         (lambda q, k, v: (q.repeat(1, 1, 1, 8), k.repeat(1, 1, 1, 8), v.repeat(1, 1, 1, 8)), ValueError, "head dims"),
         (lambda q, k, v: (q, k.tolist(), v), TypeError, "k must be a torch.Tensor"),
     ],
@@ -184,12 +185,51 @@ def test_validation_names_the_argument(mutate, error, match):
 # torch.library: opcheck and torch.compile
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_opcheck(dtype):
-    q, k, v = qkv(2, 9, 13, 2, 40, dtype)
-    torch.library.opcheck(torch.ops.ditfast.flash_attention.default, (q, k, v))
-    o, lse = (t.detach() for t in torch.ops.ditfast.flash_attention(q, k, v))
-    args = (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o, lse, True)
-    torch.library.opcheck(torch.ops.ditfast.flash_attention_backward.default, args)
+@pytest.mark.parametrize("heads", [(2, 2), (4, 2)], ids=["mha", "gqa"])
+def test_opcheck(dtype, heads):
+    """Both ops, with softmax_scale left at its default (not passed) and given; grouped k / v heads."""
+    H, Hk = heads
+    q = torch.randn(2, 9, H, 40, device=DEVICE, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(2, 13, Hk, 40, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(2))
+    fwd, bwd = torch.ops.ditfast.flash_attention.default, torch.ops.ditfast.flash_attention_backward.default
+    for extra in ((), (0.3,)):
+        torch.library.opcheck(fwd, (q, k, v) + extra)
+        o, lse = (t.detach() for t in fwd(q, k, v, *extra))
+        args = (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o, lse, True)
+        torch.library.opcheck(bwd, args + extra)
+    torch.library.opcheck(fwd, (q, k, v), {"softmax_scale": 0.3})
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 37, 21, 6, 2, 40, 0.3), (1, 19, 45, 4, 1, 72, None), (1, 33, 17, 4, 2, 64, 2.0)],
+                         ids=lambda s: "B{}_Lq{}_Lk{}_H{}_Hkv{}_Dh{}_scale{}".format(*s))
+def test_grouped_heads_and_scale(dtype, shape):
+    """GQA / MQA (k, v with H_kv heads, dk, dv reduced over each group) and a softmax scale, forward
+    and backward, by the rule against PyTorch SDPA on k / v repeated per query head."""
+    B, Lq, Lk, H, Hk, Dh, scale = shape
+    q = torch.randn(B, Lq, H, Dh, device=DEVICE, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(B, Lk, Hk, Dh, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(2))
+
+    def ref(q, k, v):
+        g = H // Hk
+        t = lambda x: x.transpose(1, 2)  # noqa: E731
+        return t(torch.nn.functional.scaled_dot_product_attention(
+            t(q), t(k.repeat_interleave(g, 2)), t(v.repeat_interleave(g, 2)), scale=scale))
+
+    check_op(lambda q, k, v: triton_attention(q, k, v, softmax_scale=scale), ref, [q, k, v], name="triton GQA")
+
+
+def test_grouped_backward_is_deterministic():
+    from ditfast.kernels.triton import attention as K
+
+    q = torch.randn(2, 45, 4, 40, device=DEVICE, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 77, 2, 40, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    o, lse = K.attention_forward(q, k, v, 0.25)
+    do = torch.randn_like(o)
+    first = K.attention_backward(do, q, k, v, o, lse, True, 0.25)
+    second = K.attention_backward(do, q, k, v, o, lse, True, 0.25)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert first[1].shape == k.shape and first[2].shape == v.shape
 
 
 def test_torch_compile_fullgraph():

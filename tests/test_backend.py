@@ -78,7 +78,7 @@ def test_backend_without_the_op_falls_back_with_a_warning_or_raises_when_strict(
     """A whole model runs under use_backend("cuda"): gated_residual has no CUDA kernel, so it takes its
     automatic choice (warned once); strict=True raises instead."""
     x, g = torch.randn(2, 3, 8), torch.randn(2, 8)
-    with ditfast.use_backend("cuda"), pytest.warns(RuntimeWarning, match="'cuda' .* has no implementation of gated_residual"):
+    with ditfast.use_backend("cuda"), pytest.warns(RuntimeWarning, match="'compiled' .* has no implementation of gated_residual"):
         out = ditfast.ops.gated_residual(x, x, g)
     torch.testing.assert_close(out, ditfast.reference.gated_residual(x, x, g))
     with ditfast.use_backend("cuda", strict=True), pytest.raises(RuntimeError, match="has no implementation of gated_residual"):
@@ -110,9 +110,11 @@ def test_width_limits_steer_the_choice(fresh, monkeypatch):
 
 
 def test_automatic_choice_prefers_order(fresh, monkeypatch):
-    _fake_probe(monkeypatch, "norm_modulate", "cuda", True)
-    assert _backend.chosen_name("norm_modulate", torch.device("cpu")) == "cuda"
-    _fake_probe(monkeypatch, "norm_modulate", "cuda", False)
+    _fake_probe(monkeypatch, "norm_modulate", "compiled", True)
+    assert _backend.chosen_name("norm_modulate", torch.device("cpu")) == "compiled"
+    assert _backend.label("norm_modulate", "compiled", "cpu") == "compiled C++ CPU"
+    assert _backend.label("norm_modulate", "compiled", "cuda") == "compiled CUDA"
+    _fake_probe(monkeypatch, "norm_modulate", "cuda", False)  # the alias names the same implementation
     assert _backend.chosen_name("norm_modulate", torch.device("cpu")) == "reference"
 
 
@@ -129,9 +131,10 @@ def test_choice_is_cached_per_op_request_and_spec(fresh, monkeypatch):
 
 
 def test_measured_table_steers_the_automatic_choice_on_cuda(fresh, monkeypatch):
-    """On CUDA tensors the chooser (the measured table) is asked first, keyed by the main input's dtype
-    and row width; no entry, a backend without the op or an unavailable one falls back to the priority
-    order; an explicitly requested backend wins; CPU tensors never consult it."""
+    """The chooser (the measured table) is asked first, on every device type, keyed by the main
+    input's dtype and row width; no entry, a backend without the op or an unavailable one falls back
+    to the priority order; an explicitly requested backend wins. The table may name a family by its
+    alias ("cuda")."""
     asked = []
 
     def chooser(op, device, dtype, width):
@@ -149,7 +152,7 @@ def test_measured_table_steers_the_automatic_choice_on_cuda(fresh, monkeypatch):
     def auto(op, s):
         return _backend.resolve_name(op, _backend.current_request(op), s)
 
-    assert auto("norm_modulate", spec(1152)) == "cuda"
+    assert auto("norm_modulate", spec(1152)) == "compiled"
     assert asked == [("norm_modulate", "cuda", torch.bfloat16, 1152)]
     assert auto("norm_modulate", spec(1000)) == "triton"  # no entry: the priority order
     assert auto("gated_residual", spec(1152)) == "triton"  # the table's pick lacks the op
@@ -159,8 +162,12 @@ def test_measured_table_steers_the_automatic_choice_on_cuda(fresh, monkeypatch):
         assert auto("norm_modulate", spec(1152)) == "reference"
     asked.clear()
     _fake_probe(monkeypatch, "norm_modulate", "cuda", True)
-    assert auto("norm_modulate", _backend.Spec("cpu", torch.float32, 1152)) == "cuda"  # priority on CPU
-    assert asked == []
+    assert auto("norm_modulate", _backend.Spec("cpu", torch.float32, 1000)) == "compiled"  # priority on CPU
+    assert asked == [("norm_modulate", "cpu", torch.float32, 1000)]
+    monkeypatch.setattr(_backend, "_CACHE", {})
+    _fake_probe(monkeypatch, "norm_modulate", "reference", True)
+    monkeypatch.setattr(_backend, "_CHOOSER", lambda op, device, dtype, width: "reference")
+    assert auto("norm_modulate", _backend.Spec("cpu", torch.float32, 1000)) == "reference"  # a CPU entry wins
 
 
 def test_the_ops_pass_their_input_to_the_chooser(monkeypatch):
@@ -230,3 +237,46 @@ def test_compiled_code_follows_use_backend():
     assert not any("ditfast" in t for t in graphs[0]), graphs[0]
     assert any("ditfast" in t for t in graphs[1]), graphs[1]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_is_an_alias_of_compiled(fresh):
+    """The compiled family was called "cuda": that name keeps working wherever a family is named."""
+    with ditfast.use_backend("cuda"):
+        assert _backend.requested_backend() == "compiled"
+    assert _backend.impl("norm_modulate", "cuda") is _backend.impl("norm_modulate", "compiled")
+    assert _backend.availability("cuda", "cpu") == _backend.availability("compiled", "cpu")
+    assert _backend.check_name("cuda") == "compiled" and "cuda" in _backend.BACKENDS
+    env = dict(os.environ, DITFAST_BACKEND="cuda")
+    code = "import ditfast; from ditfast import _backend; print(_backend.requested_backend())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "compiled"
+
+
+@pytest.mark.parametrize("request_name", [None, "reference", "compiled", pytest.param("cuda", id="alias"), "triton"])
+def test_introspection_reports_what_runs_for_the_elementwise_ops(fresh, monkeypatch, request_name):
+    """chosen_name, select and ditfast.info's choice name the implementation norm_modulate runs
+    (a spy on every implementation), under no request and each family request; info labels the
+    extension's kernels by device, never "cuda" for CPU kernels."""
+    from ditfast import info
+
+    if request_name == "triton" and not _backend.availability("triton", "cpu")[0]:
+        pytest.skip("no Triton interpreter here")
+    calls = []
+    for name in _backend.implemented("norm_modulate"):
+        fn = _backend.impl("norm_modulate", name).fn
+        monkeypatch.setattr(_backend.impl("norm_modulate", name), "fn",
+                            lambda *a, name=name, fn=fn, **k: calls.append(name) or fn(*a, **k))
+    x, m = torch.randn(2, 3, 128), torch.randn(2, 128)
+    with ditfast.use_backend(request_name):
+        said = _backend.chosen_name("norm_modulate", x.device, x)
+        ditfast.ops.norm_modulate(x, m, m)
+        assert calls == [said]
+        assert info._choice("norm_modulate", _backend.Spec("cpu", torch.float32, 128)) == _backend.label(
+            "norm_modulate", said, "cpu")
+        report = info.report()
+    cpu_ops = report.split("ops on cpu", 1)[1].split("joint_attention implementations", 1)[0]
+    for line in cpu_ops.splitlines()[1:]:
+        choice = line.split("->", 1)[1].split("[", 1)[0]
+        assert "cuda" not in choice, line
+    if said == "compiled":
+        assert "-> compiled C++ CPU / compiled C++ CPU" in report

@@ -2,7 +2,9 @@
 peers a user would otherwise run, in this order so that a time limit cuts the costly peers first:
 
   "ditfast"             ditfast with its automatic backend choice (what a user gets by default)
-  "ditfast:<backend>"   one ditfast backend forced (triton, cuda, or an attention backend)
+  "ditfast:<backend>"   one ditfast backend forced (triton, compiled, or an attention backend); the
+                        automatic row's label names what ran by device ("compiled C++ CPU" for
+                        ditfast._C's CPU kernels, "compiled CUDA" for its CUDA kernels)
   "eager"               the plain-PyTorch reference (ditfast.reference; blocks under use_backend("reference"))
   "diffusers"           diffusers' own block / transformer, when diffusers is installed
   "sdpa"                torch's scaled_dot_product_attention with its own kernel choice
@@ -76,14 +78,16 @@ def compiled(fn):
 
 # ----------------------------------------------------------------------------------------- backends
 def op_backends(op: Optional[str], device: torch.device, allowed) -> List[tuple]:
-    """[(backend, skip reason or None)] of ditfast's non-reference op backends (``op`` None: a block)."""
+    """[(backend, skip reason or None)] of ditfast's non-reference op families (``op`` None: a block).
+    ``allowed`` may name a family by its alias ("cuda" selects "compiled")."""
+    allowed = None if allowed is None else {_backend.canonical(a) for a in allowed}
     out = []
-    for b in _backend.BACKENDS:
+    for b in _backend.FAMILIES:
         if b == "reference":  # measured as the "eager" peer
             continue
         if allowed is not None and b not in allowed:
             out.append((b, "not selected (--backends)"))
-        elif op is not None and b not in _backend.implemented(op):
+        elif op is not None and b not in _backend.families(op):
             out.append((b, f"ditfast has no {b} implementation of {op}"))
         else:
             ok, why = _backend.availability(b, device.type)
@@ -101,12 +105,23 @@ def attention_backends(device: torch.device, allowed) -> List[tuple]:
     return out
 
 
-def auto_label(device: torch.device, dtype: torch.dtype, op: Optional[str] = None, H=None, Dh=None) -> Optional[str]:
-    """The backend(s) ditfast picks automatically: for ``op``, or "<ops> | attn <attention>" for a block."""
+def _like(device: torch.device, dtype: torch.dtype, width: int) -> torch.Tensor:
+    return torch.empty(1, 1, 1, width, device=device, dtype=dtype)
+
+
+def auto_label(device: torch.device, dtype: torch.dtype, op: Optional[str] = None, H=None, Dh=None,
+               width: Optional[int] = None) -> Optional[str]:
+    """What ditfast's automatic row runs, labelled by device (``compiled C++ CPU`` / ``compiled CUDA``
+    for the extension): for ``op`` at row width ``width`` (D, or Dh for the rope ops), or
+    "<ops> | attn <attention>" for a block. The same resolution the ops make (request included)."""
     try:
         if op is not None:
-            return _backend.chosen_name(op, device, None) if _backend.requested_backend() is None else None
-        names = sorted({_backend.chosen_name(o, device, None) for o in _backend.ops() if o != "joint_attention"})
+            like = _like(device, dtype, width) if width else None
+            return _backend.label(op, _backend.chosen_name(op, device, like), device.type)
+        w = {"rms_norm": Dh, "apply_rope": Dh, "qk_norm_rope": Dh, "prepare_attention": Dh}
+        names = sorted({_backend.label(o, _backend.chosen_name(o, device, _like(device, dtype, w.get(o) or H * Dh)),
+                                       device.type)
+                        for o in _backend.ops() if o != "joint_attention"})
         t = torch.empty(1, 1, H, Dh, device=device, dtype=dtype)
         return f"{'+'.join(names)} | attn {ops.choose_backend(t, t, t)}"
     except Exception:  # noqa: BLE001 - a label, never fatal
@@ -160,8 +175,9 @@ def op_variants(case: Case, ctx) -> List[VariantSpec]:
         return VariantSpec(name, kind, lambda: Built(with_backend(backend, lambda: invoke(fn)), leaves),
                            backend=backend, **kw)
 
+    width = case.dims.get("Dh", case.dims.get("D"))
     specs = [VariantSpec("ditfast", "ditfast", lambda: Built(lambda: invoke(op_fn), leaves),
-                         backend=auto_label(ctx.device, ctx.dtype, case.name))]
+                         backend=auto_label(ctx.device, ctx.dtype, case.name, width=width))]
     for b, why in op_backends(case.name, ctx.device, ctx.backends):
         specs.append(skipped(f"ditfast:{b}", "backend", why, b) if why else spec(f"ditfast:{b}", "backend", op_fn, b))
     cfn = compiled(ref_fn)

@@ -1,9 +1,12 @@
 """The "triton" attention backend: torch.library custom ops around ditfast/kernels/triton/attention.py.
 
-* ``ditfast::flash_attention(q, k, v) -> (o, lse)``: o (B, Lq, H, Dh) in q's dtype, lse (B, H, Lq)
-  fp32, the natural-log logsumexp of each query row's scaled scores ``q kᵀ · Dh**-0.5``
-  (flash-attn's ``softmax_lse`` convention; -inf for a row with no keys).
-* ``ditfast::flash_attention_backward(do, q, k, v, o, lse, deterministic) -> (dq, dk, dv)``.
+* ``ditfast::flash_attention(q, k, v, softmax_scale=None) -> (o, lse)``: o (B, Lq, H, Dh) in q's
+  dtype, lse (B, H, Lq) fp32, the natural-log logsumexp of each query row's scaled scores
+  ``q kᵀ · softmax_scale`` (None: Dh**-0.5; flash-attn's ``softmax_lse`` convention; -inf for a row
+  with no keys). k, v are (B, Lk, H_kv, Dh) with H % H_kv == 0 (grouped-query attention: query head
+  h reads k / v head h // (H // H_kv)).
+* ``ditfast::flash_attention_backward(do, q, k, v, o, lse, deterministic, softmax_scale=None)
+  -> (dq, dk, dv)`` (dk, dv summed over each group's query heads).
 
 Both are ``custom_op`` (not ``triton_op``, which fails under torch.compile with the interpreter:
 see docs/attention.md) with ``register_fake``, so torch.compile(fullgraph=True) sees one opaque op
@@ -15,7 +18,7 @@ Triton is imported on the first call, never at ``import ditfast``.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -41,37 +44,41 @@ def _unit_last(t: Tensor) -> Tensor:
 # Custom ops
 # ------------------------------------------------------------------------------------------------
 @torch.library.custom_op("ditfast::flash_attention", mutates_args=())
-def _flash_attention_op(q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
-    """(o, lse) of softmax(q kᵀ · Dh**-0.5) v; see the module docstring."""
-    return _kernels().attention_forward(_unit_last(q), _unit_last(k), _unit_last(v))
+def _flash_attention_op(q: Tensor, k: Tensor, v: Tensor, softmax_scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+    """(o, lse) of softmax(q kᵀ · softmax_scale) v; see the module docstring."""
+    return _kernels().attention_forward(_unit_last(q), _unit_last(k), _unit_last(v), softmax_scale)
 
 
 @_flash_attention_op.register_fake
-def _(q, k, v):
+def _(q, k, v, softmax_scale=None):
     B, Lq, H, Dh = q.shape
     return q.new_empty((B, Lq, H, Dh)), q.new_empty((B, H, Lq), dtype=torch.float32)
 
 
 @torch.library.custom_op("ditfast::flash_attention_backward", mutates_args=())
 def _flash_attention_backward_op(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, deterministic: bool
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, deterministic: bool,
+    softmax_scale: Optional[float] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv), contiguous, in the inputs' dtype."""
     args = [_unit_last(t) for t in (do, q, k, v, o)]
-    return _kernels().attention_backward(*args, lse, deterministic)
+    return _kernels().attention_backward(*args, lse, deterministic, softmax_scale)
 
 
 @_flash_attention_backward_op.register_fake
-def _(do, q, k, v, o, lse, deterministic):
+def _(do, q, k, v, o, lse, deterministic, softmax_scale=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup(ctx, inputs, output):
-    q, k, v = inputs
+    q, k, v = inputs[:3]
     o, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, o, lse)
     ctx.deterministic = True
+    # the scale may arrive positionally or not at all (left at its default): one gradient per input
+    ctx.softmax_scale = inputs[3] if len(inputs) > 3 else None
+    ctx.n_inputs = len(inputs)
 
 
 def _backward(ctx, do, _dlse):
@@ -79,7 +86,8 @@ def _backward(ctx, do, _dlse):
     q, k, v, o, lse = ctx.saved_tensors
     if do is None:  # o unused by the loss
         do = torch.zeros_like(o)
-    return _flash_attention_backward_op(do, q, k, v, o, lse, ctx.deterministic)
+    grads = _flash_attention_backward_op(do, q, k, v, o, lse, ctx.deterministic, ctx.softmax_scale)
+    return tuple(grads) + (None,) * (ctx.n_inputs - 3)
 
 
 _flash_attention_op.register_autograd(_backward, setup_context=_setup)
@@ -88,7 +96,7 @@ _flash_attention_op.register_autograd(_backward, setup_context=_setup)
 # ------------------------------------------------------------------------------------------------
 # Public entry point
 # ------------------------------------------------------------------------------------------------
-def _check(q, k, v) -> None:
+def _check(q, k, v, softmax_scale=None) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -103,23 +111,32 @@ def _check(q, k, v) -> None:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}; move them to one device")
     if v.shape != k.shape:
         raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
-    if k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
-        raise ValueError(f"k must have shape (B, Lk, H, Dh) matching q {tuple(q.shape)} in B, H and Dh, got {tuple(k.shape)}")
+    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3] or k.shape[2] < 1 or q.shape[2] % k.shape[2]:
+        raise ValueError(f"k must have shape (B, Lk, H_kv, Dh) matching q {tuple(q.shape)} in B and Dh, with "
+                         f"H_kv dividing q's H, got {tuple(k.shape)}")
     if q.shape[-1] > MAX_HEAD_DIM or q.shape[-1] < 1:
         raise ValueError(f"q, k, v: the triton attention backend takes head dims 1..{MAX_HEAD_DIM}, got Dh = {q.shape[-1]}")
     if q.device.type not in ("cuda", "cpu"):
         raise ValueError(f"q is on {q.device}; the triton attention backend runs on CUDA (or CPU under TRITON_INTERPRET=1)")
+    if softmax_scale is not None and not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
 
 
-def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, return_lse: bool = False):
-    """softmax(q kᵀ · Dh**-0.5) v with ditfast's Triton FlashAttention kernel (non-causal).
+def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, return_lse: bool = False,
+                     softmax_scale: Optional[float] = None):
+    """softmax(q kᵀ · softmax_scale) v with ditfast's Triton FlashAttention kernel (non-causal).
 
-    q: (B, Lq, H, Dh); k, v: (B, Lk, H, Dh); fp32 / bf16 / fp16, one dtype and device, Dh <= 256;
-    any strides (a non-unit stride on Dh is copied first). Returns o (B, Lq, H, Dh) in q's dtype, or
-    with ``return_lse=True`` the pair (o, lse), lse (B, H, Lq) fp32 = logsumexp (natural log) of the
-    scaled scores. Gradients flow through o (deterministic backward); lse has no gradient. Lk = 0
-    gives o = 0 and lse = -inf.
+    q: (B, Lq, H, Dh); k, v: (B, Lk, H_kv, Dh) with H % H_kv == 0 (grouped-query attention when
+    H_kv < H, as flash-attn); fp32 / bf16 / fp16, one dtype and device, Dh <= 256; any strides (a
+    non-unit stride on Dh is copied first). softmax_scale: None for Dh**-0.5. Returns o
+    (B, Lq, H, Dh) in q's dtype, or with ``return_lse=True`` the pair (o, lse), lse (B, H, Lq) fp32 =
+    logsumexp (natural log) of the scaled scores. Gradients flow through o (deterministic backward;
+    dk, dv summed over each group's query heads); lse has no gradient. Lk = 0 gives o = 0 and
+    lse = -inf.
     """
-    _check(q, k, v)
-    o, lse = _flash_attention_op(q, k, v)
+    _check(q, k, v, softmax_scale)
+    if softmax_scale is None:  # left at its default: the op's schema default (Dh**-0.5)
+        o, lse = _flash_attention_op(q, k, v)
+    else:
+        o, lse = _flash_attention_op(q, k, v, float(softmax_scale))
     return (o, lse) if return_lse else o

@@ -1,4 +1,5 @@
-"""Joint-sequence attention on the (B, L, H, Dh) layout (non-causal, scale Dh**-0.5).
+"""Joint-sequence attention on the (B, L, H, Dh) layout (non-causal; softmax scale Dh**-0.5 unless
+given; grouped-query k / v heads).
 
 * :func:`joint_attention` (q, k, v) runs one implementation of the op ``"joint_attention"``
   (flash-attention 2/3/4, PyTorch SDPA's kernels, ditfast's Triton kernel, the reference; see
@@ -30,28 +31,52 @@ __all__ = ["joint_attention", "joint_attention_streams", "choose_backend", "back
 Tensor = torch.Tensor
 
 
-def joint_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, backend: Optional[str] = None, return_lse: bool = False
-) -> Union[Tensor, Tuple[Tensor, Tensor]]:
-    """softmax(q kᵀ / sqrt(Dh)) v. q: (B, Lq, H, Dh); k, v: (B, Lk, H, Dh). Returns (B, Lq, H, Dh).
+def _heads_error(q: Tensor, k: Tensor, v: Tensor) -> str:
+    """The message for q / k whose B, H or Dh do not fit the (B, L, H, Dh) layout, with a hint when
+    the tensors fit SDPA's (B, H, L, Dh) layout instead (q.transpose(1, 2) would be consistent)."""
+    msg = (f"k must have shape (B, Lk, H_kv, Dh) matching q {tuple(q.shape)} in B and Dh, with H_kv dividing "
+           f"q's H = {q.shape[2]} (H_kv = H, or fewer k / v heads for grouped-query attention), got {tuple(k.shape)}")
+    hq, hk = q.shape[1], k.shape[1]  # the head counts if the tensors are (B, H, L, Dh)
+    if k.shape[0] == q.shape[0] and k.shape[3] == q.shape[3] and hk >= 1 and hq % hk == 0:
+        msg += (f". q, k, v look like PyTorch SDPA's (B, H, L, Dh) layout (H = {hq}, L = {q.shape[2]}); "
+                "joint_attention takes flash-attn's (B, L, H, Dh): pass q.transpose(1, 2), k.transpose(1, 2), "
+                "v.transpose(1, 2) (views, no copy) and transpose the output back")
+    return msg
 
+
+def joint_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, softmax_scale: Optional[float] = None, backend: Optional[str] = None,
+    return_lse: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """softmax(q kᵀ · softmax_scale) v. q: (B, Lq, H, Dh); k, v: (B, Lk, H_kv, Dh). Returns (B, Lq, H, Dh).
+
+    softmax_scale: the factor of the scores (flash-attn's ``softmax_scale``); None for Dh**-0.5.
+    Grouped-query attention (as flash-attn): k and v may have fewer heads, H % H_kv == 0; query head
+    h attends k / v head h // (H // H_kv). The layout is flash-attn's (B, L, H, Dh), not SDPA's
+    (B, H, L, Dh): where q and k only fit once transposed, the error says so (tensors that fit both
+    readings cannot be told apart, e.g. self-attention with H = L).
     backend: an attention implementation name (``attention_backends.NAMES``), a family
-    ("reference", "triton", "cuda"), "auto" or None (see ditfast/_backend.py for the order of
-    precedence). return_lse: also return the log-sum-exp of the scaled scores, (B, H, Lq) float32,
-    natural log (flash-attn's ``softmax_lse``; -inf for a query with no keys). Gradients flow
-    through the output only: the lse is returned without a gradient path on the kernel backends
-    (the reference's lse is an ordinary autograd graph, so its gradient is exact there).
+    ("reference", "triton", "compiled"; "cuda" is its alias), "auto" or None (see ditfast/_backend.py
+    for the order of precedence; :func:`choose_backend` says what runs). return_lse: also return the
+    log-sum-exp of the scaled scores, (B, H, Lq) float32, natural log (flash-attn's
+    ``softmax_lse``; -inf for a query with no keys). Gradients flow through the output only: the lse
+    is returned without a gradient path on the kernel backends (the reference's lse is an ordinary
+    autograd graph, so its gradient is exact there).
     """
     request = _backend.current_request(backends.OP, backend)
     fp64_ok = request.name in backends.FP64_BACKENDS
     check.tensor("q", q, 4, "(B, L, H, Dh)", fp64_ok=fp64_ok)
-    check.tensor("k", k, 4, "(B, L, H, Dh)", fp64_ok=fp64_ok)
-    check.tensor("v", v, 4, "(B, L, H, Dh)", fp64_ok=fp64_ok)
+    check.tensor("k", k, 4, "(B, L, H_kv, Dh)", fp64_ok=fp64_ok)
+    check.tensor("v", v, 4, "(B, L, H_kv, Dh)", fp64_ok=fp64_ok)
+    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3] or k.shape[2] < 1 or q.shape[2] % k.shape[2]:
+        raise ValueError(_heads_error(q, k, v))
     check.same_shape("v", v, "k", k)
-    if k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
-        raise ValueError(f"k must have shape (B, Lk, H, Dh) matching q {tuple(q.shape)} in B, H and Dh, got {tuple(k.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if softmax_scale is not None:
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+            raise TypeError(f"softmax_scale must be a float or None (for Dh**-0.5), got {type(softmax_scale).__name__}")
+        softmax_scale = float(softmax_scale)
     check.same_device("q", q, k=k, v=v)
     check.dtensor("joint_attention", q=q, k=k, v=v)
     if k.shape[1] == 0 and q.shape[1] > 0:  # nothing to attend to: zeros, as SDPA gives (q * 0 keeps q in the graph)
@@ -61,7 +86,8 @@ def joint_attention(
         return q * 0, torch.full((B, H, Lq), float("-inf"), device=q.device, dtype=torch.float32)
     spec = _backend.Spec.of(q, ("lse",) if return_lse else ())
     fn = _backend.impl(backends.OP, _backend.resolve_name(backends.OP, request, spec)).fn
-    return fn(q, k, v, return_lse=True) if return_lse else fn(q, k, v)
+    kwargs = {} if softmax_scale is None else {"softmax_scale": softmax_scale}
+    return fn(q, k, v, return_lse=True, **kwargs) if return_lse else fn(q, k, v, **kwargs)
 
 
 def joint_attention_streams(

@@ -1,17 +1,20 @@
 """ditfast's Triton FlashAttention on the (B, L, H, Dh) layout: forward, backward, log-sum-exp.
 
-Math (ditfast/reference/attention.py): ``O = softmax(S) V`` with ``S = Q Kᵀ · Dh**-0.5``, non-causal.
+Math (ditfast/reference/attention.py): ``O = softmax(S) V`` with ``S = Q Kᵀ · scale``, non-causal;
+``scale`` is a run-time argument (default Dh**-0.5, flash-attn's ``softmax_scale``).
 The kernels read prepared q, k, v (QK-norm and RoPE already applied by ``ops.prepare_attention``):
 there is no prologue in any loop; each K / V tile is loaded once per query block and goes straight
 into the matmuls.
 
 Design
 ------
-* Layout. q (B, Lq, H, Dh), k and v (B, Lk, H, Dh), any (batch, token, head) strides with a unit
-  stride on Dh (views of a packed qkv projection are read in place). Dh is padded to DP = the next
-  power of two (at least 16, tl.dot's minimum) with masks, so Dh 40 / 72 run as 64 / 128 tiles.
+* Layout. q (B, Lq, H, Dh), k and v (B, Lk, H_kv, Dh), any (batch, token, head) strides with a unit
+  stride on Dh (views of a packed qkv projection are read in place). Grouped-query attention
+  (H_kv < H, H % H_kv == 0, as flash-attn): query head h reads k / v head h // (H // H_kv) -- pointer
+  math only, k and v are never repeated. Dh is padded to DP = the next power of two (at least 16,
+  tl.dot's minimum) with masks, so Dh 40 / 72 run as 64 / 128 tiles.
 * Forward (one program per (query block, batch·head)): online softmax in fp32 and base 2. The scale
-  Dh**-0.5 and log2(e) are one constant c, so each score costs one FFMA, ``s·c − m``, before exp2;
+  and log2(e) are one constant c, so each score costs one FFMA, ``s·c − m``, before exp2;
   the running max m is kept in those scaled units. Full key blocks run without key masks; only the
   last, partial block masks its columns (a constexpr flag picks the loop body). The output is stored
   in q's dtype; ``lse = (m + log2 l) · ln 2`` (natural log, fp32, (B, H, Lq), flash-attn's
@@ -20,10 +23,12 @@ Design
   ``input_precision="ieee"`` (exact fp32, no TF32). P and dS are rounded to the input dtype before
   their matmuls, as every FlashAttention does.
 * Backward, FlashAttention-2 style, 5 matmuls: a preprocess kernel computes Δ = rowsum(dO ∘ O);
-  then one program per key block (per split, below) holds K, V and the fp32 dK, dV accumulators and
-  loops over the query blocks: Sᵀ = K Qᵀ, Pᵀ = exp2(Sᵀ·c − lse₂), dV += Pᵀ dO, dPᵀ = V dOᵀ,
-  dSᵀ = Pᵀ ∘ (dPᵀ − Δ), dK += dSᵀ Q, and dQ's share dS K is added into an fp32 accumulator.
-  Deterministic by default: the key blocks of one (batch, head) are dealt round-robin to N_SPLITS
+  then one program per key block of one (batch, k / v head) (per split, below) holds K, V and the
+  fp32 dK, dV accumulators and loops over the query heads of its group (one head without GQA) and
+  their query blocks, so dK, dV are reduced over the group in registers, in a fixed order:
+  Sᵀ = K Qᵀ, Pᵀ = exp2(Sᵀ·c − lse₂), dV += Pᵀ dO, dPᵀ = V dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − Δ), dK += dSᵀ Q,
+  and dQ's share dS K is added into an fp32 accumulator.
+  Deterministic by default: the key blocks of one (batch, k / v head) are dealt round-robin to N_SPLITS
   programs, each owning one fp32 slice of the accumulator (a slice is updated by one program only,
   in program order, so the sum is the same on every run); the launcher sums the slices in a fixed
   order and scales them into dq. With ``deterministic=False`` every key block is its own program
@@ -42,7 +47,7 @@ they hold bf16 values) and bf16 results are rounded to nearest in fp32 arithmeti
 from __future__ import annotations
 
 import os
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -94,7 +99,7 @@ def _fwd_block(
     sk_l, sv_l,  # their token strides
     start_n,  # first key of this block
     LK,
-    qk_scale,  # Dh**-0.5 * log2(e)
+    qk_scale,  # softmax scale * log2(e)
     D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_N: tl.constexpr,  # the block is partial: mask its missing keys
     PREC: tl.constexpr, MM: tl.constexpr,
@@ -123,8 +128,9 @@ def _attn_fwd_kernel(
     LSE,  # (B, H, Lq) fp32 output: natural-log logsumexp of each query row's scaled scores
     sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h, so_b, so_l, so_h,  # strides, in elements
     LQ, LK,  # sequence lengths (LK >= 1)
-    H,  # heads
-    qk_scale,  # Dh**-0.5 * log2(e)
+    H,  # query heads
+    GROUP,  # query heads per k / v head (grouped-query attention; 1 without it)
+    qk_scale,  # softmax scale (default Dh**-0.5) * log2(e)
     D: tl.constexpr,  # head dim
     DP: tl.constexpr,  # head dim padded to a power of two
     BLOCK_M: tl.constexpr,  # query rows per program
@@ -138,9 +144,10 @@ def _attn_fwd_kernel(
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
+    off_hk = off_h // GROUP  # the k / v head this query head reads
     Q += off_b * sq_b + off_h * sq_h
-    K += off_b * sk_b + off_h * sk_h
-    V += off_b * sv_b + off_h * sv_h
+    K += off_b * sk_b + off_hk * sk_h
+    V += off_b * sv_b + off_hk * sv_h
     O += off_b * so_b + off_h * so_h
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -194,17 +201,19 @@ def _attn_bwd_preprocess_kernel(
 
 @triton.jit
 def _attn_bwd_kernel(
-    Q, K, V, DO,  # inputs and the output's gradient (B, L, H, Dh)
-    DK, DV,  # (B, Lk, H, Dh) outputs, the inputs' dtype
+    Q, K, V, DO,  # inputs (B, Lq, H, Dh), (B, Lk, HKV, Dh) x 2 and the output's gradient (B, Lq, H, Dh)
+    DK, DV,  # (B, Lk, HKV, Dh) outputs, the inputs' dtype
     DQ_ACC,  # (slices, B, Lq, H, Dh) fp32 accumulator of dS K (zero-initialized), unscaled
     LSE, DELTA,  # (B, H, Lq) fp32: natural-log logsumexp from the forward, rowsum(dO * O)
     sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h, sdo_b, sdo_l, sdo_h,
     sdk_b, sdk_l, sdk_h, sdv_b, sdv_l, sdv_h,
     sacc_s, sacc_b, sacc_l, sacc_h,  # accumulator strides (slice, batch, token, head)
-    LQ, LK, H,
-    N_SPLITS,  # programs per (batch, head) along the keys; program s takes key blocks s, s + N_SPLITS, ...
-    sm_scale,  # Dh**-0.5
-    qk_scale,  # Dh**-0.5 * log2(e)
+    LQ, LK, H,  # H: query heads
+    HKV,  # k / v heads (H = HKV * GROUP)
+    GROUP,  # query heads per k / v head: a program reduces dK, dV over its group
+    N_SPLITS,  # programs per (batch, kv head) along the keys; program s takes key blocks s, s + N_SPLITS, ...
+    sm_scale,  # the softmax scale (default Dh**-0.5)
+    qk_scale,  # sm_scale * log2(e)
     D: tl.constexpr, DP: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows per inner step
     BLOCK_N: tl.constexpr,  # keys per program step
@@ -212,20 +221,18 @@ def _attn_bwd_kernel(
     PREC: tl.constexpr, MM: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    Q += off_b * sq_b + off_h * sq_h
-    K += off_b * sk_b + off_h * sk_h
-    V += off_b * sv_b + off_h * sv_h
-    DO += off_b * sdo_b + off_h * sdo_h
-    DK += off_b * sdk_b + off_h * sdk_h
-    DV += off_b * sdv_b + off_h * sdv_h
+    pid_bh = tl.program_id(1)  # (batch, kv head)
+    off_b = (pid_bh // HKV).to(tl.int64)
+    off_hk = (pid_bh % HKV).to(tl.int64)
+    K += off_b * sk_b + off_hk * sk_h
+    V += off_b * sv_b + off_hk * sv_h
+    DK += off_b * sdk_b + off_hk * sdk_h
+    DV += off_b * sdv_b + off_hk * sdv_h
+    Q += off_b * sq_b
+    DO += off_b * sdo_b
     if DETERMINISTIC:
         DQ_ACC += pid_s.to(tl.int64) * sacc_s
-    DQ_ACC += off_b * sacc_b + off_h * sacc_h
-    LSE += pid_bh.to(tl.int64) * LQ
-    DELTA += pid_bh.to(tl.int64) * LQ
+    DQ_ACC += off_b * sacc_b
     d = tl.arange(0, DP)
 
     for start_n in range(pid_s * BLOCK_N, LK, N_SPLITS * BLOCK_N):
@@ -236,25 +243,32 @@ def _attn_bwd_kernel(
         v = tl.load(V + cols64 * sv_l + d[None, :], mask=kv_mask, other=0.0).to(MM)
         dk = tl.zeros((BLOCK_N, DP), dtype=tl.float32)
         dv = tl.zeros((BLOCK_N, DP), dtype=tl.float32)
-        for start_m in range(0, LQ, BLOCK_M):
-            rows = start_m + tl.arange(0, BLOCK_M)
-            row_ok = rows < LQ
-            rows64 = rows.to(tl.int64)
-            qmask = _tile_mask(rows, LQ, D, DP, True)
-            q = tl.load(Q + rows64[:, None] * sq_l + d[None, :], mask=qmask, other=0.0).to(MM)
-            do = tl.load(DO + rows64[:, None] * sdo_l + d[None, :], mask=qmask, other=0.0).to(MM)
-            # missing rows get lse = +inf, so their P is exactly 0; missing keys are zero rows of k
-            # and v, so their (nonzero) P reaches nothing that is stored
-            lse2 = tl.load(LSE + rows64, mask=row_ok, other=float("inf")) * 1.4426950408889634
-            delta = tl.load(DELTA + rows64, mask=row_ok, other=0.0)
-            st = tl.dot(k, tl.trans(q), input_precision=PREC)  # (BN, BM) scores, transposed
-            pt = tl.exp2(st * qk_scale - lse2[None, :])
-            dv = tl.dot(pt.to(MM), do, dv, input_precision=PREC)
-            dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
-            dst = (pt * (dpt - delta[None, :])).to(MM)
-            dk = tl.dot(dst, q, dk, input_precision=PREC)
-            dq = tl.dot(tl.trans(dst), k, input_precision=PREC)  # (BM, DP) this key block's share
-            tl.atomic_add(DQ_ACC + rows64[:, None] * sacc_l + d[None, :], dq, mask=qmask, sem="relaxed")
+        for g in range(0, GROUP):  # the query heads that read this k / v head, in a fixed order
+            off_h = off_hk * GROUP + g
+            q_h = Q + off_h * sq_h
+            do_h = DO + off_h * sdo_h
+            acc_h = DQ_ACC + off_h * sacc_h
+            lse_h = LSE + (off_b * H + off_h) * LQ
+            delta_h = DELTA + (off_b * H + off_h) * LQ
+            for start_m in range(0, LQ, BLOCK_M):
+                rows = start_m + tl.arange(0, BLOCK_M)
+                row_ok = rows < LQ
+                rows64 = rows.to(tl.int64)
+                qmask = _tile_mask(rows, LQ, D, DP, True)
+                q = tl.load(q_h + rows64[:, None] * sq_l + d[None, :], mask=qmask, other=0.0).to(MM)
+                do = tl.load(do_h + rows64[:, None] * sdo_l + d[None, :], mask=qmask, other=0.0).to(MM)
+                # missing rows get lse = +inf, so their P is exactly 0; missing keys are zero rows of k
+                # and v, so their (nonzero) P reaches nothing that is stored
+                lse2 = tl.load(lse_h + rows64, mask=row_ok, other=float("inf")) * 1.4426950408889634
+                delta = tl.load(delta_h + rows64, mask=row_ok, other=0.0)
+                st = tl.dot(k, tl.trans(q), input_precision=PREC)  # (BN, BM) scores, transposed
+                pt = tl.exp2(st * qk_scale - lse2[None, :])
+                dv = tl.dot(pt.to(MM), do, dv, input_precision=PREC)
+                dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+                dst = (pt * (dpt - delta[None, :])).to(MM)
+                dk = tl.dot(dst, q, dk, input_precision=PREC)
+                dq = tl.dot(tl.trans(dst), k, input_precision=PREC)  # (BM, DP) this key block's share
+                tl.atomic_add(acc_h + rows64[:, None] * sacc_l + d[None, :], dq, mask=qmask, sem="relaxed")
         tl.store(DK + cols64 * sdk_l + d[None, :], _cast(dk * sm_scale, DK.dtype.element_ty, ROUND_BF16), mask=kv_mask)
         tl.store(DV + cols64 * sdv_l + d[None, :], _cast(dv, DV.dtype.element_ty, ROUND_BF16), mask=kv_mask)
 
@@ -274,8 +288,9 @@ def configs(kernel: str, dp: int, dtype: torch.dtype, on_gpu: bool = True) -> Li
     """Tile sizes and launch options for ``kernel`` ("fwd" or "bwd") at padded head dim ``dp``,
     preferred first; the launcher falls back along the list on OutOfResources.
 
-    Chosen from the sm_90 compile report (tests/compile_sm90.py): no register spills in any first
-    choice (Dh 64 / 128 / 256, bf16 / fp16 / fp32, forward and backward). Under the interpreter
+    Chosen from the sm_90 compile report (tests/compile_sm90.py), run with triton 3.6 and 3.8: no
+    register spills in any first choice (Dh 64 / 128 / 256, bf16 / fp16 / fp32, forward and
+    backward) nor in the forward fallbacks. Under the interpreter
     every tile costs about the same, so small tiles (several blocks and partial tiles in small
     tests) are used there."""
     if not on_gpu:
@@ -293,13 +308,15 @@ def configs(kernel: str, dp: int, dtype: torch.dtype, on_gpu: bool = True) -> Li
         table = {"fwd": [(64, dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)),
                          (128, dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)),
                          (256, dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2))],
-                 # Dh 128 with BLOCK_M 64 would take 255 registers and spill; Dh 256 with BLOCK_N 64 too
-                 "bwd": [(64, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
+                 # Dh 128 with BLOCK_M 64 would take 255 registers and spill; Dh 256 with BLOCK_N 64 too;
+                 # Dh 64 with 64 x 64 tiles and 4 warps spills with triton 3.6 (255 registers, 32 B)
+                 "bwd": [(64, dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)),
                          (128, dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)),
                          (256, dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1))]}
     first = next(cfg for limit, cfg in table[kernel] if dp <= limit)
     out = [first]
-    for fallback in (dict(first, num_stages=1), dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)):
+    # the last resort: 64 x 32 tiles with 8 warps (32 x 32 with 4 warps spilled 12 B with triton 3.6)
+    for fallback in (dict(first, num_stages=1), dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1)):
         if fallback not in out:
             out.append(fallback)
     return out
@@ -347,12 +364,19 @@ def _split_cfg(cfg: dict) -> Tuple[dict, dict]:
             {k: v for k, v in cfg.items() if not k.startswith("BLOCK")})
 
 
-def attention_forward(q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
-    """(o, lse): o (B, Lq, H, Dh) contiguous in q's dtype, lse (B, H, Lq) fp32 natural log.
+def default_scale(head_dim: int) -> float:
+    return head_dim ** -0.5
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+    """(o, lse): o (B, Lq, H, Dh) contiguous in q's dtype, lse (B, H, Lq) fp32 natural log of the
+    scaled scores ``q kᵀ · softmax_scale`` (default Dh**-0.5). k, v (B, Lk, H_kv, Dh) with
+    H % H_kv == 0: query head h reads k / v head h // (H // H_kv) (grouped-query attention).
     q, k, v validated by the caller (ditfast/ops/_attention_triton.py): one dtype and device,
     unit stride on Dh, Dh <= MAX_HEAD_DIM. Lk = 0 gives o = 0 and lse = -inf."""
     B, LQ, H, Dh = q.shape
-    LK = k.shape[1]
+    LK, HKV = k.shape[1], k.shape[2]
+    scale = default_scale(Dh) if softmax_scale is None else float(softmax_scale)
     o = q.new_empty((B, LQ, H, Dh))
     lse = q.new_empty((B, H, LQ), dtype=torch.float32)
     if B * H * LQ == 0:
@@ -366,7 +390,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
         blocks, opts = _split_cfg(cfg)
         grid = (triton.cdiv(LQ, blocks["BLOCK_M"]), B * H)
         _attn_fwd_kernel[grid](
-            q, k, v, o, lse, *_s(q), *_s(k), *_s(v), *_s(o), LQ, LK, H, Dh ** -0.5 * LOG2E,
+            q, k, v, o, lse, *_s(q), *_s(k), *_s(v), *_s(o), LQ, LK, H, H // HKV, scale * LOG2E,
             D=Dh, DP=dp, EVEN_N=LK % blocks["BLOCK_N"] == 0, PREC=prec, **_mm(q.dtype), **blocks, **opts,
         )
 
@@ -384,11 +408,13 @@ def _slots(t: Tensor, cfg: dict) -> int:
 
 
 def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
-                       deterministic: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
+                       deterministic: bool = True, softmax_scale: Optional[float] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv), contiguous, in the inputs' dtype, from dO (B, Lq, H, Dh) and the forward's o and
-    lse. Same input contract as :func:`attention_forward`; do needs a unit stride on Dh too."""
+    lse (computed with the same ``softmax_scale``). Same input contract as :func:`attention_forward`
+    (grouped k / v heads included: dk, dv sum over the query heads of each group); do needs a unit
+    stride on Dh too."""
     B, LQ, H, Dh = q.shape
-    LK = k.shape[1]
+    LK, HKV = k.shape[1], k.shape[2]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -396,7 +422,7 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, l
         return dq.zero_(), dk.zero_(), dv.zero_()
     dp = padded_head_dim(Dh)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    sm_scale = Dh ** -0.5
+    sm_scale = default_scale(Dh) if softmax_scale is None else float(softmax_scale)
 
     delta = torch.empty_like(lse)
 
@@ -413,12 +439,12 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, l
     def launch(cfg):
         blocks, opts = _split_cfg(cfg)
         n_blocks = triton.cdiv(LK, blocks["BLOCK_N"])
-        splits = num_splits(n_blocks, B * H, _slots(q, cfg)) if deterministic else n_blocks
+        splits = num_splits(n_blocks, B * HKV, _slots(q, cfg)) if deterministic else n_blocks
         acc = torch.zeros((splits if deterministic else 1, B, LQ, H, Dh), dtype=torch.float32, device=q.device)
-        _attn_bwd_kernel[(splits, B * H)](
+        _attn_bwd_kernel[(splits, B * HKV)](
             q, k, v, do, dk, dv, acc, lse, delta,
             *_s(q), *_s(k), *_s(v), *_s(do), *_s(dk), *_s(dv), *acc.stride()[:4],
-            LQ, LK, H, splits, sm_scale, sm_scale * LOG2E,
+            LQ, LK, H, HKV, H // HKV, splits, sm_scale, sm_scale * LOG2E,
             D=Dh, DP=dp, DETERMINISTIC=bool(deterministic), PREC=prec, **_mm(q.dtype), **blocks, **opts,
         )
         result["acc"] = acc
@@ -434,6 +460,7 @@ __all__: Sequence[str] = [
     "attention_forward",
     "attention_backward",
     "configs",
+    "default_scale",
     "num_splits",
     "padded_head_dim",
     "MAX_HEAD_DIM",
