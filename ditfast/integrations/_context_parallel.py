@@ -41,9 +41,10 @@ live tensor bytes counted by tests/test_context_parallel.py's ``LiveBytes``), th
 peak is 2.07 / 4.13 / 8.27 MiB at L = 1024 / 2048 / 4096 (the former score-matrix backward:
 6.94 / 25.88 / 99.77 MiB) and Ulysses' 1.25 / 2.51 / 5.02 MiB (docs/attention.md).
 
-The forward is ``ops.joint_attention`` on the automatic (or ``use_backend``) choice; on CPU that is
-the reference, which computes lse from the explicit fp32 score matrix of each local call (its
-memory is quadratic in the local lengths; on CUDA the flash kernels' is not). The ring's merge runs
+The forward is ``ops.joint_attention(..., return_lse=True)`` on the automatic (or ``use_backend``)
+choice: a flash kernel with lse where one runs (SDPA's CPU flash kernel on CPU; the CUDA libraries
+and ditfast's Triton kernel on GPUs); the reference backend computes lse from the explicit fp32
+score matrix of each local call (quadratic memory in the local lengths). The ring's merge runs
 in fp32 (fp64 for fp64). diffusers' "ring anything" / "Ulysses anything" modes run diffusers'
 templates, which have no backward (they raise).
 
