@@ -114,16 +114,22 @@ def test_patched_flux_single_block_hand_counted():
         blk, args = _tiny_flux_single(B, Lt, Li, H, Dh)
         lg = L.count(lambda: blk(*args), train=False)
     lin = lambda rows, k, n: ((n + rows * k + n * k) * BF, rows * n * BF, 2.0 * rows * n * k)  # noqa: E731
-    mms = [lin(B, D, 3 * D)] + [lin(T, D, D)] * 3 + [lin(T, D, M), lin(T, D + M, D)]  # adaLN, q, k, v, mlp, proj_out
+    # adaLN, q, k, v, then proj_out's first column block W[:, :D] (a strided view: D·D elements) on the
+    # attention output, with the bias
+    mms = [lin(B, D, 3 * D)] + [lin(T, D, D)] * 3 + [lin(T, D, D)]
     stats = 2 * T * F32  # mean and rstd (B, L) fp32
     expected = {
         "aten.silu": (1, B * D * BF, B * D * BF, 0.0),
-        "aten.addmm": (6, sum(m[0] for m in mms), sum(m[1] for m in mms), sum(m[2] for m in mms)),
-        # [txt; img] (T·D), then [attention | gelu(mlp)] (T·(D + M))
-        "aten.cat": (2, (T * D + T * (D + M)) * BF, (T * D + T * (D + M)) * BF, 0.0),
+        "aten.addmm": (5, sum(m[0] for m in mms), sum(m[1] for m in mms), sum(m[2] for m in mms)),
+        # proj_out's second column block W[:, D:] on the MLP hidden, accumulated in place: reads the
+        # partial output, the hidden and D·M weights, writes the output
+        "aten.addmm_": (1, (T * D + T * M + D * M) * BF, T * D * BF, 2.0 * T * D * M),
+        # proj_mlp with GELU(tanh) in its epilogue (the CUDA path; the ledger counts it as taken)
+        "aten._addmm_activation": (1, (M + T * D + M * D) * BF, T * M * BF, 2.0 * T * M * D),
+        # [txt; img] only: no [attention | mlp] concatenation any more
+        "aten.cat": (1, T * D * BF, T * D * BF, 0.0),
         # x, shift and scale: (B, D) chunks of the (B, 3D) adaLN output -> h and the row statistics
         "ditfast.norm_modulate": (1, (T * D + 2 * B * D) * BF, T * D * BF + stats, 0.0),
-        "aten.gelu": (1, T * M * BF, T * M * BF, 0.0),
         # q, k, v, the two RMSNorm weights, the fp32 (L, Dh/2) cos / sin views -> joint q, k, v and the
         # fp32 (B, L, H) inverse RMS of q and k kept for backward
         "ditfast.prepare_attention": (1, 3 * T * D * BF + 2 * Dh * BF + 2 * Lj * (Dh // 2) * F32,
@@ -186,6 +192,10 @@ def test_full_size_flux_ledger(tmp_path):
     for r in (inf, train):
         assert r["patched"]["bytes_outside_matmul_attention"] < r["eager"]["bytes_outside_matmul_attention"] / 3
         assert r["floor"]["predicted_ms"]["total"] < r["patched"]["predicted_ms"]["total"] < r["eager"]["predicted_ms"]["total"]
+    # regression bounds on today's counts (26.7 GB inference, the GELU epilogue counted as on CUDA;
+    # 112.3 GB training); issue 24's goals, 25 GB and 90 GB, are not reached yet
+    assert inf["patched"]["bytes_outside_matmul_attention"] <= 27e9
+    assert train["patched"]["bytes_outside_matmul_attention"] <= 113e9
     text = L.render(report)
     assert "PREDICTION" in text and "spec values" in text
     path = tmp_path / "ledger.json"
@@ -212,3 +222,87 @@ def test_report_does_not_import_runner():
     names += [f"{n.module}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) if n.module]
     names += [a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names]
     assert not any("runner" in n for n in names)
+
+
+# ------------------------------------------------------------------------------------------------
+# The traffic cuts the ledger led to (ditfast/nn/functional.py)
+# ------------------------------------------------------------------------------------------------
+def test_linear_of_concat_matches_the_module_forward_and_backward():
+    """fp64: the accumulating matmuls equal linear(cat(parts)) to rounding, gradients included."""
+    from ditfast.nn import functional as F
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(5 + 7, 6, dtype=torch.float64)
+    a = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(2, 3, 6, dtype=torch.float64)
+    ref = lin(torch.cat((a, b), -1))
+    ref_grads = torch.autograd.grad(ref, (a, b, lin.weight, lin.bias), dy)
+    out = F.linear_of_concat(lin, (a, b))
+    grads = torch.autograd.grad(out, (a, b, lin.weight, lin.bias), dy)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+
+def test_only_a_plain_linear_is_run_as_matmuls():
+    from ditfast.nn import functional as F
+
+    lin = torch.nn.Linear(4, 3)
+    assert F.plain_linear(lin)
+
+    class Sub(torch.nn.Linear):  # a LoRA / quantized layer is another class or a subclass
+        pass
+
+    assert not F.plain_linear(Sub(4, 3))
+    seen = []
+    h = lin.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    assert not F.plain_linear(lin)
+    x = (torch.randn(2, 1, 1), torch.randn(2, 1, 3))
+    F.linear_of_concat(lin, x)  # the hook sees the concatenated input: the module was called
+    assert seen == [torch.Size([2, 1, 4])]
+    h.remove()
+    assert F.plain_linear(lin)
+    torch.nn.utils.parametrize.register_parametrization(lin, "weight", torch.nn.Identity())
+    assert not F.plain_linear(lin)
+
+
+def test_gelu_epilogue_only_where_it_is_tanh():
+    """torch._addmm_activation's GELU is exact-erf on CPU (not FLUX's tanh): CPU takes the unfused
+    path, bit for bit; the fused path needs no gradient (the op has no backward)."""
+    from ditfast.nn import functional as F
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 16)
+    x = torch.randn(2, 5, 8)
+    erf = torch._addmm_activation(lin.bias, x.view(-1, 8), lin.weight.t(), use_gelu=True)
+    assert not torch.equal(erf, torch.nn.functional.gelu(lin(x), approximate="tanh").view(-1, 16))
+    assert "cpu" not in F.GELU_TANH_EPILOGUE_DEVICES
+    with torch.no_grad():
+        assert torch.equal(F.linear_gelu_tanh(lin, x), torch.nn.functional.gelu(lin(x), approximate="tanh"))
+    with FakeTensorMode(), L.gpu_dispatch("cpu"):  # counted as on CUDA
+        flin = torch.nn.Linear(8, 16)
+        fx = torch.randn(2, 5, 8)
+        assert "aten._addmm_activation" in L.count(lambda: F.linear_gelu_tanh(flin, fx), train=False).rows
+        train = L.count(lambda: F.linear_gelu_tanh(flin, fx), train=True).rows
+        assert "aten._addmm_activation" not in train and "aten.gelu" in train
+    assert "cpu" not in F.GELU_TANH_EPILOGUE_DEVICES  # restored
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused GELU epilogue runs on CUDA only")
+def test_gelu_epilogue_numerics_cuda():
+    """By the rule of docs/numerics.md against the fp32 reference, in bf16 and fp16."""
+    from ditfast.nn import functional as F
+
+    torch.manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16):
+        lin32 = torch.nn.Linear(3072, 12288, device="cuda")
+        x32 = torch.randn(1, 4608, 3072, device="cuda")
+        ref32 = torch.nn.functional.gelu(lin32(x32), approximate="tanh").double()
+        lin = torch.nn.Linear(3072, 12288, device="cuda", dtype=dtype)
+        lin.load_state_dict(lin32.state_dict())
+        with torch.no_grad():
+            fast = F.linear_gelu_tanh(lin, x32.to(dtype)).double()
+            lowp = torch.nn.functional.gelu(lin(x32.to(dtype)), approximate="tanh").double()
+        bound = 2 * (lowp - ref32).abs().max() + 1e-5 * max(1.0, ref32.abs().max().item())
+        assert (fast - ref32).abs().max() <= bound

@@ -33,7 +33,7 @@ Bytes (what the op must move through memory at least once):
   * a gather (``aten.embedding``) reads the rows it returns and the indices, not the whole table;
   * attention (``aten._scaled_dot_product_*_attention*``, ``ditfast::flash_attention*``) counts q,
     k, v, o (and lse, dO, dq, dk, dv) once: the IO of a flash kernel, not the L x L scores.
-  FLOPs: matmuls 2·M·N·K (``mm``, ``addmm``, ``bmm``, ``baddbmm``, ``_addmm_activation``;
+  FLOPs: matmuls 2·M·N·K (``mm``, ``addmm``, ``addmm_``, ``bmm``, ``baddbmm``, ``_addmm_activation``;
   convolutions 2 · output elements · C_in/groups · kernel size, their backward twice that);
   attention forward 4·B·H·Lq·Lk·Dh, backward 2.5 times that (five matmuls against two). Other ops
   count no FLOPs: they are memory-bound.
@@ -82,7 +82,7 @@ SPEC_PEAKS = {
 PREDICTION_NOTE = ("PREDICTION: times are counted bytes and FLOPs over peak rates (roofline per op call, no launch "
                    "overheads), not measurements; the GPU run (docs/gpu-run.md) replaces them with measured times")
 
-MATMUL_OPS = frozenset({"aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm", "aten._addmm_activation",
+MATMUL_OPS = frozenset({"aten.mm", "aten.addmm", "aten.addmm_", "aten.bmm", "aten.baddbmm", "aten._addmm_activation",
                         "aten.convolution", "aten.convolution_backward"})
 ATTENTION_OPS = frozenset({
     "aten._scaled_dot_product_flash_attention", "aten._scaled_dot_product_flash_attention_backward",
@@ -135,7 +135,7 @@ def _mm_flops(name: str, args, out) -> float:
     if name == "aten.mm":
         (m, k), n = args[0].shape, args[1].shape[1]
         return 2.0 * m * n * k
-    if name in ("aten.addmm", "aten._addmm_activation"):
+    if name in ("aten.addmm", "aten.addmm_", "aten._addmm_activation"):
         (m, k), n = args[1].shape, args[2].shape[1]
         return 2.0 * m * n * k
     if name == "aten.bmm":
@@ -286,13 +286,18 @@ def gpu_dispatch(device: str = "cpu", capability: Tuple[int, int] = (9, 0)) -> I
     * ``device="cpu"`` (the default; autograd's engine cannot run a backward of fake CUDA tensors
       without a CUDA driver): ditfast's Triton family is made selectable for CPU tensors, as it is
       under ``TRITON_INTERPRET=1`` in the tests, so ``use_backend("triton")`` takes the same custom
-      ops a GPU takes. No kernel runs: fake tensors run the ops' registered fake kernels. The
+      ops a GPU takes; and the CUDA-only GELU matmul epilogue of ``ditfast.nn.functional``
+      (``GELU_TANH_EPILOGUE_DEVICES``) is taken as on CUDA. No kernel runs: fake tensors run the ops' registered fake kernels. The
       probe results and choices made meanwhile are forgotten on exit.
     * ``device="cuda"`` without a GPU: ditfast's choice is told a compute capability (it would ask
       the absent driver). Only inference can be counted so; tests check it equals the CPU count.
     """
     from .. import _backend
+    from ..nn import functional as nnf
 
+    saved_epilogue = set(nnf.GELU_TANH_EPILOGUE_DEVICES)
+    if device == "cpu":  # the fused GELU epilogue of CUDA (nn/functional.py) for the CPU stand-ins
+        nnf.GELU_TANH_EPILOGUE_DEVICES.add("cpu")
     saved_sdpa = torch.nn.functional.scaled_dot_product_attention
     saved_probes, saved_caps = dict(_backend._PROBED), dict(_backend._CAPABILITY)
     saved_env = os.environ.get("TRITON_INTERPRET")
@@ -309,6 +314,8 @@ def gpu_dispatch(device: str = "cpu", capability: Tuple[int, int] = (9, 0)) -> I
         yield
     finally:
         torch.nn.functional.scaled_dot_product_attention = saved_sdpa
+        nnf.GELU_TANH_EPILOGUE_DEVICES.clear()
+        nnf.GELU_TANH_EPILOGUE_DEVICES.update(saved_epilogue)
         if saved_env is None:
             os.environ.pop("TRITON_INTERPRET", None)
         else:

@@ -133,7 +133,10 @@ def flux_block_forward(
 
 
 def _single_mlp(block, h: torch.Tensor) -> torch.Tensor:
-    return block.act_mlp(block.proj_mlp(h))
+    act = block.act_mlp
+    if type(act) is torch.nn.GELU and act.approximate == "tanh" and F.unhooked(act):
+        return F.linear_gelu_tanh(block.proj_mlp, h)  # GELU in the matmul epilogue where it can be
+    return act(block.proj_mlp(h))
 
 
 def flux_single_block_forward(
@@ -156,7 +159,8 @@ def flux_single_block_forward(
                       attn_call=attn_call)
     if x.dtype == torch.float16:
         x = x.clip(-65504, 65504)
-    return x[:, :Lt], x[:, Lt:]
+    c, x = x.split((Lt, x.shape[1] - Lt), dim=1)  # views; backward: one cat of the two gradients
+    return c, x
 
 
 # ---------------------------------------------------------------------------------------------- checks

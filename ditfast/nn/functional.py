@@ -32,7 +32,8 @@ Rope = Optional[Tuple[Tensor, Tensor]]
 # the attention of prepared joint q, k, v (B, L, H, Dh) -> (B, L, H, Dh); None: ops.joint_attention
 Attention = Optional[Callable[[Tensor, Tensor, Tensor], Tensor]]
 
-__all__ = ["Stream", "qkv_heads", "attend", "dit_block", "flux_double", "flux_single", "sd3_joint", "final_layer"]
+__all__ = ["Stream", "qkv_heads", "attend", "dit_block", "flux_double", "flux_single", "sd3_joint", "final_layer",
+           "unhooked", "plain_linear", "linear_of_concat", "linear_gelu_tanh"]
 
 
 class Stream(NamedTuple):
@@ -98,6 +99,109 @@ def _attend_streams(streams: Sequence[Stream], qkvs, rope: Rope, eps: float,
 
 
 # ------------------------------------------------------------------------------------------------
+# Linear layers ditfast may run as matmuls (only plain nn.Linear; every other layer is called)
+# ------------------------------------------------------------------------------------------------
+def unhooked(m: nn.Module) -> bool:
+    """No forward / backward hooks on ``m`` (its own or global) and no instance ``forward``."""
+    from torch.nn.modules import module as M
+
+    own = (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
+    glob = (M._global_forward_hooks, M._global_forward_pre_hooks, M._global_backward_hooks,
+            M._global_backward_pre_hooks)
+    return not any(own) and not any(glob) and "forward" not in m.__dict__
+
+
+def plain_linear(m) -> bool:
+    """True when ``m`` is exactly ``torch.nn.Linear`` -- not a subclass (LoRA / PEFT and quantized layers
+    are subclasses or other classes), without hooks (its own or global), parametrizations or an
+    instance ``forward``, whose weight is a plain tensor (not a DTensor or a quantized tensor subclass),
+    outside autocast. Only then may ditfast run its matmuls itself (:func:`linear_of_concat`,
+    :func:`linear_gelu_tanh`); any other layer is called as a module."""
+    from torch.nn.utils.parametrize import is_parametrized
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if type(m) is not nn.Linear or not unhooked(m) or is_parametrized(m):
+        return False
+
+    w = m.weight
+    return not is_traceable_wrapper_subclass(w) and not torch.is_autocast_enabled(w.device.type)
+
+
+class _LinearOfConcat(torch.autograd.Function):
+    """``cat(parts, -1) @ Wᵀ + b`` as accumulating matmuls over the column blocks of W (no concatenated
+    copy); 2-D parts (T, K_i). Backward: each part's gradient ``dY · W_i``; the weight gradient's
+    column blocks ``dYᵀ · part_i`` written straight into one (N, ΣK_i) tensor (its strided column views;
+    cuBLAS takes them with no copy); the bias gradient ``Σ_T dY``."""
+
+    @staticmethod
+    def forward(ctx, weight, bias, *parts):
+        ctx.widths = [p.shape[-1] for p in parts]
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(weight, *parts)
+        k, out = 0, None
+        for p in parts:
+            w = weight[:, k:k + p.shape[-1]].t()
+            k += p.shape[-1]
+            if out is None:
+                out = torch.mm(p, w) if bias is None else torch.addmm(bias, p, w)
+            else:
+                out.addmm_(p, w)  # beta = 1: accumulate (reads and writes the (T, N) output once more)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        weight, *parts = ctx.saved_tensors
+        grads, k = [], 0
+        dw = torch.empty_like(weight) if ctx.needs_input_grad[0] else None
+        for i, p in enumerate(parts):
+            w = weight[:, k:k + p.shape[-1]]
+            grads.append(torch.mm(dy, w) if ctx.needs_input_grad[2 + i] else None)
+            if dw is not None:
+                torch.mm(dy.t(), p, out=dw[:, k:k + p.shape[-1]])
+            k += p.shape[-1]
+        db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        return (dw, db, *grads)
+
+
+def linear_of_concat(linear: Module, parts: Sequence[Tensor]) -> Tensor:
+    """``linear(torch.cat(parts, dim=-1))``; for a :func:`plain_linear` as one matmul per part that
+    accumulates into the output (no concatenated copy: FLUX's single block saves 5·D per token), else
+    the module called on the concatenation."""
+    if not (plain_linear(linear) and all(p.dtype == linear.weight.dtype for p in parts)):
+        return linear(torch.cat(tuple(parts), dim=-1))
+    lead = parts[0].shape[:-1]
+    flat = [p.reshape(-1, p.shape[-1]) for p in parts]
+    return _LinearOfConcat.apply(linear.weight, linear.bias, *flat).view(*lead, linear.out_features)
+
+
+# device types where torch._addmm_activation(..., use_gelu=True) applies the tanh approximation of
+# GELU: on CUDA (cuBLASLt's GELU epilogue, or gelu(approximate="tanh") after the matmul where
+# cuBLASLt is not used); on CPU it applies the exact erf GELU, which is not FLUX's, so CPU tensors
+# take the unfused path. (The ledger, ditfast/bench/ledger.py, adds "cpu" while it counts fake CPU
+# tensors that stand for CUDA ones; no data is computed then.)
+GELU_TANH_EPILOGUE_DEVICES = {"cuda"}
+
+
+def linear_gelu_tanh(linear: Module, h: Tensor) -> Tensor:
+    """``gelu(linear(h), approximate="tanh")``. In inference (no gradient needed), for a
+    :func:`plain_linear` with a bias on CUDA, the GELU runs in the matmul's epilogue
+    (``torch._addmm_activation``, which has no backward): the (T, N) pre-activation is never written
+    and read back. Otherwise the module, then the GELU."""
+    w, b = getattr(linear, "weight", None), getattr(linear, "bias", None)
+    fused = (
+        b is not None
+        and h.device.type in GELU_TANH_EPILOGUE_DEVICES
+        and plain_linear(linear)
+        and h.dtype == w.dtype == b.dtype
+        and not (torch.is_grad_enabled() and (h.requires_grad or w.requires_grad or b.requires_grad))
+    )
+    if not fused:
+        return nn.functional.gelu(linear(h), approximate="tanh")
+    out = torch._addmm_activation(b, h.reshape(-1, h.shape[-1]), w.t(), use_gelu=True)
+    return out.view(*h.shape[:-1], linear.out_features)
+
+
+# ------------------------------------------------------------------------------------------------
 # Blocks
 # ------------------------------------------------------------------------------------------------
 def dit_block(x: Tensor, mod: Sequence[Tensor], s: Stream, *, head_dim: int, qk_eps: float = 1e-6,
@@ -147,7 +251,7 @@ def flux_single(x: Tensor, mod: Sequence[Tensor], rope: Rope, s: Stream, *, head
     """FLUX single-stream block (attention and MLP in parallel): x [txt, img] (B, L, D) -> (B, L, D).
 
     mod: (shift, scale, gate). ``s.proj`` is the output Linear over ``[attention | MLP hidden]``
-    (FLUX's ``linear2``). ``s.mlp`` maps the modulated input to the MLP hidden activation
+    (FLUX's ``linear2``), run by :func:`linear_of_concat` (no concatenated copy for a plain Linear). ``s.mlp`` maps the modulated input to the MLP hidden activation
     (GELU(tanh) of ``proj_mlp``), or is None when ``s.qkv`` is FLUX's ``linear1``, whose output
     ``[q | k | v | mlp]`` is split here (one matmul) and the GELU(tanh) applied here. attn_call: None,
     or a callable mapping the modulated input to the (unprojected) attention output, replacing the
@@ -156,7 +260,7 @@ def flux_single(x: Tensor, mod: Sequence[Tensor], rope: Rope, s: Stream, *, head
     shift, scale, gate = mod
     h = ops.norm_modulate(x, shift, scale, eps=s.eps)
     if attn_call is not None:
-        return ops.gated_residual(x, s.proj(torch.cat((attn_call(h), s.mlp(h)), dim=-1)), gate)
+        return ops.gated_residual(x, linear_of_concat(s.proj, (attn_call(h), s.mlp(h))), gate)
     if s.mlp is None:
         out, width = s.qkv(h), 3 * x.shape[-1]
         q, k, v = out[..., :width].unflatten(-1, (3, -1, head_dim)).unbind(-3)
@@ -166,7 +270,7 @@ def flux_single(x: Tensor, mod: Sequence[Tensor], rope: Rope, s: Stream, *, head
         mlp = s.mlp(h)
         q, k, v = qkv_heads(s.qkv, h, head_dim)
     (o,) = _attend_streams((s,), ((q, k, v),), rope, qk_eps, attention)
-    return ops.gated_residual(x, s.proj(torch.cat((o, mlp), dim=-1)), gate)
+    return ops.gated_residual(x, linear_of_concat(s.proj, (o, mlp)), gate)
 
 
 def sd3_joint(context: Tensor, x: Tensor, c_mod: Sequence[Tensor], x_mod: Sequence[Tensor], cs: Stream,
