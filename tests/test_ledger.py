@@ -306,3 +306,19 @@ def test_gelu_epilogue_numerics_cuda():
             lowp = torch.nn.functional.gelu(lin(x32.to(dtype)), approximate="tanh").double()
         bound = 2 * (lowp - ref32).abs().max() + 1e-5 * max(1.0, ref32.abs().max().item())
         assert (fast - ref32).abs().max() <= bound
+
+
+def test_linear_of_concat_under_torch_compile():
+    """fullgraph torch.compile traces it, forward and backward (the backward concatenates there)."""
+    from ditfast.nn import functional as F
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(12, 6)
+    a, b = torch.randn(2, 3, 5, requires_grad=True), torch.randn(2, 3, 7, requires_grad=True)
+    out = torch.compile(lambda a, b: F.linear_of_concat(lin, (a, b)), fullgraph=True)(a, b)
+    got = torch.autograd.grad(out.sum(), (a, b, lin.weight, lin.bias))
+    ref = lin(torch.cat((a, b), -1))
+    want = torch.autograd.grad(ref.sum(), (a, b, lin.weight, lin.bias))
+    torch.testing.assert_close(out, ref)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)

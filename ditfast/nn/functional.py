@@ -152,13 +152,22 @@ class _LinearOfConcat(torch.autograd.Function):
     def backward(ctx, dy):
         weight, *parts = ctx.saved_tensors
         grads, k = [], 0
-        dw = torch.empty_like(weight) if ctx.needs_input_grad[0] else None
+        want_dw = ctx.needs_input_grad[0]
+        # eager: the column blocks written in place (out= a strided view); torch.compile cannot trace
+        # a non-contiguous out=, so there the blocks are concatenated (Inductor plans that buffer)
+        compiling = torch.compiler.is_compiling()
+        dw = torch.empty_like(weight) if want_dw and not compiling else None
+        blocks = []
         for i, p in enumerate(parts):
             w = weight[:, k:k + p.shape[-1]]
             grads.append(torch.mm(dy, w) if ctx.needs_input_grad[2 + i] else None)
             if dw is not None:
                 torch.mm(dy.t(), p, out=dw[:, k:k + p.shape[-1]])
+            elif want_dw:
+                blocks.append(torch.mm(dy.t(), p))
             k += p.shape[-1]
+        if blocks:
+            dw = torch.cat(blocks, dim=1)
         db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
         return (dw, db, *grads)
 
