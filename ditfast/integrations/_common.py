@@ -8,6 +8,7 @@ Nothing here imports diffusers: diffusers classes are recognised by name and mod
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -193,6 +194,18 @@ def fast_dtypes(*tensors: Optional[torch.Tensor]) -> bool:
 def no_kwargs(kwargs) -> bool:
     """True for a missing or empty attention-kwargs dict (IP-adapters and masks need the original forward)."""
     return not kwargs
+
+
+_WARNED_FALLBACKS = set()
+
+
+def warn_fallback_once(block: nn.Module, key: str, why: str) -> None:
+    """Warn, once per (block class, ``key``), that ``block`` runs diffusers' own forward for a call
+    because ``why`` (a call ditfast cannot run exactly); the caller then runs that forward."""
+    k = (type(block).__name__, key)
+    if k not in _WARNED_FALLBACKS:
+        _WARNED_FALLBACKS.add(k)
+        warnings.warn(f"ditfast: {type(block).__name__} runs diffusers' forward for calls with {why}", stacklevel=3)
 
 
 class BlockSpec(NamedTuple):
