@@ -468,9 +468,15 @@ def _resolve(op: str, request: Request, spec: Spec) -> str:
         if _usable(op, name, spec):
             return name
     why = "; ".join(f"{n}: {', '.join(_IMPLS[op][n].reasons(spec))}" for n in members)
+    usable = [n for n in _IMPLS[op] if _usable(op, n, spec)]
+    try:
+        fix = f"drop the request to get the automatic choice ({label(op, _automatic(op, spec), spec.device_type)})"
+    except RuntimeError:
+        fix = "no implementation can run these inputs"
     raise RuntimeError(
         f"ditfast backend {request.name!r} (asked for by {request.source}) cannot run {op} on "
-        f"{spec.describe()}: {why}\n{explain(op, spec)}"
+        f"{spec.describe()}: {why}. Usable for these inputs: {', '.join(usable) or 'none'}; {fix}, or ask for "
+        f"one of those. `python -m ditfast.info` lists every implementation and why it is or is not usable."
     )
 
 

@@ -2,8 +2,9 @@
 
 usage: python scripts/backend_table.py benchmarks/results/bench_<date>_<commit>.json [--table PATH]
 
-For every "ops" case of an op with both a "triton" and a "cuda" implementation where the run timed
-both forced backends ("ditfast:triton", "ditfast:cuda"), the faster one becomes the entry for that
+For every "ops" case of an op with both a "triton" and a "compiled" implementation where the run timed
+both forced backends ("ditfast:triton", "ditfast:compiled"; results of older runs name it "ditfast:cuda"),
+the faster one becomes the entry for that
 op, dtype and row width (D, or Dh for the rope ops), exactly that width, by the total time over
 the shapes of that width: other widths keep the fixed AUTO_ORDER. Forward + backward times decide
 when both backends have them (training), else forward.
@@ -21,11 +22,11 @@ from typing import List, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout that is not installed
 
 from ditfast import _backend  # noqa: E402
-from ditfast.ops import cuda_impl  # noqa: E402,F401  (registers the "cuda" implementations)
+from ditfast.ops import cuda_impl  # noqa: E402,F401  (registers the "compiled" implementations)
 
 
 def _ops_with_a_choice() -> set:
-    return {op for op in _backend.ops() if {"triton", "cuda"} <= set(_backend.implemented(op))}
+    return {op for op in _backend.ops() if {"triton", "compiled"} <= set(_backend.implemented(op))}
 
 
 def _time(variant: Optional[dict], direction: str) -> Optional[float]:
@@ -43,20 +44,20 @@ def entries_from_results(results: dict) -> List[dict]:
         if case.get("level") != "ops" or case.get("case") not in ops:
             continue
         by = {v["name"]: v for v in case.get("variants", [])}
-        tri, cu = by.get("ditfast:triton"), by.get("ditfast:cuda")
+        tri, cu = by.get("ditfast:triton"), by.get("ditfast:compiled") or by.get("ditfast:cuda")
         direction = "fwd_bwd" if _time(tri, "fwd_bwd") and _time(cu, "fwd_bwd") else "fwd"
         t_tri, t_cu = _time(tri, direction), _time(cu, direction)
         if not t_tri or not t_cu:
             continue
         dims = case["dims"]
         width = int(dims["Dh"] if "Dh" in dims else dims["D"])
-        total = totals.setdefault((case["case"], case["dtype"], width), {"cuda": 0.0, "triton": 0.0, "shapes": []})
-        total["cuda"] += t_cu
+        total = totals.setdefault((case["case"], case["dtype"], width), {"compiled": 0.0, "triton": 0.0, "shapes": []})
+        total["compiled"] += t_cu
         total["triton"] += t_tri
         total["shapes"].append(f"{case.get('label')} ({direction})")
     return [{"op": op, "dtype": dtype, "width_min": width, "width_max": width,
-             "backend": "cuda" if t["cuda"] < t["triton"] else "triton",
-             "ms": {"cuda": t["cuda"], "triton": t["triton"], "shapes": t["shapes"]}}
+             "backend": "compiled" if t["compiled"] < t["triton"] else "triton",
+             "ms": {"compiled": t["compiled"], "triton": t["triton"], "shapes": t["shapes"]}}
             for (op, dtype, width), t in totals.items()]
 
 
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
         return 2
     entries = entries_from_results(results)
     if not entries:
-        print(f"{args.results} times no op on both the triton and the cuda backend; nothing written", file=sys.stderr)
+        print(f"{args.results} times no op on both the triton and the compiled backend; nothing written", file=sys.stderr)
         return 2
     versions = meta.get("versions", {})
     measured = {"torch": versions.get("torch"), "triton": versions.get("triton"), "commit": meta.get("commit"),

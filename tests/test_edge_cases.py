@@ -796,7 +796,7 @@ ERRORS = [
     (lambda: ops.qk_norm_rope(_q(), _q(), torch.ones(8), None, None, None), ValueError, ["q_weight", "k_weight", "both"]),
     (lambda: ops.qk_norm_rope(_q(), torch.zeros(2, 5, 24), None, None, None, None), ValueError, ["k", "(2, 5, 24)", "(B, L, H, Dh)"]),
     (lambda: ops.joint_attention(torch.zeros(2, 5, 3, 8, 1), _q(), _q()), ValueError, ["q", "(2, 5, 3, 8, 1)", "(B, L, H, Dh)"]),
-    (lambda: ops.joint_attention(_q(), _q(B=3), _q(B=3)), ValueError, ["k", "(3, 5, 3, 8)", "(B, Lk, H, Dh)"]),
+    (lambda: ops.joint_attention(_q(), _q(B=3), _q(B=3)), ValueError, ["k", "(3, 5, 3, 8)", "(B, Lk, H_kv, Dh)"]),
     (lambda: ops.joint_attention(_q(), _q(), _q().half()), TypeError, ["v", "float16", "float32"]),
     (lambda: ops.joint_attention(_q(), _q(), "v"), TypeError, ["v", "str", "torch.Tensor"]),
     (lambda: ops.joint_attention(_q(), _q(), _q(), backend=3), TypeError, ["backend", "int", "string"]),

@@ -314,7 +314,8 @@ def load_table(path: Optional[os.PathLike] = None) -> Dict[str, dict]:
     for dev, block in data["devices"].items():
         for e in block.get("entries", []):
             missing = {"op", "dtype", "width_min", "width_max", "backend"} - set(e)
-            if missing or e["backend"] not in _backend.BACKENDS:
+            # a family ("triton", "compiled"; the alias "cuda") or one implementation ("flash_attn3", "sdpa_cudnn")
+            if missing or e["backend"] not in _backend.known_names():
                 raise ValueError(f"{p}: bad entry for {dev!r}: {e} (missing {sorted(missing)} or unknown backend)")
     return data["devices"]
 
@@ -366,7 +367,8 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 @constant_for_compile  # evaluated at trace time; its file reads never reach Dynamo
 def table_choice(op: str, device: torch.device, dtype: torch.dtype, width: int) -> Optional[str]:
     """The backend the measured table prefers for ``op`` on ``device`` with ``dtype`` inputs and rows
-    of ``width`` elements (D, or Dh for the rope ops); None when it has no entry."""
+    of ``width`` elements (D, or Dh for the rope ops); None when it has no entry. Entries are per GPU
+    model name, so only CUDA tensors have any today."""
     if device.type != "cuda":
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
