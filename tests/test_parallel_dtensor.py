@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ditfast.parallel.testing import Ranks
+from ditfast.parallel.testing import RankError, Ranks
 import conftest  # noqa: F401,E402  (also in the spawned ranks: TRITON_INTERPRET and the interpreter work-around)
 
 pytestmark = pytest.mark.distributed
@@ -88,7 +88,7 @@ def _cases():
         lambda q, k, v: _triton_attention()(q, k, v),
         lambda: [torch.randn(B, L, H, Dh), torch.randn(B, L + 2, H, Dh), torch.randn(B, L + 2, H, Dh)],
         {"head": [S2, S2, S2], "batch": [S0, S0, S0], "replicate": [Rp, Rp, Rp]})
-    c["prepare_attention/fwd"] = (  # forward only: its backward returns lists DTensor cannot wrap
+    c["prepare_attention/fwd"] = (  # forward here; backward: test_unused_outputs_on_dtensor (local shards)
         lambda q0, k0, v0, q1, k1, v1, w0, w1, cos, sin: ops.prepare_attention(
             (q0, q1), (k0, k1), (v0, v1), q_weights=(w0, w1), k_weights=(w1, w0), rope=(cos, sin)),
         lambda: [torch.randn(B, n, H, Dh) for n in (3, 3, 3, L, L, L)] + [1 + 0.1 * torch.randn(Dh) for _ in "ab"]
@@ -261,3 +261,163 @@ def run_inference_on_dtensor():
 def test_triton_inference_on_dtensor(ranks):
     """The user's path: no explicit ditfast.parallel call; the op itself must register the rules."""
     ranks.run(run_inference_on_dtensor)
+
+
+# ---- ops with several outputs: the gradients when the loss uses only some of them ------------------------
+# Every subset of the differentiable outputs feeds the loss in turn (one forward, one backward per subset),
+# in every sharding mode the op's rule accepts, and each input's gradient is checked against the
+# single-process run by the tolerance rule of docs/numerics.md (ditfast.testing.assert_by_rule): in fp32 the
+# yardstick is 0 and the bound atol·max(1, |ref|); in bf16 the single-process bf16 and fp32 runs give the
+# yardstick. Gradients summed over tokens (modulations, norm weights) use the reduced-gradient bound.
+# Shapes are uneven for 2 ranks on every sharded dim (batch 3, sequence 5, heads 3).
+MB, ML, MD, MH, MDh = 3, 5, 16, 3, 8
+
+
+def _multi_cases():
+    """name -> (fn(*inputs) -> tuple of outputs, make() -> fp32 global inputs, placements per mode,
+    indices of the inputs whose gradient is a reduction over tokens, number of trailing constant inputs
+    (RoPE tables: fp32, no gradient), backends)."""
+    from ditfast import ops
+
+    S0, S1, S2, Rp = ("S", 0), ("S", 1), ("S", 2), ("R",)
+    act = lambda m: {"replicate": Rp, "batch": S0, "seq": S1, "head": S2}[m]  # noqa: E731
+    tbl = lambda m: S0 if m == "seq" else Rp  # noqa: E731  (an (L, Dh/2) table)
+    rand = torch.randn
+    w = lambda: 1 + 0.1 * rand(MDh)  # noqa: E731
+    mods = ("replicate", "batch", "seq")
+    c = {}
+    c["gated_residual_norm_modulate"] = (
+        lambda x, y, g, sh, sc: ops.gated_residual_norm_modulate(x, y, g, sh, sc),
+        lambda: [rand(MB, ML, MD), rand(MB, ML, MD), rand(MB, MD), rand(MB, MD), rand(MB, MD)],
+        {m: [act(m)] * 2 + [S0 if m == "batch" else Rp] * 3 for m in mods}, (2, 3, 4), 0,
+        ("reference", "triton", "cuda"))
+    c["norm_modulate_dual"] = (
+        lambda x, sh1, sc1, sh2, sc2: ops.norm_modulate_dual(x, sh1, sc1, sh2, sc2),
+        lambda: [rand(MB, ML, MD)] + [rand(MB, MD) for _ in range(4)],
+        {m: [act(m)] + [S0 if m == "batch" else Rp] * 4 for m in mods}, (1, 2, 3, 4), 0,
+        ("reference", "triton"))
+    c["qk_norm_rope"] = (
+        lambda q, k, qw, kw, cos, sin: ops.qk_norm_rope(q, k, qw, kw, cos, sin),
+        lambda: [rand(MB, ML, MH, MDh), rand(MB, ML, MH, MDh), w(), w()]
+        + [f(a) for a in [rand(ML, MDh // 2)] for f in (torch.cos, torch.sin)],
+        {m: [act(m)] * 2 + [Rp] * 2 + [tbl(m)] * 2 for m in ("replicate", "batch", "seq", "head")}, (2, 3), 2,
+        ("reference", "triton", "cuda"))
+    c["prepare_attention"] = (  # two streams (text 2 tokens, image ML); "seq" is gathered (ditfast/parallel/local.py)
+        lambda q0, k0, v0, q1, k1, v1, qw0, qw1, kw0, kw1, cos, sin: ops.prepare_attention(
+            (q0, q1), (k0, k1), (v0, v1), q_weights=(qw0, qw1), k_weights=(kw0, kw1), rope=(cos, sin)),
+        lambda: [rand(MB, n, MH, MDh) for n in (2, 2, 2, ML, ML, ML)] + [w() for _ in range(4)]
+        + [f(a) for a in [rand(ML + 2, MDh // 2)] for f in (torch.cos, torch.sin)],
+        {m: [act(m)] * 6 + [Rp] * 4 + [tbl(m)] * 2 for m in ("replicate", "batch", "seq", "head")}, (6, 7, 8, 9), 2,
+        ("reference", "triton", "cuda"))
+    c["joint_attention"] = (  # (o, lse): lse has a gradient path on the reference only. Batch and heads
+        # even here: the reference's einsum cannot flatten an unevenly sharded DTensor (torch refuses)
+        lambda q, k, v: ops.joint_attention(q, k, v, return_lse=True),
+        lambda: [rand(2, ML, 2, MDh), rand(2, ML + 2, 2, MDh), rand(2, ML + 2, 2, MDh)],
+        {m: [act(m)] * 3 for m in ("replicate", "batch", "head")}, (), 0,
+        ("reference", "triton"))
+    c["joint_attention_streams"] = (  # one output view per stream (a split of the joint output)
+        lambda q0, k0, v0, q1, k1, v1: ops.joint_attention_streams((q0, q1), (k0, k1), (v0, v1)),
+        lambda: [rand(2, n, 2, MDh) for n in (2, 2, 2, ML, ML, ML)],
+        {m: [act(m)] * 6 for m in ("batch", "head")}, (), 0, ("triton",))
+    return c
+
+
+def _subsets(idx):
+    from itertools import combinations
+
+    return [s for n in range(1, len(idx) + 1) for s in combinations(idx, n)]
+
+
+def run_output_subsets(case: str, backend: str, dtypes=(torch.float32,)):
+    """On each rank, per mode and dtype: the single-process reference (ditfast.reference, plain tensors, in
+    fp32 and in the dtype) and the backend on DTensors, one forward each, then one backward per subset of
+    the backend's differentiable outputs, checked by the rule (the reference runs are the rule's ref_fp32
+    and ref_lowp). Returns the (mode, dtype, subset) triples checked and the differentiable outputs."""
+    import ditfast
+    import ditfast.parallel
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from ditfast.testing import assert_by_rule
+
+    if backend == "cuda":
+        import ditfast._C  # noqa: F401
+    ditfast.parallel.register_sharding_rules()
+    fn, make, modes, reduced, n_const, _ = _multi_cases()[case]
+    mesh = init_device_mesh("cpu", (2,))
+    done, differentiable = [], None
+    for dtype in dtypes:
+        for mode, places in modes.items():
+            torch.manual_seed(1)
+            inputs = make()
+            n_var = len(inputs) - n_const
+            cast = lambda ts, dt: [t.to(dt) if i < n_var else t for i, t in enumerate(ts)]  # noqa: E731
+            runs = {}
+            with ditfast.use_backend("reference"):
+                for key, dt in (("ref32", torch.float32), ("lowp", dtype)):
+                    if key == "lowp" and dtype == torch.float32:
+                        runs["lowp"] = runs["ref32"]
+                        continue
+                    leaves = [t.requires_grad_(i < n_var) for i, t in enumerate(cast(inputs, dt))]
+                    runs[key] = (leaves, fn(*leaves))
+            with ditfast.use_backend(backend):
+                dleaves = [distribute_tensor(t.detach().clone(), mesh, [_placement(p)]).requires_grad_(i < n_var)
+                           for i, (t, p) in enumerate(zip(cast(inputs, dtype), places))]
+                out = fn(*dleaves)
+            ref, lowp = runs["ref32"][1], runs["lowp"][1]
+            assert all(isinstance(o, DTensor) for o in out), f"{case}[{mode}]: outputs must be DTensors"
+            for i, (o, r, lp) in enumerate(zip(out, ref, lowp)):
+                assert_by_rule(o.full_tensor(), r.detach(), lp.detach(), name=f"{case}[{mode}, {dtype}] out{i}")
+            differentiable = [i for i, o in enumerate(out) if o.requires_grad]
+            g = torch.Generator().manual_seed(2)
+            upstream = [torch.randn(o.shape, generator=g) for o in ref]
+            for subset in _subsets(differentiable):
+                def grads(leaves, outs, wrap):
+                    gs = [wrap(upstream[i].to(outs[i].dtype), outs[i]) for i in subset]
+                    got = torch.autograd.grad([outs[i] for i in subset], leaves[:n_var], gs, retain_graph=True,
+                                              allow_unused=True)
+                    return [None if t is None else (t.full_tensor() if isinstance(t, DTensor) else t) for t in got]
+
+                plain = lambda u, o: u  # noqa: E731
+                want32 = grads(runs["ref32"][0], ref, plain)
+                want_lp = want32 if dtype == torch.float32 else grads(runs["lowp"][0], lowp, plain)
+                got = grads(dleaves, out, lambda u, o: distribute_tensor(u, mesh, o.placements))
+                for j, (a, r, lp, leaf) in enumerate(zip(got, want32, want_lp, inputs)):
+                    a, r, lp = (torch.zeros(leaf.shape, dtype=dt) if t is None else t  # an input the subset misses
+                                for t, dt in ((a, dtype), (r, torch.float32), (lp, dtype)))
+                    assert_by_rule(a, r, lp, reduced=j in reduced,
+                                   name=f"{case}[{mode}, {dtype}] outputs {subset}: grad of input {j}")
+                done.append((mode, str(dtype), subset))
+    return done, differentiable
+
+
+# Known to fail, in a file this change does not own (ditfast/ops/attention.py): joint_attention_streams splits
+# the joint output, and torch's backward of split (split_with_sizes_backward) fills the gradient of an unused
+# piece with plain zeros, then concatenates them with the DTensor ones ("aten.cat.default got mixed
+# torch.Tensor and DTensor"). Strict: when it is fixed (e.g. one narrow per stream on DTensors), this fails
+# until the mark is removed. Last in the order: a failing rank restarts the processes.
+_KNOWN_BROKEN = {("joint_attention_streams", "triton"): "split backward fills unused pieces with plain zeros"}
+_MULTI_PARAMS = sorted(((case, backend) for case, spec in _multi_cases().items() for backend in spec[5]),
+                       key=lambda p: p in _KNOWN_BROKEN)
+
+
+@pytest.mark.parametrize("case,backend", [
+    pytest.param(*p, id="-".join(p), marks=[pytest.mark.xfail(strict=True, raises=RankError, reason=_KNOWN_BROKEN[p])]
+                 if p in _KNOWN_BROKEN else []) for p in _MULTI_PARAMS])
+def test_unused_outputs_on_dtensor(ranks, case, backend):
+    """Issue 23: the gradient of an unused output must not break (or change) the backward on DTensors."""
+    if backend == "cuda":
+        from ditfast import _ext
+
+        ok, why = _ext.availability("cpu")
+        if not ok:
+            pytest.skip(f"compiled extension unavailable: {why}")
+    modes = _multi_cases()[case][2]
+    results = ranks.run(run_output_subsets, case, backend)
+    for done, differentiable in results:
+        # every output is differentiable but the kernels' lse (no gradient path there)
+        n_out = {"gated_residual_norm_modulate": 2, "norm_modulate_dual": 2, "qk_norm_rope": 2,
+                 "prepare_attention": 3, "joint_attention": 2 if backend == "reference" else 1,
+                 "joint_attention_streams": 2}[case]
+        assert len(differentiable) == n_out, f"differentiable outputs {differentiable}, expected {n_out}"
+        assert len(done) == len(modes) * (2 ** n_out - 1), f"checked {done}"

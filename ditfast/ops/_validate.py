@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ..parallel.guard import dtensor_inputs
+from ..parallel.guard import dtensor_inputs, dtensor_outputs  # noqa: F401  (dtensor_outputs: for the ops)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -45,10 +45,11 @@ def dtensor_possible() -> bool:
     return sys.modules.get("torch.distributed.tensor") is not None
 
 
-def dtensor(op: str, **tensors: Optional[torch.Tensor]) -> None:
+def dtensor(op: str, **tensors: Optional[torch.Tensor]) -> bool:
     """DTensor inputs: register ditfast's sharding rules on first use and refuse a mix of DTensors and
-    plain tensors, naming them (ditfast/parallel/guard.py; one dict lookup when DTensor is not in use)."""
-    dtensor_inputs(op, **tensors)
+    plain tensors, naming them (ditfast/parallel/guard.py; one dict lookup when DTensor is not in use).
+    Returns whether the inputs are DTensors."""
+    return dtensor_inputs(op, **tensors)
 
 
 def rope_table(name: str, t, B: int, L: int, Dh: int, like: torch.Tensor, *, seq: str = "L") -> None:

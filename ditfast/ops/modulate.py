@@ -50,9 +50,10 @@ def norm_modulate_dual(
     scale1, scale2 = v.modulation("scale1", scale1, x), v.modulation("scale2", scale2, x)
     shift1 = None if shift1 is None else v.modulation("shift1", shift1, x)
     shift2 = None if shift2 is None else v.modulation("shift2", shift2, x)
-    v.dtensor("norm_modulate_dual", x=x, shift1=shift1, scale1=scale1, shift2=shift2, scale2=scale2)
+    dt = v.dtensor("norm_modulate_dual", x=x, shift1=shift1, scale1=scale1, shift2=shift2, scale2=scale2)
     impl = _backend.select("norm_modulate_dual", x.device, x)
-    return impl(x, shift1, scale1, shift2, scale2, eps=v.eps(eps))
+    out = impl(x, shift1, scale1, shift2, scale2, eps=v.eps(eps))
+    return v.dtensor_outputs(out) if dt else out  # (an unused output's gradient: ditfast/parallel/guard.py)
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -83,9 +84,10 @@ def gated_residual_norm_modulate(
     gate = v.modulation("gate", gate, x)
     scale = v.modulation("scale", scale, x)
     shift = None if shift is None else v.modulation("shift", shift, x)
-    v.dtensor("gated_residual_norm_modulate", x=x, y=y, gate=gate, shift=shift, scale=scale)
+    dt = v.dtensor("gated_residual_norm_modulate", x=x, y=y, gate=gate, shift=shift, scale=scale)
     impl = _backend.select("gated_residual_norm_modulate", x.device, x)
-    return impl(x, y, gate, shift, scale, eps=v.eps(eps))
+    out = impl(x, y, gate, shift, scale, eps=v.eps(eps))
+    return v.dtensor_outputs(out) if dt else out  # (an unused output's gradient: ditfast/parallel/guard.py)
 
 
 _backend.register("norm_modulate", "reference", reference.norm_modulate)
@@ -233,6 +235,9 @@ def _norm_modulate_dual_setup(ctx, inputs, output):
 
 def _norm_modulate_dual_backward(ctx, dout1, dout2, _dmean, _drstd):
     x, scale1, scale2, mean, rstd = ctx.saved_tensors
+    # an unused output gets None on DTensors (ditfast/parallel/guard.py): zeros of x's kind
+    dout1 = torch.zeros_like(x) if dout1 is None else dout1
+    dout2 = torch.zeros_like(x) if dout2 is None else dout2
     dx, dshift1, dscale1, dshift2, dscale2 = _norm_modulate_dual_bwd_op(
         dout1, dout2, x, mean, rstd, scale1, scale2, *ctx.shift_specs
     )

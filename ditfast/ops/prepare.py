@@ -129,12 +129,17 @@ def prepare_attention(
             )
     L_total = sum(q.shape[1] for q in qs)
     cos, sin = _tables(rope, B, L_total, Dh, q0)
+    dt = False
     if v.dtensor_possible():  # (the per-stream argument names are built only then)
-        v.dtensor("prepare_attention", **{f"qs[{i}]": t for i, t in enumerate(qs)},
-                  **{f"ks[{i}]": t for i, t in enumerate(ks)}, **{f"vs[{i}]": t for i, t in enumerate(vs)},
-                  **{f"q_weights[{i}]": t for i, t in enumerate(qw)},
-                  **{f"k_weights[{i}]": t for i, t in enumerate(kw)}, cos=cos, sin=sin)
+        dt = v.dtensor("prepare_attention", **{f"qs[{i}]": t for i, t in enumerate(qs)},
+                       **{f"ks[{i}]": t for i, t in enumerate(ks)}, **{f"vs[{i}]": t for i, t in enumerate(vs)},
+                       **{f"q_weights[{i}]": t for i, t in enumerate(qw)},
+                       **{f"k_weights[{i}]": t for i, t in enumerate(kw)}, cos=cos, sin=sin)
     impl = _backend.select("prepare_attention", q0.device, q0)
+    if dt:  # DTensors: the backend runs on the local shards (forward and backward; ditfast/parallel/local.py)
+        from ..parallel import local
+
+        return local.prepare_attention(impl, qs, ks, vs, qw, kw, cos, sin, v.eps(eps), bool(interleaved))
     return impl(
         qs, ks, vs, q_weights=qw, k_weights=kw, rope=None if cos is None else (cos, sin), eps=v.eps(eps),
         interleaved=bool(interleaved),

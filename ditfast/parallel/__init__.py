@@ -7,6 +7,8 @@
   1-D device mesh (Megatron-style: heads and MLP hidden units split, one all-reduce per attention
   and per MLP); see ditfast/parallel/tp.py.
 * ``ditfast.parallel.check_qkv_heads(...)``: the packed-qkv width check (see tp.py).
+* ``ditfast/parallel/local.py``: ``ops.prepare_attention`` on DTensors (its backward returns tensor
+  lists DTensor cannot wrap), run on the local shards under its rule's modes, forward and backward.
 
 This package imports torch.distributed lazily: ``import ditfast`` does not pay for it.
 """

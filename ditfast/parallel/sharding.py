@@ -19,9 +19,13 @@ Which modes each operator accepts is declared in :data:`RULES` (one entry per op
 per mode family): the modulate family and norm ops take replicate / batch / seq; rope and
 qk_norm_rope also head; attention replicate / batch / head (a query-sequence split needs the whole
 key sequence: that is context parallelism, not a per-op rule). Statistics the forward returns for
-the backward (mean, rstd, lse) follow their activation. prepare_attention has a forward rule only:
-its backward returns lists of per-stream gradients, which DTensor's propagator cannot wrap, so a
-backward through it on DTensors raises DTensor's "no sharding strategy" error.
+the backward (mean, rstd, lse) follow their activation. prepare_attention's backward returns lists of
+per-stream gradients, which DTensor's propagator cannot wrap, so its backward ops have no entry here:
+``ops.prepare_attention`` on DTensors applies the forward rule's modes at the Python autograd level
+instead, running the backend on the local shards (ditfast/parallel/local.py); its forward rule below
+serves direct calls of the operator. When a loss uses only some outputs of a multi-output op, the
+backward ops get no gradient (None) for the others, not plain zeros (ditfast/parallel/guard.py,
+``dtensor_outputs``): an optional output-gradient argument is then absent (placement None).
 
 Registration goes through DTensor's op-strategy registry, as
 ``torch.distributed.tensor.experimental.register_sharding`` does, but with every argument part of
@@ -182,7 +186,8 @@ def weight_grads(name):
 def flat_rows(mode, spec, a):
     """prepare_attention's (2, rows) rstd buffer: its rows are (B, L, H) per stream, so no placement
     describes a shard of it exactly; it is labelled Shard(1) (rows) when the rows are split. Only the
-    backward reads it, and that has no DTensor rule (see _LIST_OUTPUTS), so it is never redistributed."""
+    backward reads it, and that has no DTensor rule (see _LIST_OUTPUTS: ops.prepare_attention runs on
+    local shards instead), so it is never redistributed."""
     return R if mode == "replicate" else Shard(1)
 
 
@@ -261,7 +266,7 @@ RULES: Dict[str, Rule] = {
     "ditfast::flash_attention": _rule({"q": act, "k": act, "v": act}, [act, lse], _ATTN_MODES),
     "ditfast::flash_attention_backward": _rule(
         {"do": act, "q": act, "k": act, "v": act, "o": act, "lse": lse}, [act, act, act], _ATTN_MODES),
-    # --- prepare (ditfast/ops/prepare.py): forward only, see _LIST_OUTPUTS ---
+    # --- prepare (ditfast/ops/prepare.py): forward only, see _LIST_OUTPUTS (ops.prepare_attention: local.py) ---
     "ditfast::prepare_attention": _rule(
         {"qs": act, "ks": act, "vs": act, "q_weights": weight, "k_weights": weight, "cos": table, "sin": table},
         [act, act, act, flat_rows], ("replicate", "batch", "head")),
@@ -271,7 +276,8 @@ RULES: Dict[str, Rule] = {
 }
 
 # Operators whose outputs are nested lists of tensors, which DTensor's propagator cannot wrap
-# (torch 2.14): prepare_attention_backward returns per-stream gradient lists.
+# (torch 2.14): prepare_attention_backward returns per-stream gradient lists. ops.prepare_attention never
+# calls them with DTensors: its DTensor calls run the backend on local shards (ditfast/parallel/local.py).
 _LIST_OUTPUTS = ("ditfast::prepare_attention_backward", "ditfast::prepare_attention_c_backward")
 
 
