@@ -261,6 +261,34 @@ def test_controlnet_patches_and_matches(monkeypatch):
     assert_close(out, ref, "transformer output")
 
 
+def test_diffusers_attention_backend_is_honoured(monkeypatch):
+    """model.set_attention_backend(name): the patched blocks run ditfast's prepare, then attend through
+    diffusers' dispatch_attention_fn with that backend (ditfast/integrations/_context_parallel.py)."""
+    import diffusers.models.attention_dispatch as dispatch
+
+    model = qwen_model()
+    inputs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in model_inputs().items()}
+    # set_attention_backend also sets diffusers' process-wide active backend: restored after the test
+    monkeypatch.setattr(dispatch._AttentionBackendRegistry, "_active_backend",
+                        dispatch._AttentionBackendRegistry._active_backend)
+    model.set_attention_backend("_native_math")
+    with torch.no_grad():
+        ref = model(**inputs, return_dict=False)[0]
+        patch(model)
+        backends, real = [], dispatch.dispatch_attention_fn
+
+        def spy(*args, **kwargs):
+            backends.append(kwargs.get("backend"))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(dispatch, "dispatch_attention_fn", spy)
+        counter = AttentionCounter(monkeypatch)
+        out = model(**inputs, return_dict=False)[0]
+    assert counter.calls == CFG["num_layers"]
+    assert [b.value for b in backends] == ["_native_math"] * CFG["num_layers"]
+    assert_close(out, ref, "patched, diffusers' _native_math attention")
+
+
 def test_rope_tables_are_diffusers_tables():
     """cos / sin are the real / imaginary parts of diffusers' complex tables, text rows first; anything else
     (another dtype, a shape that does not match the streams) is refused (diffusers' forward runs then)."""
