@@ -10,17 +10,35 @@ measured at the start of the same run. Triton rows carry the registers / spills 
 offline sm_90 compile (benchmarks/sm90_report.json) when that report exists.
 
     python benchmarks/smoke.py --out smoke.json [--tiny] [--time-limit S] [--sm90-report FILE]
+                               [--exclude OP:BACKEND[:SHAPE],...] [--resume]
 
 --tiny (the CPU rehearsal): tiny shapes, Triton under its interpreter, the extension's CPU kernels.
 The JSON (schema "ditfast-smoke/1", checked by ``validate``) is rewritten atomically after every op.
+
+A sticky CUDA error (an illegal address or a launch failure leaves the process's CUDA context unusable)
+would make every later row fail for one kernel. After any exception the context is probed with
+``torch.cuda.synchronize()``; when it is dead the row is recorded as the culprit, the JSON is written with
+``aborted`` = {op, backend, shape, error}, and the process exits with status 3 (EXIT_CONTEXT_LOST).
+gpu_run.sh then reruns the smoke in a fresh process with ``--resume`` (the ops already done are kept)
+and ``--exclude op:backend`` (also $DITFAST_GPU_RUN_EXCLUDE, which the later tiers read too).
+On CPU the %pk columns stay empty: tiny tensors live in the caches, a "% of copy bandwidth" means nothing.
 """
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import json
+import logging
 import os
 import sys
 import time
+import warnings
 from typing import Callable, Dict, List, Optional
+
+# torch's "No CUDA runtime is found" (printed by torch.utils.cpp_extension on a machine without a GPU)
+# and the CUDA-initialisation warnings say nothing the smoke's own first line does not
+warnings.filterwarnings("ignore", message=".*(CUDA initialization|No CUDA runtime).*")
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # the same message, logged
 
 if __name__ == "__main__" and "TRITON_INTERPRET" not in os.environ:
     import torch as _t  # the interpreter must be switched on before triton is imported
@@ -43,6 +61,8 @@ SHAPES = {  # B, text tokens, image tokens, width, heads, head dim (docs/upstrea
 }
 TINY = {"FLUX.1-dev tiny": dict(B=1, Lt=7, Li=16, D=96, H=3, Dh=32),
         "SD3.5-large tiny": dict(B=1, Lt=5, Li=12, D=80, H=5, Dh=16)}
+EXIT_CONTEXT_LOST = 3  # the CUDA context died (a sticky error): rerun in a fresh process, excluding the culprit
+EXCLUDE_ENV = "DITFAST_GPU_RUN_EXCLUDE"  # "op:backend[:shape],..." (fnmatch patterns), set by gpu_run.sh
 OPS = ("norm_modulate", "norm_modulate_dual", "gated_residual", "gated_residual_norm_modulate", "rms_norm",
        "apply_rope", "qk_norm_rope", "prepare_attention", "joint_attention")
 
@@ -107,6 +127,55 @@ def _forced(name: str):
         return _backend.use_backend(name)
 
 
+# ----------------------------------------------------------------------------------------- sticky errors
+def parse_exclude(text: Optional[str]) -> List[tuple]:
+    """"joint_attention:triton,rms_norm:cuda:FLUX*" -> [(op, backend, shape pattern)]."""
+    out = []
+    for item in (text or "").replace(";", ",").split(","):
+        parts = [p.strip() for p in item.split(":")]
+        if len(parts) >= 2 and parts[0] and parts[1]:
+            out.append((parts[0], parts[1], ":".join(parts[2:]) or "*"))
+    return out
+
+
+def excluded(rules: List[tuple], op: str, backend: str, shape: str = "") -> Optional[str]:
+    """The rule (as text) that excludes (op, backend, shape), or None."""
+    for o, b, sh in rules:
+        if fnmatch.fnmatch(op, o) and fnmatch.fnmatch(backend, b) and fnmatch.fnmatch(shape or "", sh):
+            return f"{o}:{b}" + ("" if sh == "*" else f":{sh}")
+    return None
+
+
+INJECT_ENV = "DITFAST_GPU_RUN_INJECT_STICKY"  # "op:backend": the rehearsal's simulated sticky error (gpu_run.sh)
+_INJECTED: dict = {}
+
+
+def inject(op: str, backend: str) -> None:
+    """In a rehearsal, the first run of the $DITFAST_GPU_RUN_INJECT_STICKY row fails as an illegal address
+    does on a GPU, and the "context" stays dead for the rest of this process."""
+    rule = parse_exclude(os.environ.get(INJECT_ENV))
+    if rule and not _INJECTED and excluded(rule, op, backend):
+        _INJECTED["error"] = "RuntimeError: CUDA error: an illegal memory access was encountered (injected by the rehearsal)"
+        raise RuntimeError(_INJECTED["error"])
+
+
+def context_error(device) -> Optional[str]:
+    """Why the CUDA context can run no more work (None: it can, or this is not CUDA)."""
+    if _INJECTED:
+        return _INJECTED["error"]
+    if getattr(device, "type", device) != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize()
+        return None
+    except Exception as exc:  # noqa: BLE001 - any failure here: the context is gone
+        return f"{type(exc).__name__}: {str(exc).strip()[:300]}"
+
+
+class ContextLost(RuntimeError):
+    """A sticky CUDA error: nothing more can run in this process."""
+
+
 # ----------------------------------------------------------------------------------------- checking
 def _flat(out) -> List[torch.Tensor]:
     return [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
@@ -161,10 +230,15 @@ def smoke_op(op: str, label: str, s: dict, ctx: dict) -> List[dict]:
         rows.append(row)
         if run is None:
             continue
+        rule = excluded(ctx["exclude"], op, name, label)
+        if rule:
+            row["reason"] = f"excluded ({rule}): a sticky CUDA error earlier in this GPU run"
+            continue
         if ctx["deadline"] is not None and time.monotonic() > ctx["deadline"]:
             row["reason"] = "time limit reached (--time-limit)"
             continue
         try:
+            inject(op, name)
             fast, gfast = run_once(run, call, leaves, grads)
             row["checks"] = judge(fast + gfast, out32 + g32, low + glow, names)
             row["status"] = "ok" if all(c["ok"] for c in row["checks"].values()) else "fail"
@@ -185,13 +259,18 @@ def smoke_op(op: str, label: str, s: dict, ctx: dict) -> List[dict]:
             for key, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
                 t = timing.bench(fn, device, quick=True)
                 t["rate"] = C.rate(work[key], t["ms"], metric)
-                peak = report.peak_for(ctx["peaks"], metric)
+                peak = report.peak_for(ctx["peaks"], metric) if device.type == "cuda" else None
                 t["pct_peak"] = 100.0 * t["rate"] / peak if t["rate"] and peak else None
                 row[key] = t
         except Exception as exc:  # noqa: BLE001 - recorded, never fatal
             row["status"], row["reason"] = "error", f"{type(exc).__name__}: {str(exc).strip()[:400]}"
+            dead = context_error(device)
+            if dead:
+                row["reason"] = f"CUDA context lost here (sticky error; the culprit): {row['reason']}"[:600]
+                ctx["aborted"] = {"op": op, "backend": name, "shape": label, "error": dead}
+                raise ContextLost(dead, rows) from exc
         finally:
-            if device.type == "cuda":
+            if device.type == "cuda" and "aborted" not in ctx:
                 torch.cuda.empty_cache()
     return rows
 
@@ -203,6 +282,9 @@ def main(argv=None) -> int:
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS")
     p.add_argument("--ops", default=",".join(OPS), help="comma list of ops")
     p.add_argument("--sm90-report", default=None)
+    p.add_argument("--exclude", default=None, metavar="OP:BACKEND[:SHAPE],...",
+                   help=f"rows not to run (fnmatch patterns; added to ${EXCLUDE_ENV})")
+    p.add_argument("--resume", action="store_true", help="keep the (shape, op) groups --out already holds, run the rest")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
@@ -217,32 +299,69 @@ def main(argv=None) -> int:
     if os.environ.get("DITFAST_BENCH_DEADLINE"):  # absolute (epoch seconds), set by gpu_run.sh
         abs_deadline = time.monotonic() + float(os.environ["DITFAST_BENCH_DEADLINE"]) - time.time()
         deadline = abs_deadline if deadline is None else min(deadline, abs_deadline)
-    ctx = {"device": device, "dtype": torch.bfloat16, "peaks": peaks, "sm90": sm90, "deadline": deadline}
+    rules = parse_exclude(os.environ.get(EXCLUDE_ENV)) + parse_exclude(args.exclude)
+    ctx = {"device": device, "dtype": torch.bfloat16, "peaks": peaks, "sm90": sm90, "deadline": deadline, "exclude": rules}
     res = {"schema": SCHEMA, "meta": meta, "peaks": peaks, "sm90_source": sm90["source"] if sm90 else None,
            "rows": [], "summary": {}}
+    done, earlier = set(), []
+    if args.resume and os.path.isfile(args.out):
+        try:
+            with open(args.out) as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            old = None
+        if old and old.get("schema") == SCHEMA:
+            lost = old.get("aborted") or {}
+            keep = [r for r in old["rows"] if (r["shape"], r["op"]) != (lost.get("shape"), lost.get("op"))]
+            done = {(r["shape"], r["op"]) for r in keep}
+            res["rows"], earlier = keep, list(old.get("aborted_runs") or []) + ([lost] if lost else [])
+            res["peaks"] = peaks = old.get("peaks") or peaks
+            ctx["peaks"] = peaks
+    if earlier:
+        res["aborted_runs"] = earlier  # the culprits of the earlier processes of this tier
+    if rules:
+        res["excluded"] = [f"{o}:{b}" + ("" if sh == "*" else f":{sh}") for o, b, sh in rules]
     print(f"smoke on {meta['device']['name']}: peaks copy {report.fmt(peaks['copy']['gbps'])} GB/s, "
           f"matmul {report.fmt(peaks['matmul']['tflops'])} TFLOP/s; sm_90 report: {res['sm90_source'] or 'no offline report'}",
           flush=True)
+    lost = None
     for label, s in shapes.items():
         for op in [o for o in args.ops.split(",") if o]:
+            if (label, op) in done or lost:
+                continue
             t1 = time.monotonic()
             try:
                 rows = smoke_op(op, label, s, ctx)
+            except ContextLost as exc:  # the rows measured so far, then stop: nothing more can run here
+                lost, rows = ctx["aborted"], exc.args[1] if len(exc.args) > 1 else []
             except Exception as exc:  # noqa: BLE001 - the reference itself failed: one error row
                 rows = [{"op": op, "shape": label, "dims": dict(s), "backend": "reference", "metric": "GB/s",
                          "status": "error", "reason": f"{type(exc).__name__}: {str(exc)[:400]}", "checks": {},
                          "max_err_over_bound": None, "fwd": None, "fwd_bwd": None, "sm90": None}]
+                dead = context_error(device)
+                if dead:
+                    lost = ctx["aborted"] = {"op": op, "backend": "reference", "shape": label, "error": dead}
+            if lost:
+                res["aborted"] = lost
             res["rows"] += rows
             res["summary"] = {"counts": {st: sum(r["status"] == st for r in res["rows"]) for st in STATUSES},
                               "elapsed_s": time.monotonic() - t0}
             report.write_json(res, args.out)
             print(f"[{label}] {op}: " + ", ".join(f"{r['backend']} {r['status']}" for r in rows)
                   + f" ({time.monotonic() - t1:.1f} s)", flush=True)
+    if not res["summary"]:
+        res["summary"] = {"counts": {st: sum(r["status"] == st for r in res["rows"]) for st in STATUSES},
+                          "elapsed_s": time.monotonic() - t0}
+        report.write_json(res, args.out)
     print("\n" + table(res) + f"\n\nsmoke: {res['summary']['counts']} in {res['summary']['elapsed_s']:.0f} s -> {args.out}")
     problems = validate(res)
     if problems:
         print("smoke JSON fails its schema:\n  " + "\n  ".join(problems[:20]), file=sys.stderr)
         return 2
+    if lost:
+        print(f"smoke: CUDA context lost at {lost['op']}/{lost['backend']}/{lost['shape']} ({lost['error']}); "
+              f"rerun in a fresh process: --resume --exclude {lost['op']}:{lost['backend']}", flush=True)
+        return EXIT_CONTEXT_LOST
     return 0 if res["summary"]["counts"]["fail"] == res["summary"]["counts"]["error"] == 0 else 1
 
 

@@ -178,7 +178,7 @@ def test_measure_variant_records_failures():
     rec = runner.measure_variant(ctx, case, spec, None)
     assert rec["status"] == "ok" and rec["fwd"]["ms"] > 0
     assert rec["fwd"]["rate"] == pytest.approx(C.rate(case.work["fwd"], rec["fwd"]["ms"], "GB/s"))
-    assert rec["fwd"]["pct_peak"] == pytest.approx(100 * rec["fwd"]["rate"] / 10.0)
+    assert rec["fwd"]["pct_peak"] is None  # CPU: tiny cache-resident tensors, a % of copy bandwidth means nothing
     assert rec["fwd_bwd"]["ms"] is None and "no backward here" in rec["fwd_bwd"]["reason"]
     rec = runner.measure_variant(ctx, case, VariantSpec("late", "peer", lambda: Built(lambda: x)), 0.0)
     assert rec["status"] == "skipped" and "time limit" in rec["reason"]
@@ -486,10 +486,10 @@ def test_backend_table_script(tmp_path, monkeypatch):
     # norm_modulate: cuda is faster forward, triton forward + backward (training decides), summed over
     # both shapes of D = 3072 (the text shape alone would pick cuda)
     assert picks == {("norm_modulate", "bfloat16", 3072, 3072): "triton",
-                     ("qk_norm_rope", "bfloat16", 128, 128): "cuda"}
+                     ("qk_norm_rope", "bfloat16", 128, 128): "compiled"}  # the rows' old name "ditfast:cuda" is read too
     monkeypatch.setenv(cuda_impl.TABLE_ENV, str(table))
     monkeypatch.setattr(cuda_impl, "_device_name", lambda index: "Test GPU 80GB")
-    assert cuda_impl.table_choice("qk_norm_rope", torch.device("cuda", 0), torch.bfloat16, 128) == "cuda"
+    assert cuda_impl.table_choice("qk_norm_rope", torch.device("cuda", 0), torch.bfloat16, 128) == "compiled"
     res["meta"]["mode"] = "cpu-smoke"
     path.write_text(json.dumps(res))
     assert script.main([str(path), "--table", str(tmp_path / "other.json")]) == 2
@@ -588,3 +588,299 @@ def test_smoke_rule_and_schema(tmp_path):
     assert all(r["status"] == "ok" for (s, b), r in rows.items() if b in ("reference", "triton"))
     res["summary"]["counts"]["ok"] += 1
     assert any("summary.counts" in p for p in smoke.validate(res))
+
+
+# ----------------------------------------------------------------------------------------- the GPU run, hardened
+def test_sticky_cuda_error_names_the_culprit_and_stops(monkeypatch):
+    """After an exception the context is probed; a dead one makes that variant the culprit, and nothing
+    more runs in the process (every later variant is recorded as not run, never re-hits the kernel)."""
+    ctx = _ctx()
+    ctx.peaks = {"copy": {"gbps": 10.0}, "matmul": {"tflops": 1.0}}
+    case = C._op_case("norm_modulate", "FLUX-dev", dict(B=1, L=4, D=8), 4)
+    dead = {}
+
+    def crash():
+        dead["yes"] = True
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(runner, "context_error", lambda c: "AcceleratorError: illegal address" if dead else None)
+    ok = runner.measure_variant(ctx, case, VariantSpec("eager", "peer", lambda: Built(lambda: torch.ones(1))), None)
+    assert ok["status"] == "ok" and ctx.aborted is None
+    rec = runner.measure_variant(ctx, case, VariantSpec("ditfast:triton", "backend", crash, backend="triton"), None)
+    assert rec["status"] == "error" and "culprit" in rec["reason"]
+    assert ctx.aborted["op"] == "norm_modulate" and ctx.aborted["backend"] == "triton"
+    assert ctx.aborted["case"] == case.key and "illegal" in ctx.aborted["error"]
+    after = runner.measure_variant(ctx, case, VariantSpec("eager", "peer", lambda: Built(lambda: torch.ones(1))), None)
+    assert after["status"] == "skipped" and "lost earlier" in after["reason"]
+
+
+def test_free_survives_a_dead_context(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def boom():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", boom)
+    runner._free(collect=True)  # must not re-raise the sticky error
+
+
+def test_exclusions_from_an_earlier_tier():
+    rules = runner.parse_exclude("joint_attention:triton, norm_modulate:compiled;bad")
+    assert rules == [("joint_attention", "triton"), ("norm_modulate", "compiled")]
+    att = C._attn_case("FLUX-dev", 1, 8, 2, 16)
+    op = C._op_case("norm_modulate", "FLUX-dev", dict(B=1, L=4, D=8), 4)
+    blk = C._block_case("DoubleStreamBlock", "FLUX-dev", dict(B=1, Li=4, Lt=2, D=8, H=2, M=16))
+    spec = lambda name, kind, backend: VariantSpec(name, kind, lambda: None, backend=backend)  # noqa: E731
+    assert runner.excluded_by(rules, att, spec("ditfast:triton", "backend", "triton")) == "joint_attention:triton"
+    assert runner.excluded_by(rules, att, spec("ditfast", "ditfast", "triton")) == "joint_attention:triton"
+    assert runner.excluded_by(rules, att, spec("ditfast:sdpa_math", "backend", "sdpa_math")) is None
+    assert runner.excluded_by(rules, op, spec("ditfast:triton", "backend", "triton")) is None  # another op
+    assert runner.excluded_by(rules, op, spec("ditfast", "ditfast", "compiled CUDA")) == "norm_modulate:compiled"
+    assert runner.excluded_by(rules, blk, spec("ditfast", "ditfast", "compiled+triton | attn sdpa")) is not None
+    assert runner.excluded_by(rules, blk, spec("eager", "peer", None)) is None  # peers never run ditfast kernels
+
+
+def test_resume_keeps_the_measured_cases(tmp_path):
+    """--resume (a fresh process after a lost context): complete cases are kept as they were, the culprit's
+    case is measured again, and the earlier culprit is recorded."""
+    first = runner.run(runner.Options(device="cpu", quick=True, backends=[], levels=("ops",), time_limit=0.0))
+    done_key, lost_key = first["results"][0]["key"], first["results"][1]["key"]
+    first["results"][0]["variants"] = [{"name": "marker", "status": "ok"}]
+    first["results"][1]["variants"] = [{"name": "partial", "status": "error"}]
+    first["meta"]["aborted"] = {"op": "x", "backend": "triton", "case": lost_key, "error": "illegal address"}
+    opts = runner.Options(device="cpu", quick=True, backends=[], levels=("ops",), time_limit=0.0, resume=first)
+    res = runner.run(opts)
+    by = {c["key"]: c for c in res["results"]}
+    assert by[done_key]["variants"] == [{"name": "marker", "status": "ok"}]
+    assert by[lost_key]["variants"] == [] and "time limit" in by[lost_key]["notes"][0]  # measured again (here: cut)
+    assert res["meta"]["aborted_runs"][0]["case"] == lost_key and "aborted" not in res["meta"]
+
+
+def test_smoke_sticky_error_rerun(tmp_path, monkeypatch):
+    """benchmarks/smoke.py: a (simulated) sticky error exits 3 with the culprit in the JSON; the rerun with
+    --resume keeps the rows measured and skips the excluded culprit."""
+    smoke = _script("smoke")
+    path = tmp_path / "smoke.json"
+    monkeypatch.setenv(smoke.INJECT_ENV, "gated_residual:triton")
+    assert smoke.main(["--out", str(path), "--tiny", "--ops", "norm_modulate,gated_residual"]) == smoke.EXIT_CONTEXT_LOST
+    res = json.loads(path.read_text())
+    assert smoke.validate(res) == []
+    assert res["aborted"]["op"] == "gated_residual" and res["aborted"]["backend"] == "triton"
+    culprit = [r for r in res["rows"] if r["status"] == "error"]
+    assert len(culprit) == 1 and "culprit" in culprit[0]["reason"]
+    assert res["rows"][-1] is not None and res["rows"][-1]["status"] == "error"  # nothing ran after the culprit
+    assert {r["shape"] for r in res["rows"]} == {next(iter(smoke.TINY))}  # not the second shape either
+    monkeypatch.delenv(smoke.INJECT_ENV)
+    smoke = _script("smoke")  # a fresh process
+    assert smoke.main(["--out", str(path), "--tiny", "--ops", "norm_modulate,gated_residual", "--resume",
+                       "--exclude", "gated_residual:triton"]) == 0
+    res = json.loads(path.read_text())
+    assert smoke.validate(res) == [] and "aborted" not in res
+    assert res["aborted_runs"][0]["backend"] == "triton" and res["excluded"] == ["gated_residual:triton"]
+    rows = {(r["shape"], r["op"], r["backend"]): r for r in res["rows"]}
+    assert len(rows) == len(res["rows"])  # no row twice
+    for shape in smoke.TINY:
+        assert rows[(shape, "gated_residual", "triton")]["status"] == "skipped"
+        assert "excluded" in rows[(shape, "gated_residual", "triton")]["reason"]
+        assert rows[(shape, "gated_residual", "reference")]["status"] == "ok"
+        assert rows[(shape, "norm_modulate", "triton")]["status"] == "ok"
+    assert all(r["fwd"]["pct_peak"] is None for r in res["rows"] if r["status"] == "ok")  # CPU: no % of peak
+
+
+def test_capped_tests_end_with_summary_and_xml_under_xdist(tmp_path):
+    """benchmarks/run_tests.py under pytest-xdist: the cap is enforced in the workers (tests/conftest.py),
+    so pytest ends normally -- XML and summary -- and a test running past the hard cap is failed, not lost."""
+    pytest.importorskip("xdist")
+    import subprocess
+    import sys
+    import time as _time
+    import xml.etree.ElementTree as ET
+
+    (tmp_path / "test_capdemo.py").write_text(
+        "import time, pytest\n"
+        "def test_a_long():\n    time.sleep(300)\n"
+        "@pytest.mark.parametrize('i', range(30))\ndef test_short(i):\n    time.sleep(0.2)\n")
+    xml = tmp_path / "t.xml"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
+    t0 = _time.monotonic()
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_tests.py"), "12", "--hard", "18", "-p", "conftest",
+                           "-q", "-ra", "-p", "no:cacheprovider", "-n", "2", f"--junitxml={xml}", "--rootdir", str(tmp_path),
+                           "-c", os.devnull, str(tmp_path / "test_capdemo.py")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    took = _time.monotonic() - t0
+    assert xml.is_file(), proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert took < 120, took  # not the 300 s of the long test
+    cases = ET.parse(xml).getroot().iter("testcase")
+    status = {c.get("name"): ("failed" if c.find("failure") is not None or c.find("error") is not None
+                              else "skipped" if c.find("skipped") is not None else "passed") for c in cases}
+    assert len(status) == 31 and " in " in proc.stdout.splitlines()[-1]  # pytest's own summary line
+    if status["test_a_long"] != "skipped":  # it started (the workers came up within the cap): the alarm failed it
+        assert status["test_a_long"] == "failed" and "hard time cap" in xml.read_text()
+    if any(v == "passed" for v in status.values()):
+        assert status["test_a_long"] == "failed"
+    assert "time cap reached" in xml.read_text() or all(v != "skipped" for k, v in status.items() if k != "test_a_long")
+
+
+def test_run_tests_only_and_lost(tmp_path):
+    """--only runs just the listed ids (the tests a dead CUDA context skipped); ``lost`` extracts them."""
+    import subprocess
+    import sys
+
+    culprits = tmp_path / "c.jsonl"
+    culprits.write_text('{"culprit": "t.py::test_x", "error": "illegal address"}\n{"lost": "t.py::test_b"}\n'
+                        '{"lost": "t.py::test_b"}\nnot json\n')
+    rt = _script("run_tests")
+    assert rt.lost_tests(str(culprits)) == ([("t.py::test_x", "illegal address")], ["t.py::test_b"])
+    (tmp_path / "test_few.py").write_text("def test_a():\n    pass\ndef test_b():\n    pass\ndef test_c():\n    assert 0\n")
+    (tmp_path / "only.txt").write_text("test_few.py::test_b\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_tests.py"), "60", "--only", "only.txt", "-q",
+                           "-p", "no:cacheprovider", "-c", os.devnull, "--rootdir", str(tmp_path), "test_few.py"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "1 passed, 2 deselected" in proc.stdout, proc.stdout[-1500:]
+
+
+def _tier_folder(tmp_path, tiers):
+    folder = tmp_path / "run"
+    (folder / "logs").mkdir(parents=True)
+    lines = ["tier\tname\tstatus\trc\tstart_s\tend_s\tnote"] + [f"{t}\tx\t{st}\t0\t0\t5\t" for t, st in tiers]
+    (folder / "logs" / "tiers.tsv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_digest_names_failures_and_the_rerun(tmp_path):
+    outcome = _script("outcome")
+    folder = _tier_folder(tmp_path, [(1, "ok"), (2, "ok"), (3, "failed"), (4, "ok")])
+    report.write_json(gpu_results(), str(folder / "bench_ops.json"))
+    (folder / "logs" / "excluded.txt").write_text("joint_attention:triton\n")
+    text = outcome.digest(str(folder), {1, 2, 3, 4, 5, 6}, budget=430, elapsed=400, slices=[60, 100, 60, 90, 70, 40, 10])
+    lines = text.splitlines()
+    assert lines[0].startswith("DIGEST Test GPU 80GB") and "commit 0123456789ab" in lines[0]
+    assert "tier 3 tests: FAILED" in text and "tier 5 blocks: NOT REACHED" in text and "tier 6 peers: NOT REACHED" in text
+    assert "2 cases, ditfast measured in 2" in text
+    rerun = lines[-1]
+    assert rerun.startswith("RERUN") and "DITFAST_GPU_RUN_EXCLUDE=joint_attention:triton" in rerun
+    assert "--tiers 1,3,5,6 --seconds 240" in rerun  # 60 + 70 + 40 + the end's 10, plus tier 1 (60) on a fresh machine
+    assert len(text) < 4000  # the digest is what survives a truncated console
+    ok = _tier_folder(tmp_path / "b", [(2, "ok")])
+    assert outcome.digest(str(ok), {2}).splitlines()[-1] == "every selected tier passed: nothing to rerun"
+
+
+def test_tree_hash_and_device_slug(tmp_path):
+    outcome = _script("outcome")
+    for rel in ("ditfast/a.py", "csrc/k.cu", "setup.py", "ditfast/__pycache__/a.pyc", "ditfast/_C.so", "benchmarks/results/x.json"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(rel)
+    h, rows = outcome.tree_hash(str(tmp_path))
+    assert [r for r, _ in rows] == ["csrc/k.cu", "ditfast/a.py", "setup.py"]  # no caches, builds or results
+    (tmp_path / "ditfast" / "_C.so").write_text("rebuilt")
+    assert outcome.tree_hash(str(tmp_path))[0] == h
+    (tmp_path / "csrc" / "k.cu").write_text("changed")
+    assert outcome.tree_hash(str(tmp_path))[0] != h
+    assert outcome.device_slug("NVIDIA H100 80GB HBM3") == "h100" and outcome.device_slug("NVIDIA H200") == "h200"
+    assert outcome.device_slug("NVIDIA A100-SXM4-80GB") == "a100"
+
+
+def test_file_run_under_the_device_it_reports(tmp_path):
+    """outcome.py file: results go to results/<gpu slug>/ named by the run's own date and commit; a CPU
+    smoke, a dirty or unknown commit are refused; a rerun folder's file wins over the first run's."""
+    outcome = _script("outcome")
+    run1, run2, results = tmp_path / "r1", tmp_path / "r2", tmp_path / "results"
+    run1.mkdir()
+    run2.mkdir()
+    res = gpu_results()
+    res["meta"]["device"]["name"] = "NVIDIA H100 80GB HBM3"
+    report.write_json(res, str(run1 / "bench_ops.json"))
+    (run1 / "summary.txt").write_text("first\n")
+    (run2 / "summary.txt").write_text("rerun\n")
+    assert outcome.file_run([str(run1), str(run2)], str(results)) == 0
+    dest = results / "h100"
+    assert sorted(p.name for p in dest.iterdir()) == ["bench_20300102T030405Z_0123456.json", "summary_20300102T030405Z_0123456.txt"]
+    assert (dest / "summary_20300102T030405Z_0123456.txt").read_text() == "rerun\n"
+    assert report.validate(report.load_json(str(dest / "bench_20300102T030405Z_0123456.json"))) == []
+    res["meta"]["commit"] = "unknown"
+    report.write_json(res, str(run1 / "bench_ops.json"))
+    assert outcome.file_run([str(run1)], str(tmp_path / "other")) == 2
+    res["meta"].update(commit="abc", mode="cpu-smoke")
+    report.write_json(res, str(run1 / "bench_ops.json"))
+    assert outcome.file_run([str(run1)], str(tmp_path / "other")) == 2 and not (tmp_path / "other").exists()
+
+
+def _setup_functions():
+    """setup.py's functions without running setup() (the text before its command-line part)."""
+    text = (ROOT / "setup.py").read_text()
+    ns = {"__file__": str(ROOT / "setup.py"), "__name__": "setup_under_test"}
+    exec(compile(text.split('\nif __name__ == "__main__" and sys.argv')[0], "setup.py", "exec"), ns)
+    return ns
+
+
+def test_setup_finds_the_toolkit_behind_a_wrapper(tmp_path, monkeypatch):
+    """A wrapper script as the first nvcc on PATH (its folder is no toolkit): the TOP= line of its dry run
+    names the real one; an explicit CUDA_HOME that is no toolkit is refused with the reason."""
+    ns = _setup_functions()
+    real = tmp_path / "cuda-13.0"
+    (real / "bin").mkdir(parents=True)
+    (real / "include").mkdir()
+    (real / "include" / "cuda_runtime.h").write_text("")
+    (real / "bin" / "nvcc").write_text(f"#!/bin/sh\necho '#$ _HERE_={real}/bin' >&2\necho '#$ TOP={real}/bin/..' >&2\n")
+    (real / "bin" / "nvcc").chmod(0o755)
+    wrap = tmp_path / "local" / "bin"
+    wrap.mkdir(parents=True)
+    (wrap / "nvcc").write_text(f'#!/bin/sh\nexec {real}/bin/nvcc "$@"\n')
+    (wrap / "nvcc").chmod(0o755)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", f"{wrap}:/usr/bin:/bin")
+    home, how, rejected = ns["resolve_cuda_home"]()
+    assert home == str(real) and "TOP=" in how and rejected == []
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "local"))
+    home, how, rejected = ns["resolve_cuda_home"]()
+    assert home is None and "cuda_runtime.h" in rejected[0] and "$CUDA_HOME" in rejected[0]
+    a = ns["source_hash"]("2.11.0")
+    assert a == ns["source_hash"]("2.11.0") and a != ns["source_hash"]("2.14.1")
+    monkeypatch.setenv("DITFAST_CUDA_ARCHS", "9.0")
+    assert ns["source_hash"]("2.11.0") != a
+
+
+def test_interpreter_workaround_lives_in_the_package():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton interpreter is off")
+    from ditfast.kernels.triton import _interpreter
+
+    assert _interpreter.STATUS is not None and not _interpreter.STATUS.startswith("failed"), _interpreter.STATUS
+    assert _interpreter.apply() == _interpreter.STATUS  # once per process
+
+
+def test_a_broken_diffusers_costs_only_its_own_rows(monkeypatch):
+    """A diffusers that is present but fails to import leaves ditfast's FLUX block rows measured."""
+    from ditfast.bench import variants as V
+
+    monkeypatch.setattr(V, "installed", lambda m: True)
+    monkeypatch.setattr(V, "diffusers_problem", lambda: "diffusers is installed but fails to import (ImportError: x)")
+    case = C.block_cases(tiny=True, quick=False)[1]  # the FLUX double-stream block
+    assert case.name == "DoubleStreamBlock"
+    specs = {s.name: s for s in V.block_variants(case, _ctx())}
+    assert specs["ditfast"].build is not None and specs["eager"].build is not None
+    assert specs["diffusers"].build is None and "fails to import" in specs["diffusers"].reason
+
+
+def test_unfused_prepare_is_labelled(monkeypatch):
+    """Where the extension's prepare_attention runs the reference under autograd (the torch < 2.12 gate of
+    ditfast/ops/cuda_impl.py in earlier checkouts), block fwd+bwd rows say so; without the gate, nothing."""
+    from ditfast import _backend
+    from ditfast.bench import variants as V
+    from ditfast.ops import cuda_impl
+
+    ext = [n for n in _backend.implemented("prepare_attention")
+           if _backend.impl("prepare_attention", n).fn is getattr(cuda_impl, "prepare_attention", None)]
+    if not ext:
+        pytest.skip("no extension implementation of prepare_attention registered")
+    monkeypatch.setattr(cuda_impl, "_OLD_LIST_AUTOGRAD", False, raising=False)
+    assert V.unfused_prepare_note(torch.device("cpu"), torch.float32, 64) is None
+    monkeypatch.setattr(cuda_impl, "_OLD_LIST_AUTOGRAD", True, raising=False)
+    monkeypatch.setattr(_backend, "chosen_name", lambda op, device, like=None, features=(): ext[0])
+    note = V.unfused_prepare_note(torch.device("cpu"), torch.float32, 64)
+    assert note and "UNFUSED prepare_attention" in note
+    case = C.block_cases(tiny=True, quick=False)[1]
+    specs = {s.name: s for s in V.block_variants(case, _ctx())}
+    assert any("UNFUSED" in n for n in specs["ditfast"].build().notes)
+    assert not specs["eager"].build().notes  # the reference block runs no extension

@@ -20,8 +20,20 @@ def _with_interpreter() -> None:
         os.execv(sys.executable, [sys.executable, "-m", "ditfast.bench", *sys.argv[1:]])
 
 
+def _quiet_without_cuda() -> None:
+    """On a machine without a GPU, torch.compile's C++ backend imports torch.utils.cpp_extension, which logs
+    "No CUDA runtime is found, using CUDA_HOME=..." -- true, and no news in a CPU smoke: silenced."""
+    import logging
+
+    import torch
+
+    if not torch.cuda.is_available():
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
 if __name__ == "__main__":
     _with_interpreter()
+    _quiet_without_cuda()
     from ditfast.bench.cli import main
 
     sys.exit(main())

@@ -57,6 +57,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--summary", default=None, metavar="JSON_OR_DIR",
                    help="print the summary of an existing results file (the newest in a folder) and exit")
     p.add_argument("--plot", action="store_true", help="with --summary: (re)draw that file's PNG beside it")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the results file --json names (after a lost CUDA context: its complete cases are "
+                        "kept); $DITFAST_GPU_RUN_EXCLUDE names backends to leave out")
     args = p.parse_args(argv)
     if args.levels == "all":
         args.levels = C.LEVELS
@@ -114,11 +117,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     if os.environ.get(DEADLINE_ENV):  # an absolute deadline (gpu_run.sh): counts this process's start-up too
         left = max(0.0, float(os.environ[DEADLINE_ENV]) - time.time())
         time_limit = left if time_limit is None else min(time_limit, left)
+    resume = None
+    if args.resume and os.path.isfile(out_json):
+        try:
+            resume = report.load_json(out_json)
+        except (OSError, ValueError):
+            resume = None
     backends = None if args.backends == "all" else [b for b in args.backends.split(",") if b and b != "none"]
     opts = runner.Options(levels=args.levels, device=args.device, dtype=args.dtype, quick=args.quick,
                           compile=False if args.no_compile else (True if args.compile else None), graph=not args.no_graph,
                           backends=backends, filter=args.filter, time_limit=time_limit,
-                          argv=list(sys.argv[1:] if argv is None else argv))
+                          argv=list(sys.argv[1:] if argv is None else argv), resume=resume)
     results = runner.run(opts, out_json=out_json)
     print(report.render_table(results, report.load_sm90(args.sm90_report)) + "\n")
     if not args.no_plots:
@@ -128,4 +137,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if problems:
         print("results JSON failed its schema check:\n  " + "\n  ".join(problems[:20]), file=sys.stderr)
         return 1
+    lost = results["meta"].get("aborted")
+    if lost:
+        print(f"CUDA context lost at {lost['case']} / {lost['variant']} ({lost['error']}); rerun in a fresh process: "
+              f"--resume with DITFAST_GPU_RUN_EXCLUDE={lost['op']}:{lost['backend']}", file=sys.stderr)
+        return runner.EXIT_CONTEXT_LOST
     return 0

@@ -4,10 +4,20 @@ torch.compile variants, the compile time; then the speedup of ditfast over every
 A failure is recorded against its variant, never fatal. The JSON is rewritten (atomically) after every
 case, so a run cut short keeps what it measured; ``--time-limit`` stops new measurements, and what it
 cut is recorded as skipped.
+
+A sticky CUDA error (an illegal address, a launch failure: the process's CUDA context is dead) is detected
+after any exception by probing ``torch.cuda.synchronize()``: the variant is recorded as the culprit, the
+run stops with ``meta.aborted`` = {op, backend, shape, error} written, and the command exits with status 3
+(``python -m ditfast.bench --resume`` continues in a fresh process, keeping the cases already measured).
+``$DITFAST_GPU_RUN_EXCLUDE`` ("op:backend,...", set by benchmarks/gpu_run.sh) skips the variants that
+would run an excluded backend for that op (for blocks and models: any variant whose backend label names it).
 """
 from __future__ import annotations
 
+import fnmatch
 import gc
+import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,6 +46,7 @@ class Options:
     filter: Optional[str] = None
     time_limit: Optional[float] = None
     argv: List[str] = field(default_factory=list)
+    resume: Optional[dict] = None  # an earlier (aborted) results dict of the same run: its complete cases are kept
 
 
 class Context:
@@ -51,6 +62,8 @@ class Context:
         self.dtype = DTYPES[opts.dtype] if opts.dtype else (torch.bfloat16 if self.is_cuda else torch.float32)
         self.quick, self.backends, self.graph = opts.quick, opts.backends, opts.graph and self.is_cuda
         self.peaks: dict = {}
+        self.aborted: Optional[dict] = None  # set when the CUDA context died (a sticky error)
+        self.exclude = parse_exclude(os.environ.get(EXCLUDE_ENV))
         if opts.compile is False:
             self.compile_off = "off (--no-compile)"
         elif opts.compile is None and self.smoke and opts.quick:
@@ -67,6 +80,45 @@ class Context:
         if why is None and self.compile_small_only and case.level not in ("ops", "attention"):
             why = "off for blocks and models in the CPU smoke (minutes of compiling); --compile turns it on"
         return skipped(name, "peer", why) if why else VariantSpec(name, "peer", build, compiled=True, **kw)
+
+
+EXCLUDE_ENV = "DITFAST_GPU_RUN_EXCLUDE"
+EXIT_CONTEXT_LOST = 3
+
+
+def parse_exclude(text: Optional[str]) -> List[tuple]:
+    """"joint_attention:triton,norm_modulate:*" -> [("joint_attention", "triton"), ("norm_modulate", "*")]."""
+    out = []
+    for item in (text or "").replace(";", ",").split(","):
+        parts = [p.strip() for p in item.split(":")]
+        if len(parts) >= 2 and parts[0] and parts[1]:
+            out.append((parts[0], parts[1]))
+    return out
+
+
+def excluded_by(rules: List[tuple], case: "C.Case", spec: VariantSpec) -> Optional[str]:
+    """The rule ("op:backend") that excludes ``spec`` of ``case``, or None. At the ops and attention levels a
+    rule matches the case's op and the variant's backend; for blocks and models (many ops), any rule whose
+    backend the variant's backend label names (the automatic row's "triton+compiled | attn triton")."""
+    if not rules or spec.kind == "peer" or not spec.backend:
+        return None
+    tokens = set(re.split(r"[^A-Za-z0-9_]+", str(spec.backend))) | {str(spec.backend)}
+    for op, backend in rules:
+        hit = any(fnmatch.fnmatch(t, backend) for t in tokens)
+        if hit and (case.level not in ("ops", "attention") or fnmatch.fnmatch(case.name, op)):
+            return f"{op}:{backend}"
+    return None
+
+
+def context_error(ctx: "Context") -> Optional[str]:
+    """Why the CUDA context can run no more work (None: it can, or the run is not on CUDA)."""
+    if not ctx.is_cuda:
+        return None
+    try:
+        torch.cuda.synchronize(ctx.device)
+        return None
+    except Exception as exc:  # noqa: BLE001 - any failure here: the context is gone
+        return f"{type(exc).__name__}: {str(exc).strip()[:300]}"
 
 
 def importlib_missing(module: str) -> bool:
@@ -92,7 +144,10 @@ def _free(collect: bool = False) -> None:
     if collect:
         gc.collect()
     if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001 - a dead context re-raises its sticky error here: probed by the caller
+            pass
 
 
 def _flat(out) -> List[torch.Tensor]:
@@ -127,7 +182,7 @@ def _measure(ctx: Context, fn, case: C.Case, direction: str) -> dict:
     rec["first_call_s"] = first
     rec["peak_mem_mb"] = timing.peak_memory_mb(fn, ctx.device)
     rec["rate"] = C.rate((case.work or {}).get(direction), rec["ms"], case.metric)
-    peak = report.peak_for(ctx.peaks, case.metric)
+    peak = report.peak_for(ctx.peaks, case.metric) if ctx.is_cuda else None  # CPU: cache-resident, meaningless
     rec["pct_peak"] = 100.0 * rec["rate"] / peak if rec["rate"] and peak else None
     return rec
 
@@ -136,6 +191,11 @@ def measure_variant(ctx: Context, case: C.Case, spec: VariantSpec, deadline: Opt
     rec = {"name": spec.name, "kind": spec.kind, "backend": spec.backend, "compiled": spec.compiled, "status": "skipped",
            "reason": spec.reason, "fwd": None, "fwd_bwd": None, "graph": None, "compile_s": None, "speedup": {}, "notes": []}
     if spec.build is None:
+        return rec
+    rule = excluded_by(ctx.exclude, case, spec)
+    if rule or ctx.aborted:
+        rec["reason"] = (f"excluded ({rule}): a sticky CUDA error earlier in this GPU run" if rule else
+                         "not run: the CUDA context was lost earlier in this process")
         return rec
     if deadline is not None and time.monotonic() > deadline:
         rec["reason"] = "time limit reached (--time-limit)"
@@ -148,6 +208,7 @@ def measure_variant(ctx: Context, case: C.Case, spec: VariantSpec, deadline: Opt
         rec["status"], rec["reason"] = "ok", None
     except Exception as exc:  # noqa: BLE001 - every failure becomes a recorded reason
         rec["status"], rec["reason"] = classify(exc)
+        _lost(ctx, case, spec, rec)
         _free(collect=True)
         return rec
     try:
@@ -168,12 +229,23 @@ def measure_variant(ctx: Context, case: C.Case, spec: VariantSpec, deadline: Opt
                 rec["fwd_bwd"] = _measure(ctx, fwd_bwd, case, "fwd_bwd")
             except Exception as exc:  # noqa: BLE001
                 rec["fwd_bwd"] = {"ms": None, "reason": classify(exc)[1]}
+                _lost(ctx, case, spec, rec, rec["fwd_bwd"])
         if spec.compiled:
             rec["compile_s"] = {d: rec[d]["first_call_s"] for d in ("fwd", "fwd_bwd") if (rec[d] or {}).get("ms")}
     finally:
         del built
         _free()
     return rec
+
+
+def _lost(ctx: Context, case: C.Case, spec: VariantSpec, rec: dict, where: Optional[dict] = None) -> None:
+    """After an exception: if the CUDA context is dead, name this variant the culprit."""
+    dead = context_error(ctx)
+    if dead and not ctx.aborted:
+        ctx.aborted = {"op": case.name, "backend": spec.backend or spec.name, "shape": case.label, "case": case.key,
+                       "variant": spec.name, "error": dead}
+        target = where if where is not None else rec
+        target["reason"] = f"CUDA context lost here (sticky error; the culprit): {target.get('reason')}"[:600]
 
 
 def variants_for(case: C.Case, ctx: Context) -> List[VariantSpec]:
@@ -245,15 +317,29 @@ def run(opts: Options, *, out_json: Optional[str] = None, stream=None) -> dict:
                     note=report.SMOKE_NOTE if ctx.smoke else report.GPU_NOTE)
         results = {"schema": SCHEMA, "meta": meta, "peaks": {}, "results": [], "targets": []}
         t0 = time.monotonic()
-        ctx.peaks = results["peaks"] = timing.measure_peaks(ctx.device, ctx.dtype, quick=opts.quick)
+        done = {}
+        if opts.resume:  # a fresh process after a lost CUDA context: keep the complete cases, drop the culprit's
+            lost = (opts.resume.get("meta") or {}).get("aborted") or {}
+            done = {c["key"]: c for c in opts.resume.get("results", []) if c["key"] != lost.get("case") and c["variants"]}
+            meta["aborted_runs"] = list((opts.resume.get("meta") or {}).get("aborted_runs") or []) + ([lost] if lost else [])
+        if ctx.exclude:
+            meta["excluded"] = [f"{o}:{b}" for o, b in ctx.exclude]
+        ctx.peaks = results["peaks"] = (opts.resume or {}).get("peaks") or timing.measure_peaks(ctx.device, ctx.dtype, quick=opts.quick)
         deadline = None if opts.time_limit is None else t0 + opts.time_limit
         for i, case in enumerate(plan):
-            if deadline is not None and time.monotonic() > deadline:
+            if case.key in done:
+                rec = done[case.key]
+            elif ctx.aborted:
+                rec = case_record(case, ctx.dtype)
+                rec["notes"].append("skipped: the CUDA context was lost earlier in this process (rerun with --resume)")
+            elif deadline is not None and time.monotonic() > deadline:
                 rec = case_record(case, ctx.dtype)
                 rec["notes"].append("skipped: time limit reached (--time-limit)")
             else:
                 rec = run_case(ctx, case, deadline)
             results["results"].append(rec)
+            if ctx.aborted:
+                results["meta"]["aborted"] = ctx.aborted
             results["targets"] = report.compute_targets(results)
             results["meta"]["elapsed_s"] = time.monotonic() - t0
             if out_json:

@@ -57,6 +57,37 @@ def installed(module: str) -> bool:
         return False
 
 
+def diffusers_problem() -> Optional[str]:
+    """Why diffusers' blocks cannot be measured (None: they can). A diffusers that is installed but fails to
+    import (a carried wheel next to the wrong torch) costs its own peer rows only, never ditfast's."""
+    if not installed("diffusers"):
+        return "diffusers is not installed"
+    try:
+        import diffusers.models.attention  # noqa: F401
+        import diffusers.models.transformers.transformer_flux  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any import failure
+        return f"diffusers is installed but fails to import ({type(exc).__name__}: {str(exc).strip()[:160]})"
+    return None
+
+
+def unfused_prepare_note(device: torch.device, dtype: torch.dtype, Dh: int) -> Optional[str]:
+    """On torch < 2.12 the extension's prepare_attention runs the reference whenever gradients are needed
+    (ditfast/ops/cuda_impl.py, ``_OLD_LIST_AUTOGRAD``): a block's forward + backward then includes an unfused
+    prepare. The label its fwd+bwd numbers carry, or None when the fused one runs."""
+    try:
+        from ..ops import cuda_impl
+
+        if not getattr(cuda_impl, "_OLD_LIST_AUTOGRAD", False):
+            return None
+        name = _backend.chosen_name("prepare_attention", device, torch.empty(1, 1, 1, Dh, device=device, dtype=dtype))
+        if _backend.impl("prepare_attention", name).fn is not getattr(cuda_impl, "prepare_attention", None):
+            return None
+    except Exception:  # noqa: BLE001 - a label, never fatal
+        return None
+    return (f"fwd+bwd includes an UNFUSED prepare_attention: on torch {torch.__version__.split('+')[0]} the extension's "
+            "prepare runs the reference when gradients are needed (_OLD_LIST_AUTOGRAD)")
+
+
 def leaf(shape: Sequence[int], device, dtype, *, scale: float = 1.0) -> torch.Tensor:
     return (torch.randn(*shape, device=device) * scale).to(dtype).requires_grad_()
 
@@ -286,7 +317,7 @@ def block_callers(case: Case, device, dtype):
     rope = ops.rope_freqs(ids, case.params["axes_dim"]) if ids is not None else None
     call = {"DiTBlock": lambda m: m(x, cond), "DoubleStreamBlock": lambda m: m(img, txt, cond, rope),
             "SingleStreamBlock": lambda m: m(x, cond, rope), "JointBlock": lambda m: m(ctx_, x, cond)}[n]
-    if not installed("diffusers"):
+    if diffusers_problem():
         return leaves, call, None
     if n == "DiTBlock":
         t, y = (torch.randint(0, 1000, (B,), device=device) for _ in range(2))
@@ -328,11 +359,15 @@ def block_variants(case: Case, ctx) -> List[VariantSpec]:
             shared["m"] = ditfast_block(case, ctx.device, ctx.dtype)
         return shared["m"]
 
+    d = case.dims
+    unfused = unfused_prepare_note(ctx.device, ctx.dtype, d["D"] // d["H"]) if case.name != "DiTBlock" else None
+
     def built(backend, wrap=None):
         def build():
             m = module()
             target = wrap(m) if wrap else m
-            return Built(with_backend(backend, lambda: call(target)), leaves + list(m.parameters()))
+            notes = [unfused] if unfused and backend != "reference" and wrap is None else []
+            return Built(with_backend(backend, lambda: call(target)), leaves + list(m.parameters()), notes)
         return build
 
     def diffusers(wrap=None):
@@ -347,7 +382,7 @@ def block_variants(case: Case, ctx) -> List[VariantSpec]:
     for b, why in op_backends(None, ctx.device, ctx.backends):
         specs.append(skipped(f"ditfast:{b}", "backend", why, b) if why else VariantSpec(f"ditfast:{b}", "backend", built(b), backend=b))
     specs.append(VariantSpec("eager", "peer", built("reference")))
-    no_diff = "diffusers is not installed"
+    no_diff = diffusers_problem() or "diffusers is not installed"
     specs.append(VariantSpec("diffusers", "peer", diffusers()) if diff else skipped("diffusers", "peer", no_diff))
     specs.append(ctx.compile_spec("compile", case, built("reference", regional_compile)))
     specs.append(ctx.compile_spec("diffusers+compile", case, diffusers(regional_compile)) if diff
@@ -416,8 +451,9 @@ def build_model(case: Case, device, dtype):
 
 
 def model_variants(case: Case, ctx) -> List[VariantSpec]:
-    if not installed("diffusers"):
-        why = "diffusers is not installed (the models level runs diffusers' transformers)"
+    problem = diffusers_problem()
+    if problem:
+        why = f"{problem} (the models level runs diffusers' transformers)"
         return [skipped(n, k, why) for n, k in (("ditfast", "ditfast"), ("diffusers", "peer"), ("diffusers+compile", "peer"))]
     import ditfast
 
