@@ -322,3 +322,27 @@ def test_linear_of_concat_under_torch_compile():
     torch.testing.assert_close(out, ref)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+def test_linear_of_concat_compiles_in_inference():
+    """Under no_grad Dynamo inlines the autograd.Function's forward (torch.compile of a patched model in
+    inference): it must trace there too, and equal the module."""
+    from ditfast.nn import functional as F
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(12, 6)
+    a, b = torch.randn(2, 3, 5), torch.randn(2, 3, 7)
+    with torch.no_grad():
+        out = torch.compile(lambda a, b: F.linear_of_concat(lin, (a, b)), fullgraph=True, backend="aot_eager")(a, b)
+        torch.testing.assert_close(out, lin(torch.cat((a, b), -1)))
+
+
+def test_linear_of_concat_other_part_counts_call_the_module():
+    from ditfast.nn import functional as F
+
+    lin = torch.nn.Linear(9, 4)
+    parts = (torch.randn(3, 2), torch.randn(3, 3), torch.randn(3, 4))
+    torch.testing.assert_close(F.linear_of_concat(lin, parts), lin(torch.cat(parts, -1)))
+    one = torch.randn(3, 9)
+    torch.testing.assert_close(F.linear_of_concat(lin, (one,)), lin(one))

@@ -105,8 +105,12 @@ def diffusers_backend(attn) -> Optional[object]:
     chosen = getattr(getattr(attn, "processor", None), "_attention_backend", None)
     if chosen is None:
         chosen = dispatch._AttentionBackendRegistry._active_backend
-    name = dispatch.AttentionBackendName(chosen)
-    return None if name == dispatch.AttentionBackendName.NATIVE else name
+    # chosen is an AttentionBackendName or its string value; look the member up by value rather than
+    # calling the Enum (Dynamo in torch 2.11 cannot trace an Enum call under torch.compile)
+    value = getattr(chosen, "value", chosen)
+    if value == dispatch.AttentionBackendName.NATIVE.value:
+        return None
+    return dispatch.AttentionBackendName._value2member_map_[value]
 
 
 def attention_for(attn) -> Optional[Callable[[Tensor, Tensor, Tensor], Tensor]]:

@@ -127,60 +127,56 @@ def plain_linear(m) -> bool:
     return not is_traceable_wrapper_subclass(w) and not torch.is_autocast_enabled(w.device.type)
 
 
-class _LinearOfConcat(torch.autograd.Function):
-    """``cat(parts, -1) @ Wᵀ + b`` as accumulating matmuls over the column blocks of W (no concatenated
-    copy); 2-D parts (T, K_i). Backward: each part's gradient ``dY · W_i``; the weight gradient's
-    column blocks ``dYᵀ · part_i`` written straight into one (N, ΣK_i) tensor (its strided column views;
-    cuBLAS takes them with no copy); the bias gradient ``Σ_T dY``."""
+class _LinearOfTwo(torch.autograd.Function):
+    """``cat((a, b), -1) @ Wᵀ + bias`` as two accumulating matmuls over the column blocks of W (no
+    concatenated copy); 2-D parts (T, K_a), (T, K_b). Backward: each part's gradient ``dY · W_i``; the
+    weight gradient's column blocks ``dYᵀ · part_i`` written straight into one (N, K_a + K_b) tensor (its
+    strided column views; cuBLAS takes them with no copy); the bias gradient ``Σ_T dY``.
+
+    The arity is fixed (no ``*parts``): Dynamo inlines ``forward`` when no input needs a gradient
+    (inference under torch.compile) and mis-binds a variadic signature there (``ctx`` receives the
+    weight), on torch 2.11 to 2.14 at least."""
 
     @staticmethod
-    def forward(ctx, weight, bias, *parts):
-        ctx.widths = [p.shape[-1] for p in parts]
+    def forward(ctx, weight, bias, a, b):
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(weight, *parts)
-        k, out = 0, None
-        for p in parts:
-            w = weight[:, k:k + p.shape[-1]].t()
-            k += p.shape[-1]
-            if out is None:
-                out = torch.mm(p, w) if bias is None else torch.addmm(bias, p, w)
-            else:
-                out.addmm_(p, w)  # beta = 1: accumulate (reads and writes the (T, N) output once more)
-        return out
+        ctx.save_for_backward(weight, a, b)
+        ka = a.shape[-1]
+        wa, wb = weight[:, :ka].t(), weight[:, ka:].t()
+        out = torch.mm(a, wa) if bias is None else torch.addmm(bias, a, wa)
+        return out.addmm_(b, wb)  # beta = 1: accumulate (reads and writes the (T, N) output once more)
 
     @staticmethod
     def backward(ctx, dy):
-        weight, *parts = ctx.saved_tensors
-        grads, k = [], 0
-        want_dw = ctx.needs_input_grad[0]
-        # eager: the column blocks written in place (out= a strided view); torch.compile cannot trace
-        # a non-contiguous out=, so there the blocks are concatenated (Inductor plans that buffer)
-        compiling = torch.compiler.is_compiling()
-        dw = torch.empty_like(weight) if want_dw and not compiling else None
-        blocks = []
-        for i, p in enumerate(parts):
-            w = weight[:, k:k + p.shape[-1]]
-            grads.append(torch.mm(dy, w) if ctx.needs_input_grad[2 + i] else None)
-            if dw is not None:
-                torch.mm(dy.t(), p, out=dw[:, k:k + p.shape[-1]])
-            elif want_dw:
-                blocks.append(torch.mm(dy.t(), p))
-            k += p.shape[-1]
-        if blocks:
-            dw = torch.cat(blocks, dim=1)
-        db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
-        return (dw, db, *grads)
+        weight, a, b = ctx.saved_tensors
+        ka = a.shape[-1]
+        wa, wb = weight[:, :ka], weight[:, ka:]
+        da = torch.mm(dy, wa) if ctx.needs_input_grad[2] else None
+        db_ = torch.mm(dy, wb) if ctx.needs_input_grad[3] else None
+        dw = None
+        if ctx.needs_input_grad[0]:
+            if torch.compiler.is_compiling():
+                # torch.compile cannot trace a non-contiguous out=: concatenate (Inductor plans the buffer)
+                dw = torch.cat((torch.mm(dy.t(), a), torch.mm(dy.t(), b)), dim=1)
+            else:
+                dw = torch.empty_like(weight)
+                torch.mm(dy.t(), a, out=dw[:, :ka])
+                torch.mm(dy.t(), b, out=dw[:, ka:])
+        dbias = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        return dw, dbias, da, db_
 
 
 def linear_of_concat(linear: Module, parts: Sequence[Tensor]) -> Tensor:
-    """``linear(torch.cat(parts, dim=-1))``; for a :func:`plain_linear` as one matmul per part that
-    accumulates into the output (no concatenated copy: FLUX's single block saves 5·D per token), else
-    the module called on the concatenation."""
-    if not (plain_linear(linear) and all(p.dtype == linear.weight.dtype for p in parts)):
-        return linear(torch.cat(tuple(parts), dim=-1))
-    lead = parts[0].shape[:-1]
-    flat = [p.reshape(-1, p.shape[-1]) for p in parts]
-    return _LinearOfConcat.apply(linear.weight, linear.bias, *flat).view(*lead, linear.out_features)
+    """``linear(torch.cat(parts, dim=-1))``; for a :func:`plain_linear` and two parts as one matmul per
+    part that accumulates into the output (no concatenated copy: FLUX's single block saves 5·D per
+    token), else the module called on the concatenation."""
+    parts = tuple(parts)
+    if not (len(parts) == 2 and plain_linear(linear) and all(p.dtype == linear.weight.dtype for p in parts)):
+        return linear(torch.cat(parts, dim=-1))
+    a, b = parts
+    lead = a.shape[:-1]
+    out = _LinearOfTwo.apply(linear.weight, linear.bias, a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]))
+    return out.view(*lead, linear.out_features)
 
 
 # device types where torch._addmm_activation(..., use_gelu=True) applies the tanh approximation of
