@@ -391,12 +391,9 @@ def run_output_subsets(case: str, backend: str, dtypes=(torch.float32,)):
     return done, differentiable
 
 
-# Known to fail, in a file this change does not own (ditfast/ops/attention.py): joint_attention_streams splits
-# the joint output, and torch's backward of split (split_with_sizes_backward) fills the gradient of an unused
-# piece with plain zeros, then concatenates them with the DTensor ones ("aten.cat.default got mixed
-# torch.Tensor and DTensor"). Strict: when it is fixed (e.g. one narrow per stream on DTensors), this fails
-# until the mark is removed. Last in the order: a failing rank restarts the processes.
-_KNOWN_BROKEN = {("joint_attention_streams", "triton"): "split backward fills unused pieces with plain zeros"}
+# Cases known to fail (strict xfail: a fix makes them fail until the entry is removed), last in the order:
+# a failing rank restarts the processes. None today (joint_attention_streams narrows per stream on DTensors).
+_KNOWN_BROKEN: dict = {}
 _MULTI_PARAMS = sorted(((case, backend) for case, spec in _multi_cases().items() for backend in spec[5]),
                        key=lambda p: p in _KNOWN_BROKEN)
 

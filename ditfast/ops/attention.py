@@ -119,4 +119,11 @@ def joint_attention_streams(
     out = joint_attention(q, k, v, backend=backend) if attention is None else attention(q, k, v)
     if len(qs) == 1:  # no split: its backward would copy the gradient into a new tensor
         return (out,)
-    return tuple(out.split([int(t.shape[1]) for t in qs], dim=1))
+    widths = [int(t.shape[1]) for t in qs]
+    if check.dtensor_possible() and isinstance(out, torch.distributed.tensor.DTensor):
+        # one narrow per stream: split's backward fills the gradient of an unused piece with plain
+        # zeros and concatenates them with the DTensor ones, which DTensor refuses; a narrow that no
+        # loss uses has no backward at all
+        starts = [sum(widths[:i]) for i in range(len(widths))]
+        return tuple(out.narrow(1, s, n) for s, n in zip(starts, widths))
+    return tuple(out.split(widths, dim=1))
