@@ -172,18 +172,36 @@ def out_proj(attn, o: torch.Tensor) -> torch.Tensor:
     return attn.to_out[1](o) if len(attn.to_out) > 1 else o
 
 
+def gelu_tanh_ff(ff: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """``ff(h)`` for diffusers' ``FeedForward``. When it is an unhooked diffusers ``FeedForward`` whose
+    first module is an unhooked diffusers ``GELU(approximate="tanh")`` (FLUX, SD3, DiT), that module
+    runs as :func:`ditfast.nn.functional.linear_gelu_tanh` of its ``proj`` (the GELU in the matmul's
+    epilogue in CUDA inference for a plain ``nn.Linear``; the module and the GELU otherwise) and the
+    other modules (dropout, output Linear) are called as modules. Anything else: ``ff`` is called."""
+    net = getattr(ff, "net", None)
+    act = net[0] if isinstance(net, nn.ModuleList) and len(net) > 0 else None
+    if not (is_diffusers(ff, "FeedForward") and F.unhooked(ff) and is_diffusers(act, "GELU")
+            and getattr(act, "approximate", None) == "tanh" and F.unhooked(act) and "gelu" not in act.__dict__):
+        return ff(h)
+    h = F.linear_gelu_tanh(act.proj, h)
+    for module in net[1:]:
+        h = module(h)
+    return h
+
+
 def feed_forward(block, ff: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """``ff(h)``, chunked along ``block._chunk_dim`` when diffusers' forward chunking is enabled."""
+    """``ff(h)`` (:func:`gelu_tanh_ff`), chunked along ``block._chunk_dim`` when diffusers' forward
+    chunking is enabled."""
     size = getattr(block, "_chunk_size", None)
     if size is None:
-        return ff(h)
+        return gelu_tanh_ff(ff, h)
     dim = block._chunk_dim
     if h.shape[dim] % size:
         raise ValueError(
             f"feed-forward chunking: dim {dim} of the hidden states ({h.shape[dim]}) is not divisible by "
             f"the chunk size {size}"
         )
-    return torch.cat([ff(part) for part in h.chunk(h.shape[dim] // size, dim=dim)], dim=dim)
+    return torch.cat([gelu_tanh_ff(ff, part) for part in h.chunk(h.shape[dim] // size, dim=dim)], dim=dim)
 
 
 def fast_dtypes(*tensors: Optional[torch.Tensor]) -> bool:

@@ -46,6 +46,7 @@ from ._common import (
     check_signature,
     describe,
     fast_dtypes,
+    gelu_tanh_ff,
     is_diffusers,
     no_kwargs,
     out_proj,
@@ -120,8 +121,10 @@ def flux_block_forward(
         return type(self).forward(
             self, hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs
         )
-    img_s = stream(attn, False, functools.partial(out_proj, attn), self.ff, self.norm1.norm.eps, self.norm2.eps)
-    txt_s = stream(attn, True, attn.to_add_out, self.ff_context, self.norm1_context.norm.eps,
+    # the feed-forwards' GELU(tanh) in their first matmul's epilogue where it can be (gelu_tanh_ff)
+    img_s = stream(attn, False, functools.partial(out_proj, attn), functools.partial(gelu_tanh_ff, self.ff),
+                   self.norm1.norm.eps, self.norm2.eps)
+    txt_s = stream(attn, True, attn.to_add_out, functools.partial(gelu_tanh_ff, self.ff_context), self.norm1_context.norm.eps,
                    self.norm2_context.eps)
     x, c = F.flux_double(hidden_states, encoder_hidden_states, ada_chunks(self.norm1, temb, 6),
                          ada_chunks(self.norm1_context, temb, 6), rope, img_s, txt_s,
