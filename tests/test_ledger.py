@@ -392,3 +392,136 @@ def test_diffusers_feed_forward_gelu_epilogue():
         ff.net[0].proj.__class__ = torch.nn.Linear
         ff.net[0].approximate = "none"  # an erf GELU is not the epilogue's
         assert "aten._addmm_activation" not in rows() and "aten.gelu" in rows()
+
+
+def _nodes(outs):
+    """The distinct autograd nodes below the outputs' views."""
+    nodes = set()
+    for o in outs:
+        node = o.grad_fn
+        while node is not None and "View" in type(node).__name__:
+            node = node.next_functions[0][0]
+        nodes.add(node)
+    return nodes
+
+
+def _linears(n, k=6, dtype=torch.float64):
+    torch.manual_seed(0)
+    lins = [torch.nn.Linear(k, 4 + i, bias=i != 1, dtype=dtype) for i in range(n)]  # one without a bias
+    return lins
+
+
+def test_linears_of_one_input_match_the_modules():
+    """fp64: outputs and every gradient (input, weights, biases) equal the modules' to rounding, for 2 to 4
+    Linears; with the input's gradient not needed, in inference, or past four, the modules are called."""
+    from ditfast.nn import functional as F
+
+    for n in (2, 3, 4):
+        lins = _linears(n)
+        h = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+        params = [h] + [p for m in lins for p in m.parameters()]
+        dys = [torch.randn(2, 3, m.out_features, dtype=torch.float64) for m in lins]
+        outs = F.linears_of_one_input(lins, h)
+        refs = [m(h) for m in lins]
+        assert len(_nodes(outs)) == 1  # one autograd node
+        got = torch.autograd.grad(outs, params, dys)
+        want = torch.autograd.grad(refs, params, dys)
+        for o, r in zip(outs, refs):
+            torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    lins = _linears(5)
+    h = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    assert len(_nodes(F.linears_of_one_input(lins, h))) == 5
+    assert len(_nodes(F.linears_of_one_input(lins[:3], h.detach()))) == 3
+    with torch.no_grad():
+        assert all(o.grad_fn is None for o in F.linears_of_one_input(lins[:3], h))
+
+
+def test_linears_of_one_input_hooks_and_subclasses_call_the_modules():
+    from ditfast.nn import functional as F
+
+    class Lora(torch.nn.Linear):
+        pass
+
+    lins = _linears(3)
+    h = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    seen = []
+    hook = lins[1].register_forward_hook(lambda *a: seen.append(1))
+    outs = F.linears_of_one_input(lins, h)
+    assert seen == [1] and len(_nodes(outs)) == 3
+    hook.remove()
+    lins[2].__class__ = Lora
+    assert len(_nodes(F.linears_of_one_input(lins, h))) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_linears_of_one_input_numerics(dtype):
+    """By the rule of docs/numerics.md: outputs and gradients against the fp32 reference."""
+    from ditfast.nn import functional as F
+    from ditfast.testing import assert_by_rule
+
+    torch.manual_seed(0)
+    lins32 = [torch.nn.Linear(64, n, bias=i != 1) for i, n in enumerate((64, 64, 64, 256))]
+    lins = [torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=dtype) for m in lins32]
+    for m, m32 in zip(lins, lins32):
+        m.load_state_dict(m32.state_dict())
+    h32 = torch.randn(2, 40, 64)
+    dys32 = [torch.randn(2, 40, m.out_features) for m in lins32]
+
+    def run(fn, mods, cast):
+        h = h32.to(cast).requires_grad_(True)
+        outs = fn(mods, h)
+        params = [h] + [p for m in mods for p in m.parameters()]
+        return list(outs) + list(torch.autograd.grad(outs, params, [d.to(cast) for d in dys32]))
+
+    modules = lambda mods, h: tuple(m(h) for m in mods)  # noqa: E731
+    fast = run(F.linears_of_one_input, lins, dtype)
+    ref_lowp = run(modules, lins, dtype)
+    ref32 = run(modules, lins32, torch.float32)
+    n_out = len(lins)
+    assert_by_rule(tuple(fast[:n_out + 1]), tuple(ref32[:n_out + 1]), tuple(ref_lowp[:n_out + 1]), name="out, dh")
+    assert_by_rule(tuple(fast[n_out + 1:]), tuple(ref32[n_out + 1:]), tuple(ref_lowp[n_out + 1:]), name="dW, db",
+                   reduced=True)
+    assert all(f.dtype == dtype for f in fast)
+
+
+def test_linears_of_one_input_under_torch_compile():
+    """fullgraph torch.compile traces it, forward and backward, with and without gradients."""
+    from ditfast.nn import functional as F
+
+    torch._dynamo.reset()
+    lins = _linears(3, dtype=torch.float32)
+    h = torch.randn(2, 3, 6, requires_grad=True)
+    fn = torch.compile(lambda h: F.linears_of_one_input(lins, h), fullgraph=True)
+    outs = fn(h)
+    params = [h] + [p for m in lins for p in m.parameters()]
+    got = torch.autograd.grad([o.sum() for o in outs], params)
+    refs = [m(h) for m in lins]
+    want = torch.autograd.grad([r.sum() for r in refs], params)
+    for o, r in zip(outs, refs):
+        torch.testing.assert_close(o, r)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    with torch.no_grad():
+        outs = torch.compile(lambda h: F.linears_of_one_input(lins, h), fullgraph=True, backend="aot_eager")(h)
+        for o, r in zip(outs, refs):
+            torch.testing.assert_close(o, r)
+
+
+def test_qkv_linears_share_one_backward_in_the_ledger():
+    """Training of three separate q/k/v Linears of one input: no add of their input gradients."""
+    from ditfast.nn import functional as F
+
+    with FakeTensorMode(), L.gpu_dispatch("cpu"):
+        lins = [torch.nn.Linear(16, 16, dtype=torch.bfloat16) for _ in range(3)]
+        h0 = torch.randn(2, 5, 16, dtype=torch.bfloat16, requires_grad=True)
+
+        def step():
+            h = h0 * 1.0
+            return sum(q.sum() for q in F.qkv_heads(tuple(lins), h, 8))
+
+        rows = L.count(step, train=True).rows
+        assert "aten.addmm_" in rows and rows["aten.addmm_"].calls == 2
+        # no (B, L, 16) add of input gradients (only the loss's scalar adds)
+        assert "aten.add" not in rows or rows["aten.add"].bytes_read < 2 * 5 * 16 * 2

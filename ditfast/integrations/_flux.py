@@ -135,11 +135,15 @@ def flux_block_forward(
     return c, x
 
 
-def _single_mlp(block, h: torch.Tensor) -> torch.Tensor:
+def _gelu_tanh_act(block) -> bool:
     act = block.act_mlp
-    if type(act) is torch.nn.GELU and act.approximate == "tanh" and F.unhooked(act):
+    return type(act) is torch.nn.GELU and act.approximate == "tanh" and F.unhooked(act)
+
+
+def _single_mlp(block, h: torch.Tensor) -> torch.Tensor:
+    if _gelu_tanh_act(block):
         return F.linear_gelu_tanh(block.proj_mlp, h)  # GELU in the matmul epilogue where it can be
-    return act(block.proj_mlp(h))
+    return block.act_mlp(block.proj_mlp(h))
 
 
 def flux_single_block_forward(
@@ -159,7 +163,7 @@ def flux_single_block_forward(
     s = stream(attn, False, self.proj_out, functools.partial(_single_mlp, self), self.norm.norm.eps)
     x = F.flux_single(x, ada_chunks(self.norm, temb, 3), rope, s, head_dim=attn.head_dim,
                       qk_eps=rms_eps(attn.norm_q), attention=_context_parallel.attention_for(attn),
-                      attn_call=attn_call)
+                      attn_call=attn_call, gelu_linear=self.proj_mlp if _gelu_tanh_act(self) else None)
     if x.dtype == torch.float16:
         x = x.clip(-65504, 65504)
     c, x = x.split((Lt, x.shape[1] - Lt), dim=1)  # views; backward: one cat of the two gradients

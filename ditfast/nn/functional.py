@@ -33,7 +33,7 @@ Rope = Optional[Tuple[Tensor, Tensor]]
 Attention = Optional[Callable[[Tensor, Tensor, Tensor], Tensor]]
 
 __all__ = ["Stream", "qkv_heads", "attend", "dit_block", "flux_double", "flux_single", "sd3_joint", "final_layer",
-           "unhooked", "plain_linear", "linear_of_concat", "linear_gelu_tanh"]
+           "unhooked", "plain_linear", "linear_of_concat", "linear_gelu_tanh", "linears_of_one_input"]
 
 
 class Stream(NamedTuple):
@@ -60,8 +60,8 @@ def qkv_heads(qkv: QKV, h: Tensor, head_dim: int) -> Tuple[Tensor, Tensor, Tenso
 
     qkv: one packed Linear, output (B, L, 3·H·Dh) = ``[q | k | v]``, or a (to_q, to_k, to_v) triple.
     """
-    if isinstance(qkv, tuple):
-        return tuple(proj(h).unflatten(-1, (-1, head_dim)) for proj in qkv)
+    if isinstance(qkv, tuple):  # separate projections of one input: one backward (linears_of_one_input)
+        return tuple(o.unflatten(-1, (-1, head_dim)) for o in linears_of_one_input(qkv, h))
     out = qkv(h)
     # a packed projection must hold whole heads, and a DTensor weight must be split per rank as
     # [q_r | k_r | v_r] (ditfast.parallel.tensor_parallel), never contiguously (a plain ColwiseParallel)
@@ -127,6 +127,13 @@ def plain_linear(m) -> bool:
     return not is_traceable_wrapper_subclass(w) and not torch.is_autocast_enabled(w.device.type)
 
 
+def _plain_tensor(t: Tensor) -> bool:
+    """Not a tensor subclass that wraps others (a DTensor activation takes the module path)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    return not is_traceable_wrapper_subclass(t)
+
+
 class _LinearOfTwo(torch.autograd.Function):
     """``cat((a, b), -1) @ Wᵀ + bias`` as two accumulating matmuls over the column blocks of W (no
     concatenated copy); 2-D parts (T, K_a), (T, K_b). Backward: each part's gradient ``dY · W_i``; the
@@ -171,12 +178,72 @@ def linear_of_concat(linear: Module, parts: Sequence[Tensor]) -> Tensor:
     part that accumulates into the output (no concatenated copy: FLUX's single block saves 5·D per
     token), else the module called on the concatenation."""
     parts = tuple(parts)
-    if not (len(parts) == 2 and plain_linear(linear) and all(p.dtype == linear.weight.dtype for p in parts)):
+    if not (len(parts) == 2 and plain_linear(linear)
+            and all(p.dtype == linear.weight.dtype and _plain_tensor(p) for p in parts)):
         return linear(torch.cat(parts, dim=-1))
     a, b = parts
     lead = a.shape[:-1]
     out = _LinearOfTwo.apply(linear.weight, linear.bias, a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]))
     return out.view(*lead, linear.out_features)
+
+
+_MAX_LINEARS_OF_ONE_INPUT = 4
+
+
+class _LinearsOfOneInput(torch.autograd.Function):
+    """``h @ W_iᵀ + b_i`` for up to four Linears of one 2-D input ``h`` (T, K); (weight, bias) slots past
+    the last Linear are None. Backward: the input's gradient ``Σ_i dY_i · W_i`` accumulated by the
+    matmuls (beta = 1) into one (T, K) tensor, not one tensor per Linear summed by autograd's adds;
+    each weight gradient ``dY_iᵀ · h``, each bias gradient ``Σ_T dY_i``.
+
+    The arity of ``forward`` is fixed (see :class:`_LinearOfTwo`)."""
+
+    @staticmethod
+    def forward(ctx, h, w0, b0, w1, b1, w2, b2, w3, b3):
+        ws = [w for w in (w0, w1, w2, w3) if w is not None]
+        bs = (b0, b1, b2, b3)[:len(ws)]
+        ctx.has_bias = tuple(b is not None for b in bs)
+        ctx.save_for_backward(h, *ws)
+        return tuple(torch.mm(h, w.t()) if b is None else torch.addmm(b, h, w.t()) for w, b in zip(ws, bs))
+
+    @staticmethod
+    def backward(ctx, *dys):
+        h, *ws = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dh = None
+        if need[0]:
+            dh = torch.mm(dys[0], ws[0])
+            for dy, w in zip(dys[1:], ws[1:]):
+                # torch.compile traces the out-of-place form (Inductor plans the buffers)
+                dh = torch.addmm(dh, dy, w) if torch.compiler.is_compiling() else dh.addmm_(dy, w)
+        grads = [dh]
+        for i, dy in enumerate(dys):
+            grads.append(torch.mm(dy.t(), h) if need[1 + 2 * i] else None)
+            grads.append(dy.sum(0) if ctx.has_bias[i] and need[2 + 2 * i] else None)
+        return tuple(grads) + (None,) * (2 * (_MAX_LINEARS_OF_ONE_INPUT - len(dys)))
+
+
+def linears_of_one_input(linears: Sequence[Module], h: Tensor) -> Tuple[Tensor, ...]:
+    """``tuple(linear(h) for linear in linears)``. When ``h``'s gradient is needed and 2 to 4 Linears are
+    all :func:`plain_linear` of ``h``'s dtype (the separate q / k / v projections, with FLUX's
+    ``proj_mlp`` in its single block), as one autograd function whose backward accumulates the input
+    gradient in the matmuls (no (T, K) add per extra Linear); else each module is called."""
+    linears = tuple(linears)
+    fused = (
+        2 <= len(linears) <= _MAX_LINEARS_OF_ONE_INPUT
+        and torch.is_grad_enabled() and h.requires_grad and _plain_tensor(h)
+        and all(plain_linear(m) and m.weight.dtype == h.dtype
+                and (m.bias is None or m.bias.dtype == h.dtype) for m in linears)
+    )
+    if not fused:
+        return tuple(m(h) for m in linears)
+    slots = []
+    for m in linears:
+        slots += [m.weight, m.bias]
+    slots += [None] * (2 * (_MAX_LINEARS_OF_ONE_INPUT - len(linears)))
+    outs = _LinearsOfOneInput.apply(h.reshape(-1, h.shape[-1]), *slots)
+    lead = h.shape[:-1]
+    return tuple(o.view(*lead, m.out_features) for o, m in zip(outs, linears))
 
 
 # device types where torch._addmm_activation(..., use_gelu=True) applies the tanh approximation of
@@ -252,7 +319,8 @@ def flux_double(img: Tensor, txt: Tensor, img_mod: Sequence[Tensor], txt_mod: Se
 
 
 def flux_single(x: Tensor, mod: Sequence[Tensor], rope: Rope, s: Stream, *, head_dim: int,
-                qk_eps: float = 1e-6, attention: Attention = None, attn_call: Optional[Callable] = None) -> Tensor:
+                qk_eps: float = 1e-6, attention: Attention = None, attn_call: Optional[Callable] = None,
+                gelu_linear: Optional[Module] = None) -> Tensor:
     """FLUX single-stream block (attention and MLP in parallel): x [txt, img] (B, L, D) -> (B, L, D).
 
     mod: (shift, scale, gate). ``s.proj`` is the output Linear over ``[attention | MLP hidden]``
@@ -260,7 +328,10 @@ def flux_single(x: Tensor, mod: Sequence[Tensor], rope: Rope, s: Stream, *, head
     (GELU(tanh) of ``proj_mlp``), or is None when ``s.qkv`` is FLUX's ``linear1``, whose output
     ``[q | k | v | mlp]`` is split here (one matmul) and the GELU(tanh) applied here. attn_call: None,
     or a callable mapping the modulated input to the (unprojected) attention output, replacing the
-    qkv / QK-norm / attention steps (needs ``s.mlp``; see :func:`flux_double`).
+    qkv / QK-norm / attention steps (needs ``s.mlp``; see :func:`flux_double`). gelu_linear: None, or the
+    Linear of ``s.mlp`` when ``s.mlp(h)`` is ``gelu(gelu_linear(h), approximate="tanh")`` (diffusers'
+    ``proj_mlp``); with separate q / k / v Linears, all four then run as :func:`linears_of_one_input`
+    where it applies (training: one input gradient, no adds), and in inference as before (``s.mlp``).
     """
     shift, scale, gate = mod
     h = ops.norm_modulate(x, shift, scale, eps=s.eps)
@@ -271,6 +342,11 @@ def flux_single(x: Tensor, mod: Sequence[Tensor], rope: Rope, s: Stream, *, head
         q, k, v = out[..., :width].unflatten(-1, (3, -1, head_dim)).unbind(-3)
         mlp = out[..., width:]
         mlp = nn.functional.gelu(mlp, approximate="tanh")
+    elif gelu_linear is not None and isinstance(s.qkv, tuple) and torch.is_grad_enabled() and h.requires_grad:
+        # training: q, k, v and the MLP's Linear with one backward (inference keeps s.mlp's GELU epilogue)
+        *qkv, pre = linears_of_one_input((*s.qkv, gelu_linear), h)
+        q, k, v = (t.unflatten(-1, (-1, head_dim)) for t in qkv)
+        mlp = nn.functional.gelu(pre, approximate="tanh")
     else:
         mlp = s.mlp(h)
         q, k, v = qkv_heads(s.qkv, h, head_dim)
