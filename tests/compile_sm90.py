@@ -11,7 +11,7 @@ One row per (kernel, config, shape): the attention kernels (forward, backward pr
 its deterministic and atomic-dq forms) at each config ditfast/kernels/triton/attention.py uses for
 bf16 at the FLUX.1 shape (B 1, 512 + 4096 tokens, 24 heads, Dh 128) and the SD3.5-large shape
 (B 1, 333 + 4096 tokens, 38 heads, Dh 64) -- the forward also with its fallbacks and its fp32 tiles --
-and the adaLN / rope kernels at their launchers' configs for those models' widths. Columns:
+and the adaLN / rope / GELU-backward kernels at their launchers' configs for those models' widths. Columns:
 
 * registers: per thread; spills: bytes of spill stores + spill loads per thread (ptxas -v);
 * shared_bytes: Triton's dynamic shared memory + ptxas' static shared memory per program;
@@ -36,6 +36,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from ditfast.kernels.triton import attention as A
+from ditfast.kernels.triton import gelu as G
 from ditfast.kernels.triton import modulate as M
 from ditfast.kernels.triton import prepare as P
 from ditfast.kernels.triton import rope as R
@@ -48,9 +49,10 @@ SHAPES = {  # name: (B, Lq = Lk, H, Dh, hidden width)
 
 # Upper-case kernel arguments are pointers (default bf16) except the integer scalars listed; lower-case
 # ones are integer scalars except the float ones.
-INT_SCALARS = {A: {"LQ", "LK", "H", "HKV", "GROUP", "N_SPLITS"}, M: {"N_ROWS", "L", "D", "ROWS", "NCHUNK"}}
+INT_SCALARS = {A: {"LQ", "LK", "H", "HKV", "GROUP", "N_SPLITS"}, M: {"N_ROWS", "L", "D", "ROWS", "NCHUNK"},
+               G: {"T", "N"}}
 FLOAT_SCALARS = {"sm_scale", "qk_scale", "eps"}
-FP32_POINTERS = {"LSE", "DELTA", "DQ_ACC", "MEAN", "RSTD"}
+FP32_POINTERS = {"LSE", "DELTA", "DQ_ACC", "MEAN", "RSTD", "PART"}
 # rope.py names its pointers *_ptr: bf16 activations, fp32 statistics / tables / weight grads
 ROPE_BF16 = {"q_ptr", "k_ptr", "qo_ptr", "ko_ptr", "dqo_ptr", "dko_ptr", "dq_ptr", "dk_ptr", "kw_ptr"}
 # prepare.py: bf16 q / k / v and weights, fp32 rstd and tables
@@ -275,6 +277,18 @@ def prepare_rows():
                      values=dict(N=N, L=L_img, H=H, D=Dh, P0=plan.P0, offset=L_txt, L_total=L_txt + L_img))
 
 
+def gelu_rows():
+    """The GELU(tanh) backward + bias gradient of the MLP's first Linear (hidden 4·width) over all the
+    tokens of both streams (FLUX's single blocks; the largest launch)."""
+    for shape_name, (B, L, H, Dh, width) in SHAPES.items():
+        T, N = B * L, 4 * width
+        block_t, block_n, row_tiles, n_row = G.plan(T)
+        compile_sm90(G, G._gelu_tanh_bwd_kernel, dict(BIAS=True, ROW_TILES=row_tiles, BLOCK_T=block_t, BLOCK_N=block_n),
+                     G.NUM_WARPS, label=dict(BLOCK_T=block_t, BLOCK_N=block_n, ROW_TILES=row_tiles),
+                     shape=f"{shape_name}: rows={T} N={N} bf16", grid=n_row * triton.cdiv(N, block_n),
+                     values=dict(T=T, N=N))
+
+
 def table(rows) -> str:
     head = f"{'kernel':32} {'config':76} {'shape':12} {'regs':>4} {'spill':>5} {'smem':>7} {'CTA/SM':>6} {'waves':>6}"
     out = [head, "-" * len(head)]
@@ -288,10 +302,10 @@ def table(rows) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--report", metavar="FILE.json", help="write the rows as a JSON list")
-    parser.add_argument("--only", choices=["attention", "modulate", "rope", "prepare"], help="one kernel family only")
+    parser.add_argument("--only", choices=["attention", "modulate", "rope", "prepare", "gelu"], help="one kernel family only")
     args = parser.parse_args(argv)
     for family, fn in (("attention", attention_rows), ("modulate", modulate_rows), ("rope", rope_rows),
-                       ("prepare", prepare_rows)):
+                       ("prepare", prepare_rows), ("gelu", gelu_rows)):
         if args.only in (None, family):
             fn()
     print(table(ROWS))

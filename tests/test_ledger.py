@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import ditfast
@@ -525,3 +526,120 @@ def test_qkv_linears_share_one_backward_in_the_ledger():
         assert "aten.addmm_" in rows and rows["aten.addmm_"].calls == 2
         # no (B, L, 16) add of input gradients (only the loss's scalar adds)
         assert "aten.add" not in rows or rows["aten.add"].bytes_read < 2 * 5 * 16 * 2
+
+
+class OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """The names (``ditfast.gelu_tanh_backward``, ``aten.mm``, ...) of the ops run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(L.op_name(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _gelu_modules(mods, h, gelu_last=True):
+    outs = [m(h) for m in mods]
+    if gelu_last:
+        outs[-1] = torch.nn.functional.gelu(outs[-1], approximate="tanh")
+    return tuple(outs)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_linears_of_one_input_with_gelu_last(n):
+    """fp64 (reference backend): with the GELU(tanh) on the last output, outputs and every gradient
+    equal the modules' to rounding, one autograd node, and the backward runs the fused GELU + bias op."""
+    from ditfast import use_backend
+    from ditfast.nn import functional as F
+
+    lins = _linears(n)
+    h = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    params = [h] + [p for m in lins for p in m.parameters()]
+    dys = [torch.randn(2, 3, m.out_features, dtype=torch.float64) for m in lins]
+    with use_backend("reference"):
+        outs = F.linears_of_one_input(lins, h, gelu_tanh_last=True)
+        assert len(_nodes(outs)) == 1
+        with OpRecorder() as rec:
+            got = torch.autograd.grad(outs, params, dys)
+    assert "ditfast.gelu_tanh_backward" not in rec.names  # the reference backend: plain aten inside
+    want = torch.autograd.grad(_gelu_modules(lins, h), params, dys)
+    for o, r in zip(outs, _gelu_modules(lins, h)):
+        torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gelu_linears_numerics_on_triton(dtype):
+    """By the rule: linears_of_one_input(gelu_tanh_last) and linear_gelu_tail on the Triton family
+    (the fused GELU backward with the bias gradient runs) against the modules in fp32."""
+    from ditfast import use_backend
+    from ditfast.nn import functional as F
+    from ditfast.testing import assert_by_rule
+
+    torch.manual_seed(0)
+    lin32 = [torch.nn.Linear(48, 48), torch.nn.Linear(48, 136)]
+    lins = [torch.nn.Linear(48, m.out_features, dtype=dtype) for m in lin32]
+    for m, m32 in zip(lins, lin32):
+        m.load_state_dict(m32.state_dict())
+    packed32 = torch.nn.Linear(48, 48 + 136)
+    packed = torch.nn.Linear(48, 48 + 136, dtype=dtype)
+    packed.load_state_dict(packed32.state_dict())
+    h32 = torch.randn(2, 37, 48)
+    dys32 = [torch.randn(2, 37, 48), torch.randn(2, 37, 136)]
+
+    def run(fn, mods, cast):
+        h = h32.to(cast).requires_grad_(True)
+        outs = fn(mods, h)
+        params = [h] + [p for m in (mods if isinstance(mods, list) else [mods]) for p in m.parameters()]
+        return list(outs), list(torch.autograd.grad(outs, params, [d.to(cast) for d in dys32]))
+
+    def tail_modules(m, h):
+        out = m(h)
+        return out[..., :48], torch.nn.functional.gelu(out[..., 48:], approximate="tanh")
+
+    cases = [(lambda ms, h: F.linears_of_one_input(ms, h, gelu_tanh_last=True), _gelu_modules, lins, lin32),
+             (lambda m, h: F.linear_gelu_tail(m, h, 48), tail_modules, packed, packed32)]
+    for fast_fn, ref_fn, mods, mods32 in cases:
+        with use_backend("triton"), OpRecorder() as rec:
+            fast_out, fast_grads = run(fast_fn, mods, dtype)
+        assert "ditfast.gelu_tanh_backward" in rec.names
+        lp_out, lp_grads = run(ref_fn, mods, dtype)
+        ref_out, ref_grads = run(ref_fn, mods32, torch.float32)
+        assert_by_rule(tuple(fast_out + fast_grads[:1]), tuple(ref_out + ref_grads[:1]), tuple(lp_out + lp_grads[:1]),
+                       name="out, dh")
+        assert_by_rule(tuple(fast_grads[1:]), tuple(ref_grads[1:]), tuple(lp_grads[1:]), name="dW, db", reduced=True)
+
+
+def test_linear_gelu_tail_fp64_and_double_backward():
+    """fp64: linear_gelu_tail equals the module + split + GELU to rounding (values and gradients, one
+    output unused too); with create_graph=True the backward is itself differentiable (aten's ops)."""
+    from ditfast.nn import functional as F
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 11, dtype=torch.float64)
+    h = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    head, act = F.linear_gelu_tail(lin, h, 4)
+    out = lin(h)
+    torch.testing.assert_close(head, out[:, :4], rtol=0, atol=0)
+    torch.testing.assert_close(act, torch.nn.functional.gelu(out[:, 4:], approximate="tanh"), rtol=1e-15, atol=1e-15)
+    params = [h, lin.weight, lin.bias]
+    for loss_fn in (lambda a, b: (a * 2).sum() + b.pow(2).sum(), lambda a, b: b.sum()):
+        got = torch.autograd.grad(loss_fn(*F.linear_gelu_tail(lin, h, 4)), params)
+        ref = lin(h)
+        want = torch.autograd.grad(loss_fn(ref[:, :4], torch.nn.functional.gelu(ref[:, 4:], approximate="tanh")), params)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    g1 = torch.autograd.grad(F.linear_gelu_tail(lin, h, 4)[1].sum(), h, create_graph=True)[0]
+    g2 = torch.autograd.grad(g1.sum(), lin.weight)[0]
+    ref = lin(h)
+    r1 = torch.autograd.grad(torch.nn.functional.gelu(ref[:, 4:], approximate="tanh").sum(), h, create_graph=True)[0]
+    torch.testing.assert_close(g2, torch.autograd.grad(r1.sum(), lin.weight)[0], rtol=1e-12, atol=1e-12)
+    lins = _linears(2)  # the same for linears_of_one_input's GELU output
+    g1 = torch.autograd.grad(F.linears_of_one_input(lins, h, gelu_tanh_last=True)[1].sum(), h, create_graph=True)[0]
+    r1 = torch.autograd.grad(_gelu_modules(lins, h)[1].sum(), h, create_graph=True)[0]
+    for p in lins[1].parameters():
+        torch.testing.assert_close(torch.autograd.grad(g1.sum(), p)[0], torch.autograd.grad(r1.sum(), p)[0],
+                                   rtol=1e-12, atol=1e-12)

@@ -233,3 +233,23 @@ class BlockSpec(NamedTuple):
     name: str
     check: Callable[[nn.Module], List[str]]
     forward: Callable
+
+
+def joint_sequence(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``torch.cat((c, x), dim=1)`` of the (B, Lt, D) text and (B, Li, D) image streams, without the copy
+    where ``c`` and ``x`` are exactly the two halves of one contiguous (B, Lt + Li, D) tensor -- what a
+    patched FLUX single block returns (its output split into views) and the next one receives: then
+    that tensor itself (same values; autograd follows it, so the split's backward concatenation of the
+    two gradients goes too). Any other pair (a ControlNet residual added, detached or reentrant
+    checkpoint inputs, DTensors, torch.compile, which plans the buffers itself) is concatenated."""
+    base = c._base
+    if (
+        base is None or x._base is not base or torch.compiler.is_compiling()
+        or base.dim() != 3 or not base.is_contiguous()
+        or base.shape != (c.shape[0], c.shape[1] + x.shape[1], c.shape[2])
+        or c.stride() != base.stride() or x.stride() != base.stride()
+        or c.storage_offset() != base.storage_offset()
+        or x.storage_offset() != base.storage_offset() + c.shape[1] * base.stride(1)
+    ):
+        return torch.cat((c, x), dim=1)
+    return base

@@ -48,6 +48,7 @@ from ._common import (
     fast_dtypes,
     gelu_tanh_ff,
     is_diffusers,
+    joint_sequence,
     no_kwargs,
     out_proj,
     rms_eps,
@@ -158,7 +159,7 @@ def flux_single_block_forward(
         return type(self).forward(
             self, hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs
         )
-    x = torch.cat((encoder_hidden_states, hidden_states), dim=1)  # the joint sequence [text, image]
+    x = joint_sequence(encoder_hidden_states, hidden_states)  # [text, image]; no copy after a single block
     # proj_out maps [attention | MLP hidden]
     s = stream(attn, False, self.proj_out, functools.partial(_single_mlp, self), self.norm.norm.eps)
     x = F.flux_single(x, ada_chunks(self.norm, temb, 3), rope, s, head_dim=attn.head_dim,

@@ -33,7 +33,8 @@ Rope = Optional[Tuple[Tensor, Tensor]]
 Attention = Optional[Callable[[Tensor, Tensor, Tensor], Tensor]]
 
 __all__ = ["Stream", "qkv_heads", "attend", "dit_block", "flux_double", "flux_single", "sd3_joint", "final_layer",
-           "unhooked", "plain_linear", "linear_of_concat", "linear_gelu_tanh", "linears_of_one_input"]
+           "unhooked", "plain_linear", "linear_of_concat", "linear_gelu_tanh", "linears_of_one_input",
+           "linear_gelu_tail"]
 
 
 class Stream(NamedTuple):
@@ -162,8 +163,9 @@ class _LinearOfTwo(torch.autograd.Function):
         db_ = torch.mm(dy, wb) if ctx.needs_input_grad[3] else None
         dw = None
         if ctx.needs_input_grad[0]:
-            if torch.compiler.is_compiling():
-                # torch.compile cannot trace a non-contiguous out=: concatenate (Inductor plans the buffer)
+            if torch.compiler.is_compiling() or torch.is_grad_enabled():
+                # torch.compile cannot trace a non-contiguous out=, nor can autograd differentiate an out=
+                # (create_graph=True): concatenate (Inductor plans the buffer)
                 dw = torch.cat((torch.mm(dy.t(), a), torch.mm(dy.t(), b)), dim=1)
             else:
                 dw = torch.empty_like(weight)
@@ -190,26 +192,53 @@ def linear_of_concat(linear: Module, parts: Sequence[Tensor]) -> Tensor:
 _MAX_LINEARS_OF_ONE_INPUT = 4
 
 
+def _gelu_tanh_bias_backward(dy: Tensor, pre: Tensor, bias: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """(dpre, Σ dpre or None) inside a backward: :func:`ditfast.ops.gelu_tanh_backward` (one pass), or
+    aten's ops where the backward must itself be differentiable (create_graph=True) or the dtype is one
+    the kernels do not take (float64)."""
+    if torch.is_grad_enabled() or pre.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        dpre = torch.ops.aten.gelu_backward(dy, pre, approximate="tanh")
+        return dpre, (dpre.sum(0) if bias else None)
+    return ops.gelu_tanh_backward(dy, pre, bias_grad=bias)
+
+
 class _LinearsOfOneInput(torch.autograd.Function):
-    """``h @ W_iᵀ + b_i`` for up to four Linears of one 2-D input ``h`` (T, K); (weight, bias) slots past
-    the last Linear are None. Backward: the input's gradient ``Σ_i dY_i · W_i`` accumulated by the
-    matmuls (beta = 1) into one (T, K) tensor, not one tensor per Linear summed by autograd's adds;
-    each weight gradient ``dY_iᵀ · h``, each bias gradient ``Σ_T dY_i``.
+    """``h @ W_iᵀ + b_i`` for one to four Linears of one 2-D input ``h`` (T, K); (weight, bias) slots past
+    the last Linear are None; with ``gelu_last``, the last output is ``gelu(·, approximate="tanh")`` of
+    its matmul (the MLP's first Linear), whose pre-activation is saved. Backward: the input's gradient
+    ``Σ_i dY_i · W_i`` accumulated by the matmuls (beta = 1) into one (T, K) tensor, not one tensor per
+    Linear summed by autograd's adds; each weight gradient ``dY_iᵀ · h``, each bias gradient
+    ``Σ_T dY_i``; for a GELU output, its pre-activation gradient and bias gradient in one pass
+    (:func:`ditfast.ops.gelu_tanh_backward`; no read-back of the (T, N) gradient for the sum).
 
     The arity of ``forward`` is fixed (see :class:`_LinearOfTwo`)."""
 
     @staticmethod
-    def forward(ctx, h, w0, b0, w1, b1, w2, b2, w3, b3):
+    def forward(ctx, h, w0, b0, w1, b1, w2, b2, w3, b3, gelu_last):
         ws = [w for w in (w0, w1, w2, w3) if w is not None]
         bs = (b0, b1, b2, b3)[:len(ws)]
         ctx.has_bias = tuple(b is not None for b in bs)
-        ctx.save_for_backward(h, *ws)
-        return tuple(torch.mm(h, w.t()) if b is None else torch.addmm(b, h, w.t()) for w, b in zip(ws, bs))
+        ctx.gelu_last = gelu_last
+        outs = [torch.mm(h, w.t()) if b is None else torch.addmm(b, h, w.t()) for w, b in zip(ws, bs)]
+        pre = ()
+        if gelu_last:
+            pre = (outs[-1], bs[-1])
+            outs[-1] = nn.functional.gelu(outs[-1], approximate="tanh")
+        ctx.save_for_backward(h, *pre, *ws)
+        return tuple(outs)
 
     @staticmethod
     def backward(ctx, *dys):
-        h, *ws = ctx.saved_tensors
+        h, *rest = ctx.saved_tensors
+        (pre, bias_last), ws = (rest[:2], rest[2:]) if ctx.gelu_last else ((None, None), rest)
+        if ctx.gelu_last and torch.is_grad_enabled():  # create_graph=True: pre as a function of h, W, b
+            pre = nn.functional.linear(h, ws[-1], bias_last)
         need = ctx.needs_input_grad
+        n = len(dys)
+        dys = list(dys)
+        dbias_last = None
+        if ctx.gelu_last:
+            dys[-1], dbias_last = _gelu_tanh_bias_backward(dys[-1], pre, ctx.has_bias[-1] and need[2 * n])
         dh = None
         if need[0]:
             dh = torch.mm(dys[0], ws[0])
@@ -219,31 +248,95 @@ class _LinearsOfOneInput(torch.autograd.Function):
         grads = [dh]
         for i, dy in enumerate(dys):
             grads.append(torch.mm(dy.t(), h) if need[1 + 2 * i] else None)
-            grads.append(dy.sum(0) if ctx.has_bias[i] and need[2 + 2 * i] else None)
-        return tuple(grads) + (None,) * (2 * (_MAX_LINEARS_OF_ONE_INPUT - len(dys)))
+            if ctx.gelu_last and i == n - 1:
+                grads.append(dbias_last)
+            else:
+                grads.append(dy.sum(0) if ctx.has_bias[i] and need[2 + 2 * i] else None)
+        return tuple(grads) + (None,) * (2 * (_MAX_LINEARS_OF_ONE_INPUT - n)) + (None,)
 
 
-def linears_of_one_input(linears: Sequence[Module], h: Tensor) -> Tuple[Tensor, ...]:
-    """``tuple(linear(h) for linear in linears)``. When ``h``'s gradient is needed and 2 to 4 Linears are
-    all :func:`plain_linear` of ``h``'s dtype (the separate q / k / v projections, with FLUX's
-    ``proj_mlp`` in its single block), as one autograd function whose backward accumulates the input
-    gradient in the matmuls (no (T, K) add per extra Linear); else each module is called."""
+def linears_of_one_input(linears: Sequence[Module], h: Tensor, *, gelu_tanh_last: bool = False) -> Tuple[Tensor, ...]:
+    """``tuple(linear(h) for linear in linears)``, the last one through ``gelu(·, approximate="tanh")``
+    when ``gelu_tanh_last``. When ``h``'s gradient is needed and the Linears (2 to 4; 1 to 4 with
+    ``gelu_tanh_last``) are all :func:`plain_linear` of ``h``'s dtype (the separate q / k / v
+    projections, with FLUX's ``proj_mlp`` in its single block; a FeedForward's first Linear), as one
+    autograd function whose backward accumulates the input gradient in the matmuls (no (T, K) add per
+    extra Linear) and fuses the GELU backward with the bias gradient; else each module is called."""
     linears = tuple(linears)
     fused = (
-        2 <= len(linears) <= _MAX_LINEARS_OF_ONE_INPUT
+        (1 if gelu_tanh_last else 2) <= len(linears) <= _MAX_LINEARS_OF_ONE_INPUT
         and torch.is_grad_enabled() and h.requires_grad and _plain_tensor(h)
         and all(plain_linear(m) and m.weight.dtype == h.dtype
                 and (m.bias is None or m.bias.dtype == h.dtype) for m in linears)
     )
     if not fused:
-        return tuple(m(h) for m in linears)
+        outs = [m(h) for m in linears]
+        if gelu_tanh_last:
+            outs[-1] = nn.functional.gelu(outs[-1], approximate="tanh")
+        return tuple(outs)
     slots = []
     for m in linears:
         slots += [m.weight, m.bias]
     slots += [None] * (2 * (_MAX_LINEARS_OF_ONE_INPUT - len(linears)))
-    outs = _LinearsOfOneInput.apply(h.reshape(-1, h.shape[-1]), *slots)
+    outs = _LinearsOfOneInput.apply(h.reshape(-1, h.shape[-1]), *slots, gelu_tanh_last)
     lead = h.shape[:-1]
     return tuple(o.view(*lead, m.out_features) for o, m in zip(outs, linears))
+
+
+class _LinearGeluTail(torch.autograd.Function):
+    """``out = h @ Wᵀ + b`` (T, N) in one matmul, returned as ``(out[:, :width], gelu(out[:, width:]))``
+    (tanh form): FLUX's packed ``linear1`` = ``[q | k | v | MLP]``. Backward: the GELU backward and the
+    tail's bias gradient in one pass (:func:`ditfast.ops.gelu_tanh_backward`); the weight gradient's row
+    blocks written straight into one (N, K) tensor and the input gradient accumulated by the matmuls,
+    with no (T, N) concatenation of the two output gradients."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, width):
+        out = torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
+        head, pre = out[:, :width], out[:, width:]
+        ctx.width, ctx.has_bias = width, bias is not None
+        ctx.save_for_backward(h, weight, bias, pre)
+        return head, nn.functional.gelu(pre, approximate="tanh")
+
+    @staticmethod
+    def backward(ctx, dhead, dact):
+        h, weight, bias, pre = ctx.saved_tensors
+        width, need = ctx.width, ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: the pre-activation as a function of h, W, b
+            pre = nn.functional.linear(h, weight[width:], None if bias is None else bias[width:])
+        want_bias = ctx.has_bias and need[2]
+        dpre, dtail = _gelu_tanh_bias_backward(dact, pre, want_bias)
+        dh = dw = dbias = None
+        if need[0]:
+            dh = torch.mm(dhead, weight[:width])
+            dh = torch.addmm(dh, dpre, weight[width:]) if torch.compiler.is_compiling() else dh.addmm_(dpre, weight[width:])
+        if need[1]:
+            if torch.compiler.is_compiling() or torch.is_grad_enabled():  # out= is neither traced nor differentiable
+                dw = torch.cat((torch.mm(dhead.t(), h), torch.mm(dpre.t(), h)))
+            else:
+                dw = torch.empty_like(weight)
+                torch.mm(dhead.t(), h, out=dw[:width])  # row blocks of a contiguous tensor: contiguous
+                torch.mm(dpre.t(), h, out=dw[width:])
+        if want_bias:
+            dbias = torch.cat((dhead.sum(0), dtail))
+        return dh, dw, dbias, None
+
+
+def linear_gelu_tail(linear: Module, h: Tensor, width: int) -> Tuple[Tensor, Tensor]:
+    """``(out[..., :width], gelu(out[..., width:], approximate="tanh"))`` of ``out = linear(h)``. In
+    training, for a :func:`plain_linear` of ``h``'s dtype, as :class:`_LinearGeluTail` (the GELU
+    backward fused with the bias gradient); otherwise the module, a split and the GELU."""
+    fused = (
+        torch.is_grad_enabled() and plain_linear(linear) and _plain_tensor(h)
+        and (h.requires_grad or linear.weight.requires_grad)
+        and h.dtype == linear.weight.dtype and (linear.bias is None or linear.bias.dtype == h.dtype)
+    )
+    if not fused:
+        out = linear(h)
+        return out[..., :width], nn.functional.gelu(out[..., width:], approximate="tanh")
+    head, act = _LinearGeluTail.apply(h.reshape(-1, h.shape[-1]), linear.weight, linear.bias, width)
+    lead = h.shape[:-1]
+    return head.view(*lead, width), act.view(*lead, act.shape[-1])
 
 
 # device types where torch._addmm_activation(..., use_gelu=True) applies the tanh approximation of
@@ -258,7 +351,8 @@ def linear_gelu_tanh(linear: Module, h: Tensor) -> Tensor:
     """``gelu(linear(h), approximate="tanh")``. In inference (no gradient needed), for a
     :func:`plain_linear` with a bias on CUDA, the GELU runs in the matmul's epilogue
     (``torch._addmm_activation``, which has no backward): the (T, N) pre-activation is never written
-    and read back. Otherwise the module, then the GELU."""
+    and read back. In training, :func:`linears_of_one_input` (for a plain Linear: the GELU backward and
+    the bias gradient in one pass); otherwise the module, then the GELU."""
     w, b = getattr(linear, "weight", None), getattr(linear, "bias", None)
     fused = (
         b is not None
@@ -267,8 +361,8 @@ def linear_gelu_tanh(linear: Module, h: Tensor) -> Tensor:
         and h.dtype == w.dtype == b.dtype
         and not (torch.is_grad_enabled() and (h.requires_grad or w.requires_grad or b.requires_grad))
     )
-    if not fused:
-        return nn.functional.gelu(linear(h), approximate="tanh")
+    if not fused:  # training: linears_of_one_input fuses the GELU backward with the bias gradient
+        return linears_of_one_input((linear,), h, gelu_tanh_last=True)[0]
     out = torch._addmm_activation(b, h.reshape(-1, h.shape[-1]), w.t(), use_gelu=True)
     return out.view(*h.shape[:-1], linear.out_features)
 
@@ -338,15 +432,12 @@ def flux_single(x: Tensor, mod: Sequence[Tensor], rope: Rope, s: Stream, *, head
     if attn_call is not None:
         return ops.gated_residual(x, linear_of_concat(s.proj, (attn_call(h), s.mlp(h))), gate)
     if s.mlp is None:
-        out, width = s.qkv(h), 3 * x.shape[-1]
-        q, k, v = out[..., :width].unflatten(-1, (3, -1, head_dim)).unbind(-3)
-        mlp = out[..., width:]
-        mlp = nn.functional.gelu(mlp, approximate="tanh")
+        qkv, mlp = linear_gelu_tail(s.qkv, h, 3 * x.shape[-1])
+        q, k, v = qkv.unflatten(-1, (3, -1, head_dim)).unbind(-3)
     elif gelu_linear is not None and isinstance(s.qkv, tuple) and torch.is_grad_enabled() and h.requires_grad:
         # training: q, k, v and the MLP's Linear with one backward (inference keeps s.mlp's GELU epilogue)
-        *qkv, pre = linears_of_one_input((*s.qkv, gelu_linear), h)
+        *qkv, mlp = linears_of_one_input((*s.qkv, gelu_linear), h, gelu_tanh_last=True)
         q, k, v = (t.unflatten(-1, (-1, head_dim)) for t in qkv)
-        mlp = nn.functional.gelu(pre, approximate="tanh")
     else:
         mlp = s.mlp(h)
         q, k, v = qkv_heads(s.qkv, h, head_dim)

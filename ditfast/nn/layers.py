@@ -19,12 +19,24 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(nn.functional.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(F.linear_gelu_tanh(self.fc1, x))  # GELU fused where it can be (linear_gelu_tanh)
+
+
+class FluxMlp(nn.Sequential):
+    """FLUX's ``Sequential(Linear, GELU(tanh), Linear)``: parameters ``0.*`` and ``2.*``. The first Linear
+    and its GELU run as :func:`ditfast.nn.functional.linear_gelu_tanh` while the GELU is an unhooked
+    ``nn.GELU("tanh")`` (as the diffusers FeedForward does when patched); else as a Sequential."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = self[1]
+        if len(self) == 3 and type(act) is nn.GELU and act.approximate == "tanh" and F.unhooked(act):
+            return self[2](F.linear_gelu_tanh(self[0], x))
+        return super().forward(x)
 
 
 def flux_mlp(dim: int, hidden: int) -> nn.Sequential:
-    """FLUX's ``Sequential(Linear, GELU(tanh), Linear)``: parameters ``0.*`` and ``2.*``."""
-    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+    """FLUX's MLP (:class:`FluxMlp`): parameters ``0.*`` and ``2.*``."""
+    return FluxMlp(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
 
 
 def check_conditioning(name: str, c, dim: int, block: str) -> None:

@@ -1,5 +1,6 @@
 """ditfast.reference: the plain-PyTorch definition of every op, the ground truth for the tests."""
 from .attention import joint_attention
+from .gelu import gelu_tanh_backward
 from .prepare import prepare_attention
 from .modulate import gated_residual, gated_residual_norm_modulate, norm_modulate, norm_modulate_dual
 from .rope import apply_rope, qk_norm_rope, rms_norm, rope_freqs
@@ -15,4 +16,5 @@ __all__ = [
     "qk_norm_rope",
     "joint_attention",
     "prepare_attention",
+    "gelu_tanh_backward",
 ]
