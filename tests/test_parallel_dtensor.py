@@ -94,6 +94,10 @@ def _cases():
         lambda: [torch.randn(B, n, H, Dh) for n in (3, 3, 3, L, L, L)] + [1 + 0.1 * torch.randn(Dh) for _ in "ab"]
         + [t(a) for a in [torch.randn(L + 3, Dh // 2)] for t in (torch.cos, torch.sin)],
         {"head": [S2] * 6 + [Rp] * 4, "batch": [S0] * 6 + [Rp] * 4})
+    c["gelu_tanh_backward/fwd"] = (  # a backward op itself (no autograd): rows of (B·L, N); dbias Partial
+        lambda dy, pre: ops.gelu_tanh_backward(dy.detach(), pre.detach()),
+        lambda: [torch.randn(B * L, 3 * D), 2 * torch.randn(B * L, 3 * D)],
+        {"batch": [S0, S0], "replicate": [Rp, Rp]})
     return c
 
 
@@ -105,9 +109,10 @@ def _triton_attention():
 
 # backends whose fast path is a custom op on CPU, and the ops each implements
 _BACKEND_OPS = {
-    "reference": ("norm_modulate", "gated_residual_norm_modulate", "rms_norm", "qk_norm_rope"),
+    "reference": ("norm_modulate", "gated_residual_norm_modulate", "rms_norm", "qk_norm_rope", "gelu_tanh_backward"),
     "triton": ("norm_modulate", "norm_modulate_dual", "gated_residual", "gated_residual_norm_modulate", "rms_norm", "apply_rope", "qk_norm_rope",
-               "qk_norm_rope/table_grad", "flash_attention", "prepare_attention", "prepare_attention/fwd"),
+               "qk_norm_rope/table_grad", "flash_attention", "prepare_attention", "prepare_attention/fwd",
+               "gelu_tanh_backward"),
     "cuda": ("norm_modulate", "gated_residual_norm_modulate", "apply_rope", "qk_norm_rope", "prepare_attention",
              "prepare_attention/fwd"),
 }
@@ -150,7 +155,8 @@ def run_case(case: str, mode: str, backend: str):
         leaves = [t.clone().requires_grad_(g) for t, g in zip(inputs, grad_on)]
         ref = as_tuple(fn(*leaves))
         grads_out = [torch.randn_like(o) for o in ref]
-        torch.autograd.backward(ref, grads_out)
+        if not fwd_only:
+            torch.autograd.backward(ref, grads_out)
         dleaves = [distribute_tensor(t.detach().clone(), mesh, [_placement(p)]).requires_grad_(g)
                    for t, p, g in zip(inputs, modes[mode], grad_on)]
         out = as_tuple(fn(*dleaves))

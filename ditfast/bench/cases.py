@@ -51,6 +51,12 @@ def modulate_bytes(op: str, B: int, L: int, D: int, elt: int) -> Dict[str, int]:
     return {"fwd": fwd * elt, "fwd_bwd": (fwd + bwd) * elt}
 
 
+def gelu_backward_bytes(T: int, N: int, elt: int) -> Dict[str, int]:
+    """gelu_tanh_backward on (T, N): read dy and pre, write dpre and the (N,) bias gradient. It is a
+    backward computation itself: forward only ("fwd" is its one direction)."""
+    return {"fwd": (3 * T * N + N) * elt}
+
+
 def head_op_bytes(op: str, B: int, L: int, H: int, Dh: int, elt: int, *, table_rows: Optional[int] = None) -> Dict[str, int]:
     """Bytes that must move for the per-head ops on (B, L, H, Dh) tensors.
 
@@ -170,7 +176,9 @@ MOD_OPS = ("norm_modulate", "gated_residual", "gated_residual_norm_modulate")
 
 
 def _op_case(name: str, label: str, dims: dict, elt: int, *, graph=False, target=False) -> Case:
-    if "H" in dims:
+    if name == "gelu_tanh_backward":
+        work = gelu_backward_bytes(dims["T"], dims["N"], elt)
+    elif "H" in dims:
         work = head_op_bytes(name, dims["B"], dims["L"], dims["H"], dims["Dh"], elt)
     else:
         work = modulate_bytes(name, dims["B"], dims["L"], dims["D"], elt)
@@ -186,16 +194,20 @@ def op_cases(elt: int, *, tiny: bool, quick: bool) -> List[Case]:
         heads = dict(B=2, L=77, H=3, Dh=72)
         cases = [_op_case(op, "tiny", TINY, elt, graph=True, target=True) for op in MOD_OPS]
         cases += [_op_case("norm_modulate_dual", "tiny", TINY, elt),
+                  _op_case("gelu_tanh_backward", "tiny", dict(T=77, N=200), elt),
                   _op_case("qk_norm_rope", "tiny", heads, elt, graph=True, target=True)]
         return cases if quick else cases + [_op_case(op, "tiny", heads, elt) for op in ("rms_norm", "apply_rope")]
     cases = [_op_case(op, "FLUX-dev", FLUX, elt, target=True) for op in MOD_OPS]
     cases.append(_op_case("qk_norm_rope", "FLUX-dev", _heads(FLUX, 24), elt, target=True))
+    # the training backward of the MLP's first Linear: FLUX single block (4608 tokens, hidden 4·3072)
+    cases.append(_op_case("gelu_tanh_backward", "FLUX-dev MLP", dict(T=4608, N=12288), elt))
     if quick:
         return cases
     cases += [_op_case(op, "FLUX text", FLUX_TXT, elt, graph=True) for op in MOD_OPS]
     cases.append(_op_case("qk_norm_rope", "FLUX text", _heads(FLUX_TXT, 24), elt, graph=True))
     cases += [_op_case(op, "SD3.5-large CFG", SD35L, elt) for op in MOD_OPS + ("norm_modulate_dual",)]
     cases.append(_op_case("qk_norm_rope", "SD3.5-large CFG", _heads(SD35L, 38), elt))
+    cases.append(_op_case("gelu_tanh_backward", "SD3.5-large CFG MLP", dict(T=2 * 4096, N=4 * 2432), elt))
     cases += [_op_case(op, "DiT-XL/2 b32", DIT, elt) for op in ("norm_modulate", "gated_residual_norm_modulate")]
     return cases + [_op_case(op, "FLUX-dev", _heads(FLUX, 24), elt) for op in ("rms_norm", "apply_rope")]
 

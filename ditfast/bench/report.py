@@ -229,7 +229,8 @@ OP_KERNELS = {"norm_modulate": ("_norm_modulate_",), "norm_modulate_dual": ("_no
               "gated_residual": ("_gated_residual_fwd", "_gated_residual_bwd"),
               "gated_residual_norm_modulate": ("_gated_residual_norm_modulate_",),
               "rms_norm": ("_norm_rope_",), "apply_rope": ("_norm_rope_",), "qk_norm_rope": ("_norm_rope_",),
-              "joint_attention": ("_attn_",), "prepare_attention": ("_prepare_",)}
+              "joint_attention": ("_attn_",), "prepare_attention": ("_prepare_",),
+              "gelu_tanh_backward": ("_gelu_tanh_bwd",)}
 
 
 def _family(label: str) -> str:

@@ -171,6 +171,9 @@ def rope_tables(L: int, Dh: int, device):
 def op_inputs(case: Case, device, dtype):
     """(leaves, invoke): the op's inputs and ``invoke(fn)``, which calls an op-shaped function on them."""
     name, d = case.name, case.dims
+    if name == "gelu_tanh_backward":  # a backward op: plain inputs, nothing to differentiate
+        dy, pre = (torch.randn(d["T"], d["N"], device=device).to(dtype) for _ in range(2))
+        return [], lambda fn: fn(dy, pre)
     if "H" not in d:
         B, L, D = d["B"], d["L"], d["D"]
         x, vecs = leaf((B, L, D), device, dtype), [leaf((B, D), device, dtype, scale=0.1) for _ in range(4)]
@@ -206,14 +209,21 @@ def op_variants(case: Case, ctx) -> List[VariantSpec]:
         return VariantSpec(name, kind, lambda: Built(with_backend(backend, lambda: invoke(fn)), leaves),
                            backend=backend, **kw)
 
-    width = case.dims.get("Dh", case.dims.get("D"))
+    width = case.dims.get("Dh", case.dims.get("D", case.dims.get("N")))
     specs = [VariantSpec("ditfast", "ditfast", lambda: Built(lambda: invoke(op_fn), leaves),
                          backend=auto_label(ctx.device, ctx.dtype, case.name, width=width))]
     for b, why in op_backends(case.name, ctx.device, ctx.backends):
         specs.append(skipped(f"ditfast:{b}", "backend", why, b) if why else spec(f"ditfast:{b}", "backend", op_fn, b))
+    if case.name == "gelu_tanh_backward":  # what autograd runs unfused: aten's gelu_backward, then the sum
+        ref_fn = _autograd_gelu_bias_backward
     cfn = compiled(ref_fn)
     return specs + [spec("eager", "peer", ref_fn),
                     ctx.compile_spec("compile", case, lambda: Built(lambda: invoke(cfn), leaves))]
+
+
+def _autograd_gelu_bias_backward(dy, pre):
+    d = torch.ops.aten.gelu_backward(dy, pre, approximate="tanh")
+    return d, d.sum(0)
 
 
 def attention_variants(case: Case, ctx) -> List[VariantSpec]:

@@ -67,6 +67,7 @@ from ._common import (
     check_signature,
     describe,
     fast_dtypes,
+    gelu_tanh_ff,
     is_diffusers,
     no_kwargs,
     out_proj,
@@ -182,9 +183,13 @@ def qwen_block_forward(self, hidden_states, encoder_hidden_states, encoder_hidde
         return type(self).forward(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb,
                                   image_rotary_emb, joint_attention_kwargs, modulate_index)
     img_mod, txt_mod = _modulations(self, temb, modulate_index, hidden_states.shape[0])
-    img_s = F.Stream((attn.to_q, attn.to_k, attn.to_v), functools.partial(out_proj, attn), self.img_mlp,
+    # the feed-forwards as FLUX's (gelu_tanh_ff: the GELU in the matmul's epilogue in CUDA inference, its
+    # backward fused with the bias gradient in training)
+    img_s = F.Stream((attn.to_q, attn.to_k, attn.to_v), functools.partial(out_proj, attn),
+                     functools.partial(gelu_tanh_ff, self.img_mlp),
                      rms_weight(attn.norm_q), rms_weight(attn.norm_k), self.img_norm1.eps, self.img_norm2.eps)
-    txt_s = F.Stream((attn.add_q_proj, attn.add_k_proj, attn.add_v_proj), attn.to_add_out, self.txt_mlp,
+    txt_s = F.Stream((attn.add_q_proj, attn.add_k_proj, attn.add_v_proj), attn.to_add_out,
+                     functools.partial(gelu_tanh_ff, self.txt_mlp),
                      rms_weight(attn.norm_added_q), rms_weight(attn.norm_added_k), self.txt_norm1.eps,
                      self.txt_norm2.eps)
     x, c = F.flux_double(hidden_states, encoder_hidden_states, img_mod, txt_mod, rope, img_s, txt_s,

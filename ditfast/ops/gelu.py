@@ -33,6 +33,7 @@ def gelu_tanh_backward(dy: Tensor, pre: Tensor, *, bias_grad: bool = True) -> Tu
         raise ValueError("pre must have at least one dimension (..., N), got a scalar")
     v.same_shape("dy", dy, "pre", pre)
     v.same_device("pre", pre, dy=dy)
+    v.dtensor("gelu_tanh_backward", dy=dy, pre=pre)
     return _backend.select("gelu_tanh_backward", pre.device, pre)(dy, pre, bias_grad=bool(bias_grad))
 
 

@@ -183,6 +183,14 @@ def weight_grads(name):
     return role
 
 
+def bias_grad_if(flag: str):
+    """A bias gradient (N,), a sum over the rows: Partial when the rows are sharded; an empty placeholder
+    (``flag`` False) is replicated."""
+    def role(mode, spec, a):
+        return R if (not a[flag] or mode == "replicate") else P
+    return role
+
+
 def flat_rows(mode, spec, a):
     """prepare_attention's (2, rows) rstd buffer: its rows are (B, L, H) per stream, so no placement
     describes a shard of it exactly; it is labelled Shard(1) (rows) when the rows are split. Only the
@@ -266,6 +274,10 @@ RULES: Dict[str, Rule] = {
     "ditfast::flash_attention": _rule({"q": act, "k": act, "v": act}, [act, lse], _ATTN_MODES),
     "ditfast::flash_attention_backward": _rule(
         {"do": act, "q": act, "k": act, "v": act, "o": act, "lse": lse}, [act, act, act], _ATTN_MODES),
+    # --- GELU(tanh) backward + bias gradient (ditfast/ops/gelu.py) on (T, N) rows: T = the flattened
+    # B·L, so a batch- or sequence-sharded activation is a row-sharded one ("batch" = dim 0 here) ---
+    "ditfast::gelu_tanh_backward": _rule({"dy": act, "pre": act}, [act, bias_grad_if("bias_grad")],
+                                         ("replicate", "batch")),
     # --- prepare (ditfast/ops/prepare.py): forward only, see _LIST_OUTPUTS (ops.prepare_attention: local.py) ---
     "ditfast::prepare_attention": _rule(
         {"qs": act, "ks": act, "vs": act, "q_weights": weight, "k_weights": weight, "cos": table, "sin": table},
@@ -338,7 +350,7 @@ def _overload(op_name: str):
 
 # modules that define ditfast custom ops; imported by register() (none imports triton or loads a GPU)
 _OP_MODULES = ("ditfast.ops.modulate", "ditfast.ops.rope", "ditfast.ops.prepare", "ditfast.ops._attention_triton",
-               "ditfast.ops.attention")
+               "ditfast.ops.attention", "ditfast.ops.gelu")
 _IMPORTED = False
 
 
