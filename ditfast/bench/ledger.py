@@ -415,8 +415,28 @@ def dit_case(*, B=2, S=32, layers=28, heads=16, head_dim=72, in_channels=4,
     return ModelCase("dit-xl-2", label, build, inputs)
 
 
+def qwen_case(*, B=1, side=83, Lt=512, layers=60, heads=24, head_dim=128, in_channels=64, ctx=3584,
+              label="Qwen-Image, 1328² (6889 image + 512 text tokens), batch 1") -> ModelCase:
+    """Qwen-Image at 1328² (latent 166², 2x2 patches: 83 x 83 tokens); a 512-token prompt, as FLUX's row;
+    no text mask (an all-True mask is dropped by the patch, any other runs diffusers' forward)."""
+    def build():
+        from diffusers import QwenImageTransformer2DModel
+
+        return QwenImageTransformer2DModel(patch_size=2, in_channels=in_channels, out_channels=in_channels // 4,
+                                           num_layers=layers, attention_head_dim=head_dim, num_attention_heads=heads,
+                                           joint_attention_dim=ctx)
+
+    def inputs():
+        bf = torch.bfloat16
+        return dict(hidden_states=torch.randn(B, side * side, in_channels, dtype=bf),
+                    encoder_hidden_states=torch.randn(B, Lt, ctx, dtype=bf), timestep=torch.full((B,), 0.5, dtype=bf),
+                    img_shapes=[(1, side, side)] * B, return_dict=False)
+
+    return ModelCase("qwen-image", label, build, inputs)
+
+
 def model_cases() -> List[ModelCase]:
-    return [flux_case(), sd3_case(), dit_case()]
+    return [flux_case(), sd3_case(), dit_case(), qwen_case()]
 
 
 @contextlib.contextmanager
@@ -646,7 +666,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ditfast.bench ledger",
                                 description="bytes, FLOPs and calls per op of full-size model steps (counted under "
                                             "FakeTensorMode), with predicted step times. " + PREDICTION_NOTE)
-    p.add_argument("--models", default="all", help="comma list of flux, sd3.5, dit-xl-2 (default: all)")
+    p.add_argument("--models", default="all", help="comma list of flux, sd3.5, dit-xl-2, qwen-image (default: all)")
     p.add_argument("--modes", default="inference,training", help="inference, training or both (default)")
     p.add_argument("--device", default="h100", help=f"whose peaks predict the times: {', '.join(SPEC_PEAKS)} "
                                                     "or any device with a results folder (default: h100)")
