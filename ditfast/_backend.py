@@ -452,15 +452,18 @@ def _resolve(op: str, request: Request, spec: Spec) -> str:
         return _automatic(op, spec)
     members = _members(op, request.name, spec)
     if request.name in FAMILIES:  # a family counts as lacking the op when none of it runs on this device type
-        members = [n for n in members if _IMPLS[op][n].devices is None or spec.device_type in _IMPLS[op][n].devices]
+        # (or has the options asked for: the features of spec)
+        members = [n for n in members if (_IMPLS[op][n].devices is None or spec.device_type in _IMPLS[op][n].devices)
+                   and all(f in _IMPLS[op][n].features for f in spec.features)]
     if not members:
-        msg = (f"ditfast backend {request.name!r} (asked for by {request.source}) has no implementation of {op} "
-               f"for {spec.device_type} tensors; {_implemented_by(op, spec.device_type)}")
+        with_features = f" with {'+'.join(spec.features)}" if spec.features else ""
+        msg = (f"ditfast backend {request.name!r} (asked for by {request.source}) has no implementation of {op}"
+               f"{with_features} for {spec.device_type} tensors; {_implemented_by(op, spec.device_type)}")
         if request.strict:
             raise RuntimeError(msg)
         chosen = _automatic(op, spec)
-        if (op, request.name, spec.device_type) not in _WARNED:
-            _WARNED.add((op, request.name, spec.device_type))
+        if (op, request.name, spec.device_type, spec.features) not in _WARNED:
+            _WARNED.add((op, request.name, spec.device_type, spec.features))
             warnings.warn(f"{msg}; running the automatic choice ({label(op, chosen, spec.device_type)}) instead",
                           RuntimeWarning, stacklevel=4)
         return chosen
@@ -480,9 +483,11 @@ def _resolve(op: str, request: Request, spec: Spec) -> str:
     )
 
 
-def select(op: str, device: torch.device, like: Optional[torch.Tensor] = None) -> Callable:
-    """The callable that runs ``op`` for ``like`` (or, without it, fp32 tensors on ``device``)."""
-    return _IMPLS[op][chosen_name(op, device, like)].fn
+def select(op: str, device: torch.device, like: Optional[torch.Tensor] = None,
+           features: Sequence[str] = ()) -> Callable:
+    """The callable that runs ``op`` for ``like`` (or, without it, fp32 tensors on ``device``), among the
+    implementations that have every one of ``features`` (an op's options, e.g. ``"rms"``)."""
+    return _IMPLS[op][chosen_name(op, device, like, features)].fn
 
 
 def chosen_name(op: str, device: torch.device, like: Optional[torch.Tensor] = None,

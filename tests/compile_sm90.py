@@ -51,7 +51,7 @@ SHAPES = {  # name: (B, Lq = Lk, H, Dh, hidden width)
 # ones are integer scalars except the float ones.
 INT_SCALARS = {A: {"LQ", "LK", "H", "HKV", "GROUP", "N_SPLITS"}, M: {"N_ROWS", "L", "D", "ROWS", "NCHUNK"},
                G: {"T", "N"}}
-FLOAT_SCALARS = {"sm_scale", "qk_scale", "eps"}
+FLOAT_SCALARS = {"sm_scale", "qk_scale", "eps", "y_eps"}
 FP32_POINTERS = {"LSE", "DELTA", "DQ_ACC", "MEAN", "RSTD", "PART"}
 # rope.py names its pointers *_ptr: bf16 activations, fp32 statistics / tables / weight grads
 ROPE_BF16 = {"q_ptr", "k_ptr", "qo_ptr", "ko_ptr", "dqo_ptr", "dko_ptr", "dq_ptr", "dk_ptr", "kw_ptr"}
@@ -230,6 +230,36 @@ def modulate_rows():
                      warps, fp32_pointers={"DGATE", "DSCALE"}, label=lab, shape=shape, grid=bwd_grid, values=vals)
 
 
+def modulate_option_rows():
+    """The family's options at Z-Image's width (D 3840, 4096 image + 512 caption tokens at 1024²), bf16:
+    the sandwich blocks' RMSNorm + weight modulate, the tanh-gated post-norm residual, and their fused
+    seam, forward and backward (per-sample modulations, bf16 weights)."""
+    import torch
+
+    B, L, width = 1, 4096 + 512, 3840
+    block_r, block_d, warps = M._config(width, torch.device("cuda"))
+    row = dict(BLOCK_R=block_r, BLOCK_D=block_d)
+    vals = dict(N_ROWS=B * L, L=L, D=width)
+    shape = f"zimage: rows={B * L} D={width} bf16"
+    fwd_grid = triton.cdiv(B * L, block_r)
+    bwd_grid = B * max(1, min(triton.cdiv(L, block_r), triton.cdiv(2 * SMS, B)))
+    opts = dict(RMS=True, HAS_W=True)
+    for kernel, consts, fp32 in [
+        (M._norm_modulate_x_fwd_kernel, dict(HAS_SHIFT=False, **opts), ()),
+        (M._norm_modulate_x_bwd_kernel, dict(HAS_SHIFT=False, SCALE_TOK=False, SHIFT_TOK=False, **opts),
+         {"DSCALE", "DW"}),
+        (M._gated_residual_x_fwd_kernel, dict(TANH=True, POST=True), ()),
+        (M._gated_residual_x_bwd_kernel, dict(TANH=True, POST=True, GATE_TOK=False), {"DGATE", "DWY"}),
+        (M._gated_residual_norm_modulate_x_fwd_kernel, dict(HAS_SHIFT=False, TANH=True, POST=True, **opts), ()),
+        (M._gated_residual_norm_modulate_x_bwd_kernel,
+         dict(HAS_DXNEW=True, HAS_SHIFT=False, TANH=True, POST=True, GATE_TOK=False, SHIFT_TOK=False, SCALE_TOK=False,
+              **opts), {"DGATE", "DSCALE", "DW", "DWY"}),
+    ]:
+        backward = "bwd" in kernel.fn.__name__
+        compile_sm90(M, kernel, dict(unit(kernel), **row, **consts), warps, fp32_pointers=fp32, label=dict(row),
+                     shape=shape, grid=bwd_grid if backward else fwd_grid, values=vals)
+
+
 def rope_rows():
     import torch
 
@@ -304,7 +334,8 @@ def main(argv=None):
     parser.add_argument("--report", metavar="FILE.json", help="write the rows as a JSON list")
     parser.add_argument("--only", choices=["attention", "modulate", "rope", "prepare", "gelu"], help="one kernel family only")
     args = parser.parse_args(argv)
-    for family, fn in (("attention", attention_rows), ("modulate", modulate_rows), ("rope", rope_rows),
+    for family, fn in (("attention", attention_rows), ("modulate", modulate_rows),
+                       ("modulate", modulate_option_rows), ("rope", rope_rows),
                        ("prepare", prepare_rows), ("gelu", gelu_rows)):
         if args.only in (None, family):
             fn()

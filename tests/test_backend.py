@@ -179,9 +179,9 @@ def test_the_ops_pass_their_input_to_the_chooser(monkeypatch):
     seen = []
     real = _backend.chosen_name
 
-    def spy(op, device, like=None):
+    def spy(op, device, like=None, features=()):
         seen.append((op, None if like is None else tuple(like.shape)))
-        return real(op, device, like)
+        return real(op, device, like, features)
 
     monkeypatch.setattr(_backend, "chosen_name", spy)
     x, m = torch.randn(2, 3, 8), torch.randn(2, 8)

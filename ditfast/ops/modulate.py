@@ -19,18 +19,49 @@ def _check_x(x: torch.Tensor, name: str = "x") -> torch.Tensor:
     return v.tensor(name, x, 3, "(B, L, D)")
 
 
+# The family's options (docs/design.md): each one an implementation feature, so the automatic choice
+# takes only the implementations that have it (the compiled extension has none of them).
+NORMS = ("layer", "rms")
+GATE_ACTS = (None, "tanh")
+OPTION_FEATURES = ("rms", "norm_weight", "tanh_gate", "post_norm")
+
+
+def _options(norm: str, weight, gate_act=None, y_weight=None, x=None) -> tuple:
+    """The features the options ask for, after checking them."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if gate_act not in GATE_ACTS:
+        raise ValueError(f"gate_act must be None or 'tanh', got {gate_act!r}")
+    for name, w in (("weight", weight), ("y_weight", y_weight)):
+        if w is not None:
+            if not isinstance(w, torch.Tensor):
+                raise TypeError(f"{name} must be a tensor (D,) or None, got {type(w).__name__}")
+            v.float_dtype(name, w)
+            if w.shape != (x.shape[-1],):
+                raise ValueError(f"{name} must be a (D,) = ({x.shape[-1]},) norm weight, got shape {tuple(w.shape)}")
+            v.same_device("x", x, **{name: w})
+    return tuple(f for f, on in zip(OPTION_FEATURES, (norm == "rms", weight is not None, gate_act == "tanh",
+                                                      y_weight is not None)) if on)
+
+
 def norm_modulate(
-    x: torch.Tensor, shift: Optional[torch.Tensor], scale: torch.Tensor, *, eps: float = 1e-6
+    x: torch.Tensor, shift: Optional[torch.Tensor], scale: torch.Tensor, *, eps: float = 1e-6,
+    norm: str = "layer", weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``LayerNorm(x) * (1 + scale) + shift`` (LayerNorm over D without affine parameters).
+    """``N(x) * (1 + scale) + shift``: N is LayerNorm over D without affine parameters (``norm="layer"``,
+    the default) or RMSNorm (``norm="rms"``), times the norm weight ``weight`` (D,) when given.
 
     x: (B, L, D). shift, scale: (B, D) per sample or (B, L, D) per token; shift may be None.
     """
     _check_x(x)
     scale = v.modulation("scale", scale, x)
     shift = None if shift is None else v.modulation("shift", shift, x)
-    v.dtensor("norm_modulate", x=x, shift=shift, scale=scale)
-    return _backend.select("norm_modulate", x.device, x)(x, shift, scale, eps=v.eps(eps))
+    features = _options(norm, weight, x=x)
+    v.dtensor("norm_modulate", x=x, shift=shift, scale=scale, weight=weight)
+    impl = _backend.select("norm_modulate", x.device, x, features)
+    if not features:
+        return impl(x, shift, scale, eps=v.eps(eps))
+    return impl(x, shift, scale, eps=v.eps(eps), norm=norm, weight=weight)
 
 
 def norm_modulate_dual(
@@ -56,15 +87,24 @@ def norm_modulate_dual(
     return v.dtensor_outputs(out) if dt else out  # (an unused output's gradient: ditfast/parallel/guard.py)
 
 
-def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """``x + gate * y``. x, y: (B, L, D); gate: (B, D) or (B, L, D)."""
+def gated_residual(
+    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, *, gate_act: Optional[str] = None,
+    y_weight: Optional[torch.Tensor] = None, y_eps: float = 1e-6,
+) -> torch.Tensor:
+    """``x + act(gate) * P(y)``. x, y: (B, L, D); gate: (B, D) or (B, L, D). act: the identity, or tanh
+    (``gate_act="tanh"``); P(y): y, or with ``y_weight`` (D,) the post-norm ``RMSNorm(y) * y_weight``
+    (eps ``y_eps``) of a "sandwich" block (Z-Image, Lumina 2)."""
     _check_x(x)
     _check_x(y, "y")
     v.same_shape("y", y, "x", x)
     v.same_device("x", x, y=y)
     gate = v.modulation("gate", gate, x)
-    v.dtensor("gated_residual", x=x, y=y, gate=gate)
-    return _backend.select("gated_residual", x.device, x)(x, y, gate)
+    features = _options("layer", None, gate_act, y_weight, x=x)
+    v.dtensor("gated_residual", x=x, y=y, gate=gate, y_weight=y_weight)
+    impl = _backend.select("gated_residual", x.device, x, features)
+    if not features:
+        return impl(x, y, gate)
+    return impl(x, y, gate, gate_act=gate_act, y_weight=y_weight, y_eps=v.eps(y_eps))
 
 
 def gated_residual_norm_modulate(
@@ -75,8 +115,14 @@ def gated_residual_norm_modulate(
     scale: torch.Tensor,
     *,
     eps: float = 1e-6,
+    norm: str = "layer",
+    weight: Optional[torch.Tensor] = None,
+    gate_act: Optional[str] = None,
+    y_weight: Optional[torch.Tensor] = None,
+    y_eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x_new, h)``: ``x_new = x + gate * y`` and ``h = norm_modulate(x_new, shift, scale)``."""
+    """``(x_new, h)``: ``x_new = gated_residual(x, y, gate, gate_act=, y_weight=, y_eps=)`` and
+    ``h = norm_modulate(x_new, shift, scale, eps=, norm=, weight=)`` in one pass."""
     _check_x(x)
     _check_x(y, "y")
     v.same_shape("y", y, "x", x)
@@ -84,16 +130,23 @@ def gated_residual_norm_modulate(
     gate = v.modulation("gate", gate, x)
     scale = v.modulation("scale", scale, x)
     shift = None if shift is None else v.modulation("shift", shift, x)
-    dt = v.dtensor("gated_residual_norm_modulate", x=x, y=y, gate=gate, shift=shift, scale=scale)
-    impl = _backend.select("gated_residual_norm_modulate", x.device, x)
-    out = impl(x, y, gate, shift, scale, eps=v.eps(eps))
+    features = _options(norm, weight, gate_act, y_weight, x=x)
+    dt = v.dtensor("gated_residual_norm_modulate", x=x, y=y, gate=gate, shift=shift, scale=scale, weight=weight,
+                   y_weight=y_weight)
+    impl = _backend.select("gated_residual_norm_modulate", x.device, x, features)
+    if not features:
+        out = impl(x, y, gate, shift, scale, eps=v.eps(eps))
+    else:
+        out = impl(x, y, gate, shift, scale, eps=v.eps(eps), norm=norm, weight=weight, gate_act=gate_act,
+                   y_weight=y_weight, y_eps=v.eps(y_eps))
     return v.dtensor_outputs(out) if dt else out  # (an unused output's gradient: ditfast/parallel/guard.py)
 
 
-_backend.register("norm_modulate", "reference", reference.norm_modulate)
+_backend.register("norm_modulate", "reference", reference.norm_modulate, features=OPTION_FEATURES)
 _backend.register("norm_modulate_dual", "reference", reference.norm_modulate_dual)
-_backend.register("gated_residual", "reference", reference.gated_residual)
-_backend.register("gated_residual_norm_modulate", "reference", reference.gated_residual_norm_modulate)
+_backend.register("gated_residual", "reference", reference.gated_residual, features=OPTION_FEATURES)
+_backend.register("gated_residual_norm_modulate", "reference", reference.gated_residual_norm_modulate,
+                  features=OPTION_FEATURES)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -348,6 +401,156 @@ _gated_residual_norm_modulate_op.register_autograd(
 )
 
 
+# --- the options: RMSNorm, norm weights, tanh gates, post-norm (kernels: *_x in the kernel module) ----
+def _weight_grad_fake(w: Optional[Tensor], like: Tensor) -> Tensor:
+    return like.new_empty(0) if w is None else w.new_empty(w.shape)
+
+
+@torch.library.custom_op("ditfast::norm_modulate_x", mutates_args=())
+def _norm_modulate_x_op(x: Tensor, shift: Optional[Tensor], scale: Tensor, weight: Optional[Tensor], eps: float,
+                        rms: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, mean, rstd): N(x)·w·(1 + scale) + shift; mean is 0 for RMSNorm."""
+    return _kernels().norm_modulate_x_fwd(x, shift, scale, weight, eps=eps, rms=rms)
+
+
+@_norm_modulate_x_op.register_fake
+def _(x, shift, scale, weight, eps, rms):
+    return (x.new_empty(x.shape, dtype=v.result_dtype(x, shift, scale, weight)),) + _empty_stats(x)
+
+
+@torch.library.custom_op("ditfast::norm_modulate_x_backward", mutates_args=())
+def _norm_modulate_x_bwd_op(
+    dout: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor, weight: Optional[Tensor], rms: bool,
+    shift_dtype: Optional[torch.dtype], shift_per_token: bool, shift_one_row: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dshift, dscale, dweight); dshift / dweight are empty when there is no shift / weight."""
+    shift = _shift_meta(x, shift_dtype, shift_per_token, shift_one_row)
+    return _kernels().norm_modulate_x_bwd(dout, x, mean, rstd, shift, scale, weight, rms=rms)
+
+
+@_norm_modulate_x_bwd_op.register_fake
+def _(dout, x, mean, rstd, scale, weight, rms, *shift_spec):
+    return (x.new_empty(x.shape), _fake_shift_grad(x, *shift_spec), scale.new_empty(scale.shape),
+            _weight_grad_fake(weight, x))
+
+
+def _norm_modulate_x_setup(ctx, inputs, output):
+    x, shift, scale, weight, _, rms = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x, scale, weight, mean, rstd)
+    ctx.shift_spec, ctx.rms = _shift_spec(shift), rms
+
+
+def _norm_modulate_x_backward(ctx, dout, _dmean, _drstd):
+    x, scale, weight, mean, rstd = ctx.saved_tensors
+    dx, dshift, dscale, dweight = _norm_modulate_x_bwd_op(dout, x, mean, rstd, scale, weight, ctx.rms, *ctx.shift_spec)
+    return (dx, None if ctx.shift_spec[0] is None else dshift, dscale, None if weight is None else dweight,
+            None, None)
+
+
+_norm_modulate_x_op.register_autograd(_norm_modulate_x_backward, setup_context=_norm_modulate_x_setup)
+
+
+@torch.library.custom_op("ditfast::gated_residual_x", mutates_args=())
+def _gated_residual_x_op(x: Tensor, y: Tensor, gate: Tensor, y_weight: Optional[Tensor], y_eps: float,
+                         tanh: bool) -> Tensor:
+    """x + act(gate)·P(y)."""
+    return _kernels().gated_residual_x_fwd(x, y, gate, y_weight, y_eps=y_eps, tanh=tanh)
+
+
+@_gated_residual_x_op.register_fake
+def _(x, y, gate, y_weight, y_eps, tanh):
+    return x.new_empty(x.shape, dtype=v.result_dtype(x, y, gate, y_weight))
+
+
+@torch.library.custom_op("ditfast::gated_residual_x_backward", mutates_args=())
+def _gated_residual_x_bwd_op(dout: Tensor, y: Tensor, gate: Tensor, y_weight: Optional[Tensor], y_eps: float,
+                             tanh: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dy, dgate, dy_weight); dy_weight is empty without a post-norm."""
+    return _kernels().gated_residual_x_bwd(dout, y, gate, y_weight, y_eps=y_eps, tanh=tanh)
+
+
+@_gated_residual_x_bwd_op.register_fake
+def _(dout, y, gate, y_weight, y_eps, tanh):
+    return y.new_empty(y.shape), gate.new_empty(gate.shape), _weight_grad_fake(y_weight, y)
+
+
+def _gated_residual_x_setup(ctx, inputs, output):
+    x, y, gate, y_weight, y_eps, tanh = inputs
+    ctx.save_for_backward(y, gate, y_weight)
+    ctx.x_dtype, ctx.y_eps, ctx.tanh = x.dtype, y_eps, tanh
+
+
+def _gated_residual_x_backward(ctx, dout):
+    y, gate, y_weight = ctx.saved_tensors
+    dy, dgate, dwy = _gated_residual_x_bwd_op(dout, y, gate, y_weight, ctx.y_eps, ctx.tanh)
+    return dout.to(ctx.x_dtype), dy, dgate, None if y_weight is None else dwy, None, None
+
+
+_gated_residual_x_op.register_autograd(_gated_residual_x_backward, setup_context=_gated_residual_x_setup)
+
+
+@torch.library.custom_op("ditfast::gated_residual_norm_modulate_x", mutates_args=())
+def _gated_residual_norm_modulate_x_op(
+    x: Tensor, y: Tensor, gate: Tensor, shift: Optional[Tensor], scale: Tensor, weight: Optional[Tensor],
+    y_weight: Optional[Tensor], eps: float, y_eps: float, rms: bool, tanh: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(x_new, h, mean, rstd): x_new = x + act(gate)·P(y), h = N(x_new)·w·(1 + scale) + shift."""
+    return _kernels().gated_residual_norm_modulate_x_fwd(x, y, gate, shift, scale, weight, y_weight, eps=eps,
+                                                         y_eps=y_eps, rms=rms, tanh=tanh)
+
+
+@_gated_residual_norm_modulate_x_op.register_fake
+def _(x, y, gate, shift, scale, weight, y_weight, eps, y_eps, rms, tanh):
+    x_new = x.new_empty(x.shape, dtype=v.result_dtype(x, y, gate, y_weight))
+    h = x.new_empty(x.shape, dtype=v.result_dtype(x_new, shift, scale, weight))
+    return (x_new, h) + _empty_stats(x)
+
+
+@torch.library.custom_op("ditfast::gated_residual_norm_modulate_x_backward", mutates_args=())
+def _gated_residual_norm_modulate_x_bwd_op(
+    dx_new: Optional[Tensor], dh: Tensor, x_new: Tensor, mean: Tensor, rstd: Tensor, y: Tensor, gate: Tensor,
+    scale: Tensor, weight: Optional[Tensor], y_weight: Optional[Tensor], y_eps: float, rms: bool, tanh: bool,
+    x_dtype: torch.dtype, shift_dtype: Optional[torch.dtype], shift_per_token: bool, shift_one_row: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dy, dgate, dshift, dscale, dweight, dy_weight); absent tensors get empty gradients."""
+    shift = _shift_meta(x_new, shift_dtype, shift_per_token, shift_one_row)
+    return _kernels().gated_residual_norm_modulate_x_bwd(dx_new, dh, x_new, mean, rstd, y, gate, shift, scale, weight,
+                                                         y_weight, x_dtype, y_eps=y_eps, rms=rms, tanh=tanh)
+
+
+@_gated_residual_norm_modulate_x_bwd_op.register_fake
+def _(dx_new, dh, x_new, mean, rstd, y, gate, scale, weight, y_weight, y_eps, rms, tanh, x_dtype, *shift_spec):
+    return (x_new.new_empty(x_new.shape, dtype=x_dtype), y.new_empty(y.shape), gate.new_empty(gate.shape),
+            _fake_shift_grad(x_new, *shift_spec), scale.new_empty(scale.shape), _weight_grad_fake(weight, x_new),
+            _weight_grad_fake(y_weight, x_new))
+
+
+def _gated_residual_norm_modulate_x_setup(ctx, inputs, output):
+    x, y, gate, shift, scale, weight, y_weight, _, y_eps, rms, tanh = inputs
+    x_new, _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x_new, mean, rstd, y, gate, scale, weight, y_weight)
+    ctx.x_dtype, ctx.shift_spec, ctx.options = x.dtype, _shift_spec(shift), (y_eps, rms, tanh)
+
+
+def _gated_residual_norm_modulate_x_backward(ctx, dx_new, dh, _dmean, _drstd):
+    x_new, mean, rstd, y, gate, scale, weight, y_weight = ctx.saved_tensors
+    if dh is None:  # h unused: only the residual path carries gradient
+        dh = torch.zeros_like(x_new)
+    dx, dy, dgate, dshift, dscale, dw, dwy = _gated_residual_norm_modulate_x_bwd_op(
+        dx_new, dh, x_new, mean, rstd, y, gate, scale, weight, y_weight, *ctx.options, ctx.x_dtype, *ctx.shift_spec
+    )
+    return (dx, dy, dgate, None if ctx.shift_spec[0] is None else dshift, dscale, None if weight is None else dw,
+            None if y_weight is None else dwy, None, None, None, None)
+
+
+_gated_residual_norm_modulate_x_op.register_autograd(
+    _gated_residual_norm_modulate_x_backward, setup_context=_gated_residual_norm_modulate_x_setup
+)
+
+
 # --- backend entry points (the public signatures) ---------------------------------------------------
 def _direct(*tensors: Optional[Tensor]) -> bool:
     """True for an eager call that records no autograd graph (inference): it launches the kernels
@@ -361,7 +564,11 @@ def _direct(*tensors: Optional[Tensor]) -> bool:
     return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
 
-def _triton_norm_modulate(x, shift, scale, *, eps=1e-6):
+def _triton_norm_modulate(x, shift, scale, *, eps=1e-6, norm="layer", weight=None):
+    if norm != "layer" or weight is not None:
+        if _direct(x, shift, scale, weight):
+            return _kernels().norm_modulate_x_fwd(x, shift, scale, weight, eps=eps, rms=norm == "rms")[0]
+        return _norm_modulate_x_op(x, shift, scale, weight, eps, norm == "rms")[0]
     if _direct(x, shift, scale):
         return _kernels().norm_modulate_fwd(x, shift, scale, eps=eps)[0]
     return _norm_modulate_op(x, shift, scale, eps)[0]
@@ -375,13 +582,26 @@ def _triton_norm_modulate_dual(x, shift1, scale1, shift2, scale2, *, eps=1e-6):
     return out1, out2
 
 
-def _triton_gated_residual(x, y, gate):
+def _triton_gated_residual(x, y, gate, *, gate_act=None, y_weight=None, y_eps=1e-6):
+    if gate_act is not None or y_weight is not None:
+        if _direct(x, y, gate, y_weight):
+            return _kernels().gated_residual_x_fwd(x, y, gate, y_weight, y_eps=y_eps, tanh=gate_act == "tanh")
+        return _gated_residual_x_op(x, y, gate, y_weight, y_eps, gate_act == "tanh")
     if _direct(x, y, gate):
         return _kernels().gated_residual_fwd(x, y, gate)
     return _gated_residual_op(x, y, gate)
 
 
-def _triton_gated_residual_norm_modulate(x, y, gate, shift, scale, *, eps=1e-6):
+def _triton_gated_residual_norm_modulate(x, y, gate, shift, scale, *, eps=1e-6, norm="layer", weight=None,
+                                         gate_act=None, y_weight=None, y_eps=1e-6):
+    if norm != "layer" or weight is not None or gate_act is not None or y_weight is not None:
+        args = (x, y, gate, shift, scale, weight, y_weight)
+        opts = dict(eps=eps, y_eps=y_eps, rms=norm == "rms", tanh=gate_act == "tanh")
+        if _direct(*args):
+            x_new, h, _, _ = _kernels().gated_residual_norm_modulate_x_fwd(*args, **opts)
+        else:
+            x_new, h, _, _ = _gated_residual_norm_modulate_x_op(*args, *opts.values())
+        return x_new, h
     if _direct(x, y, gate, shift, scale):
         x_new, h, _, _ = _kernels().gated_residual_norm_modulate_fwd(x, y, gate, shift, scale, eps=eps)
     else:
@@ -389,7 +609,8 @@ def _triton_gated_residual_norm_modulate(x, y, gate, shift, scale, *, eps=1e-6):
     return x_new, h
 
 
-_backend.register("norm_modulate", "triton", _triton_norm_modulate, max_width=_TRITON_MAX_D)
+_backend.register("norm_modulate", "triton", _triton_norm_modulate, max_width=_TRITON_MAX_D, features=OPTION_FEATURES)
 _backend.register("norm_modulate_dual", "triton", _triton_norm_modulate_dual, max_width=_TRITON_MAX_D)
-_backend.register("gated_residual", "triton", _triton_gated_residual, max_width=_TRITON_MAX_D)
-_backend.register("gated_residual_norm_modulate", "triton", _triton_gated_residual_norm_modulate, max_width=_TRITON_MAX_D)
+_backend.register("gated_residual", "triton", _triton_gated_residual, max_width=_TRITON_MAX_D, features=OPTION_FEATURES)
+_backend.register("gated_residual_norm_modulate", "triton", _triton_gated_residual_norm_modulate, max_width=_TRITON_MAX_D,
+                  features=OPTION_FEATURES)

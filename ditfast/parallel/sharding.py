@@ -236,6 +236,26 @@ RULES: Dict[str, Rule] = {
         {"dx_new": act, "dh": act, "x_new": act, "mean": stat, "rstd": stat, "y": act, "gate": mod, "scale": mod},
         [act, act, mod_grad_of("gate"), mod_grad_flags("shift_dtype", "shift_per_token", "shift_one_row"),
          mod_grad_of("scale")], _MOD_MODES),
+    # --- the family's options (RMSNorm, norm weights, tanh gates, post-norm): (D,) weights replicated,
+    # their gradients (sums over every row) Partial when rows are sharded ---
+    "ditfast::norm_modulate_x": _rule({"x": act, "shift": mod, "scale": mod, "weight": weight}, [act, stat, stat],
+                                      _MOD_MODES),
+    "ditfast::norm_modulate_x_backward": _rule(
+        {"dout": act, "x": act, "mean": stat, "rstd": stat, "scale": mod, "weight": weight},
+        [act, mod_grad_flags("shift_dtype", "shift_per_token", "shift_one_row"), mod_grad_of("scale"),
+         weight_grad("weight")], _MOD_MODES),
+    "ditfast::gated_residual_x": _rule({"x": act, "y": act, "gate": mod, "y_weight": weight}, [act], _MOD_MODES),
+    "ditfast::gated_residual_x_backward": _rule(
+        {"dout": act, "y": act, "gate": mod, "y_weight": weight},
+        [act, mod_grad_of("gate"), weight_grad("y_weight")], _MOD_MODES),
+    "ditfast::gated_residual_norm_modulate_x": _rule(
+        {"x": act, "y": act, "gate": mod, "shift": mod, "scale": mod, "weight": weight, "y_weight": weight},
+        [act, act, stat, stat], _MOD_MODES),
+    "ditfast::gated_residual_norm_modulate_x_backward": _rule(
+        {"dx_new": act, "dh": act, "x_new": act, "mean": stat, "rstd": stat, "y": act, "gate": mod, "scale": mod,
+         "weight": weight, "y_weight": weight},
+        [act, act, mod_grad_of("gate"), mod_grad_flags("shift_dtype", "shift_per_token", "shift_one_row"),
+         mod_grad_of("scale"), weight_grad("weight"), weight_grad("y_weight")], _MOD_MODES),
     # --- RMSNorm / RoPE (ditfast/ops/rope.py, triton backend) ---
     "ditfast::rms_norm": _rule({"x": act, "weight": weight}, [act, stat], _ROPE_MODES),
     "ditfast::rms_norm_backward": _rule({"dy": act, "x": act, "weight": weight, "rstd": stat},

@@ -25,18 +25,34 @@ def _per_token(t: torch.Tensor) -> torch.Tensor:
     return t.unsqueeze(1) if t.dim() == 2 else t
 
 
+def _norm(x: torch.Tensor, eps: float, norm: str, weight: Optional[torch.Tensor]) -> torch.Tensor:
+    """LayerNorm (no affine) or RMSNorm of x over its last dim, times ``weight`` when given."""
+    if norm == "rms":
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    else:
+        h = F.layer_norm(x, (x.shape[-1],), eps=eps)
+    return h if weight is None else h * weight
+
+
+def _gate(gate: torch.Tensor, gate_act: Optional[str]) -> torch.Tensor:
+    return _per_token(gate.tanh() if gate_act == "tanh" else gate)
+
+
 def norm_modulate(
     x: torch.Tensor,
     shift: Optional[torch.Tensor],
     scale: torch.Tensor,
     *,
     eps: float = 1e-6,
+    norm: str = "layer",
+    weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``LN(x) * (1 + scale) + shift``; LN over the last dim, no affine parameters.
+    """``N(x) * (1 + scale) + shift``: N is LayerNorm (``norm="layer"``, no affine parameters) or RMSNorm
+    (``norm="rms"``) over the last dim, times ``weight`` (D,) when given.
 
     x: (B, L, D); shift, scale: (B, D) per sample or (B, L, D) per token; shift may be None.
     """
-    h = F.layer_norm(x, (x.shape[-1],), eps=eps)
+    h = _norm(x, eps, norm, weight)
     h = h * (1 + _per_token(scale))
     if shift is not None:
         h = h + _per_token(shift)
@@ -59,9 +75,21 @@ def norm_modulate_dual(
     )
 
 
-def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """``x + gate * y``; gate (B, D) or (B, L, D)."""
-    return x + _per_token(gate) * y
+def gated_residual(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    *,
+    gate_act: Optional[str] = None,
+    y_weight: Optional[torch.Tensor] = None,
+    y_eps: float = 1e-6,
+) -> torch.Tensor:
+    """``x + act(gate) * P(y)``; gate (B, D) or (B, L, D); act is the identity or ``tanh``
+    (``gate_act="tanh"``); P(y) is y, or with ``y_weight`` (D,) the post-norm ``RMSNorm(y) * y_weight``
+    (eps ``y_eps``) of Z-Image's sandwich blocks."""
+    if y_weight is not None:
+        y = _norm(y, y_eps, "rms", y_weight)
+    return x + _gate(gate, gate_act) * y
 
 
 def gated_residual_norm_modulate(
@@ -72,7 +100,12 @@ def gated_residual_norm_modulate(
     scale: torch.Tensor,
     *,
     eps: float = 1e-6,
+    norm: str = "layer",
+    weight: Optional[torch.Tensor] = None,
+    gate_act: Optional[str] = None,
+    y_weight: Optional[torch.Tensor] = None,
+    y_eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x_new = x + gate * y`` and ``h = norm_modulate(x_new, shift, scale)``."""
-    x_new = gated_residual(x, y, gate)
-    return x_new, norm_modulate(x_new, shift, scale, eps=eps)
+    """``x_new = gated_residual(x, y, gate, ...)`` and ``h = norm_modulate(x_new, shift, scale, ...)``."""
+    x_new = gated_residual(x, y, gate, gate_act=gate_act, y_weight=y_weight, y_eps=y_eps)
+    return x_new, norm_modulate(x_new, shift, scale, eps=eps, norm=norm, weight=weight)

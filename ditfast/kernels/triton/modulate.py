@@ -642,3 +642,479 @@ def gated_residual_norm_modulate_bwd(
             BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
         )
     return dx, dy, _finish(dgate, gate), _finish(dshift, shift), _finish(dscale, scale)
+
+
+# ===================================================================================================
+# The options of the family (ditfast/ops/modulate.py): RMSNorm instead of LayerNorm, a norm weight,
+# tanh gates and the post-norm of the branch output (Z-Image's "sandwich" blocks, Lumina 2):
+#     norm_modulate_x                 h = N(x)·w·(1 + scale) + shift
+#     gated_residual_x                out = x + act(gate)·P(y)
+#     gated_residual_norm_modulate_x  x_new = x + act(gate)·P(y);  h = N(x_new)·w·(1 + scale) + shift
+# N is LayerNorm (no affine) or RMSNorm (RMS: a mean of 0 is saved, so xhat = (x - mean)·rstd holds for
+# both); w is the norm weight (HAS_W; else 1); act is tanh (TANH) or the identity; P(y) is
+# RMSNorm(y)·w_y (POST) or y. The layout, tiling, saved statistics and partial sums are those of the
+# kernels above; the weight gradients Σ_rows are written as per-chunk partial sums (B, NCHUNK, D) and
+# reduced over samples and chunks by the launcher. The post-norm's row statistics are recomputed in
+# the backward from y (a row is in registers anyway), so nothing more is saved.
+# ===================================================================================================
+@triton.jit
+def _tanh(v):
+    u = tl.minimum(tl.maximum(v, -15.0), 15.0)  # tanh(±15) is ±1 in fp32: no exp overflow
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
+def _stats(x, mask, D, eps, RMS: tl.constexpr):
+    """mean (0 for RMSNorm), rstd and the normalized tile (0 off the rows)."""
+    if RMS:
+        xm = tl.where(mask, x, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xm * xm, axis=1) / D + eps)
+        mean = rstd * 0.0
+        xhat = xm * rstd[:, None]
+    else:
+        mean, rstd, xhat = _normalize(x, mask, D, eps)
+    return mean, rstd, xhat
+
+
+@triton.jit
+def _norm_bwd(g, xhat, rstd, D, RMS: tl.constexpr):
+    """d(loss)/dx of xhat = N(x) given g = d(loss)/d(xhat)."""
+    if RMS:
+        c = tl.sum(g * xhat, axis=1) / D
+        dx = (g - xhat * c[:, None]) * rstd[:, None]
+    else:
+        dx = _ln_backward(g, xhat, rstd, D)
+    return dx
+
+
+@triton.jit
+def _row_weight(W, cols, D, HAS: tl.constexpr):
+    """A (D,) weight as a (1, BLOCK_D) fp32 row (ones without one)."""
+    if HAS:
+        w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
+    else:
+        w = tl.where(cols < D, 1.0, 0.0)
+    return w[None, :]
+
+
+@triton.jit
+def _branch(y, mask, D, WY, cols, y_eps, POST: tl.constexpr):
+    """(P(y), yhat, rstd_y): the post-normed branch RMSNorm(y)·w_y, or y itself (then yhat = y)."""
+    if POST:
+        _, rstd_y, yhat = _stats(y, mask, D, y_eps, True)
+        yn = yhat * _row_weight(WY, cols, D, True)
+    else:
+        rstd_y = tl.sum(y, axis=1) * 0.0
+        yhat = y
+        yn = y
+    return yn, yhat, rstd_y
+
+
+@triton.jit
+def _act(g, TANH: tl.constexpr):
+    """(act(g), act'(g))."""
+    if TANH:
+        a = _tanh(g)
+        da = 1.0 - a * a
+    else:
+        a = g
+        da = g * 0.0 + 1.0
+    return a, da
+
+
+@triton.jit
+def _norm_modulate_x_fwd_kernel(
+    X, sxb, sxl, sxd,  # input (B, L, D), any strides
+    SHIFT, shb, shl, shd,  # (B, L, D) view of shift; unused if not HAS_SHIFT
+    SCALE, scb, scl, scd,
+    W,  # (D,) norm weight; unused if not HAS_W
+    OUT, MEAN, RSTD,  # (B, L, D) contiguous; (B, L) fp32 statistics
+    N_ROWS, L, D, eps,
+    HAS_SHIFT: tl.constexpr, HAS_W: tl.constexpr, RMS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = row < N_ROWS
+    b = row // L
+    l = row % L
+    cols = tl.arange(0, BLOCK_D)
+    mask = rmask[:, None] & (cols < D)[None, :]
+    x = _load_tile(X, b, l, sxb, sxl, sxd, cols, mask)
+    mean, rstd, xhat = _stats(x, mask, D, eps, RMS)
+    tl.store(MEAN + row, mean, mask=rmask)
+    tl.store(RSTD + row, rstd, mask=rmask)
+    h = xhat * _row_weight(W, cols, D, HAS_W) * (1.0 + _load_tile(SCALE, b, l, scb, scl, scd, cols, mask))
+    if HAS_SHIFT:
+        h += _load_tile(SHIFT, b, l, shb, shl, shd, cols, mask)
+    _store_tile(OUT, row, D, cols, h, mask)
+
+
+@triton.jit
+def _gated_residual_x_fwd_kernel(
+    X, sxb, sxl, sxd,  # residual stream (B, L, D), any strides
+    Y, syb, syl, syd,  # branch output (B, L, D), any strides
+    GATE, sgb, sgl, sgd,  # (B, L, D) view of gate
+    WY,  # (D,) post-norm weight; unused if not POST
+    OUT,  # (B, L, D) contiguous
+    N_ROWS, L, D, y_eps,
+    TANH: tl.constexpr, POST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    b = row // L
+    l = row % L
+    cols = tl.arange(0, BLOCK_D)
+    mask = (row < N_ROWS)[:, None] & (cols < D)[None, :]
+    x = _load_tile(X, b, l, sxb, sxl, sxd, cols, mask)
+    yn, _, _ = _branch(_load_tile(Y, b, l, syb, syl, syd, cols, mask), mask, D, WY, cols, y_eps, POST)
+    a, _ = _act(_load_tile(GATE, b, l, sgb, sgl, sgd, cols, mask), TANH)
+    _store_tile(OUT, row, D, cols, x + a * yn, mask)
+
+
+@triton.jit
+def _gated_residual_norm_modulate_x_fwd_kernel(
+    X, sxb, sxl, sxd,
+    Y, syb, syl, syd,
+    GATE, sgb, sgl, sgd,
+    SHIFT, shb, shl, shd,  # unused if not HAS_SHIFT
+    SCALE, scb, scl, scd,
+    W, WY,  # (D,) weights of N and of the post-norm; unused unless HAS_W / POST
+    XNEW, H, MEAN, RSTD,
+    N_ROWS, L, D, eps, y_eps,
+    HAS_SHIFT: tl.constexpr, HAS_W: tl.constexpr, RMS: tl.constexpr, TANH: tl.constexpr, POST: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = row < N_ROWS
+    b = row // L
+    l = row % L
+    cols = tl.arange(0, BLOCK_D)
+    mask = rmask[:, None] & (cols < D)[None, :]
+    x = _load_tile(X, b, l, sxb, sxl, sxd, cols, mask)
+    yn, _, _ = _branch(_load_tile(Y, b, l, syb, syl, syd, cols, mask), mask, D, WY, cols, y_eps, POST)
+    a, _ = _act(_load_tile(GATE, b, l, sgb, sgl, sgd, cols, mask), TANH)
+    x_new = _round(x + a * yn, XNEW.dtype.element_ty)  # h is the norm of the x_new returned (see above)
+    tl.store(XNEW + row.to(tl.int64)[:, None] * D + cols[None, :], x_new, mask=mask)
+    mean, rstd, xhat = _stats(x_new.to(tl.float32), mask, D, eps, RMS)
+    tl.store(MEAN + row, mean, mask=rmask)
+    tl.store(RSTD + row, rstd, mask=rmask)
+    h = xhat * _row_weight(W, cols, D, HAS_W) * (1.0 + _load_tile(SCALE, b, l, scb, scl, scd, cols, mask))
+    if HAS_SHIFT:
+        h += _load_tile(SHIFT, b, l, shb, shl, shd, cols, mask)
+    _store_tile(H, row, D, cols, h, mask)
+
+
+@triton.jit
+def _norm_modulate_x_bwd_kernel(
+    X, sxb, sxl, sxd, MEAN, RSTD,  # saved input and its fp32 statistics
+    DOUT, sdb, sdl, sdd,
+    SCALE, scb, scl, scd,
+    W,
+    DX,  # (B, L, D) contiguous, x's dtype
+    DSCALE, DSHIFT,  # per token (B, L, D) or per-sample fp32 partials (B, NCHUNK, D)
+    DW,  # fp32 partials (B, NCHUNK, D) of the weight gradient; unused if not HAS_W
+    L, D, ROWS, NCHUNK,
+    HAS_SHIFT: tl.constexpr, HAS_W: tl.constexpr, RMS: tl.constexpr,
+    SCALE_TOK: tl.constexpr, SHIFT_TOK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // NCHUNK
+    chunk = pid % NCHUNK
+    cols = tl.arange(0, BLOCK_D)
+    w = _row_weight(W, cols, D, HAS_W)
+    acc_sc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_sh = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_w = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for start in range(0, ROWS, BLOCK_R):
+        l = chunk * ROWS + start + tl.arange(0, BLOCK_R)
+        lmask = l < L
+        mask = lmask[:, None] & (cols < D)[None, :]
+        row = b * L + l
+        mean = tl.load(MEAN + row, mask=lmask, other=0.0)
+        rstd = tl.load(RSTD + row, mask=lmask, other=0.0)
+        x = _load_tile(X, b, l, sxb, sxl, sxd, cols, mask)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        dh = _load_tile(DOUT, b, l, sdb, sdl, sdd, cols, mask)
+        acc_sc = _grad_out(acc_sc, dh * xhat * w, DSCALE, row, D, cols, mask, SCALE_TOK)
+        if HAS_SHIFT:
+            acc_sh = _grad_out(acc_sh, dh, DSHIFT, row, D, cols, mask, SHIFT_TOK)
+        gw = dh * (1.0 + _load_tile(SCALE, b, l, scb, scl, scd, cols, mask))  # d(loss)/d(xhat·w)
+        if HAS_W:
+            acc_w += tl.sum(gw * xhat, axis=0)
+        _store_tile(DX, row, D, cols, _norm_bwd(gw * w, xhat, rstd, D, RMS), mask)
+    _flush(acc_sc, DSCALE, b, chunk, NCHUNK, D, cols, SCALE_TOK)
+    if HAS_SHIFT:
+        _flush(acc_sh, DSHIFT, b, chunk, NCHUNK, D, cols, SHIFT_TOK)
+    if HAS_W:
+        _flush(acc_w, DW, b, chunk, NCHUNK, D, cols, False)
+
+
+@triton.jit
+def _gated_residual_x_bwd_kernel(
+    DOUT, sdb, sdl, sdd,
+    Y, syb, syl, syd,
+    GATE, sgb, sgl, sgd,
+    WY,
+    DY,  # (B, L, D) contiguous, y's dtype
+    DGATE,  # per token (B, L, D) or per-sample fp32 partials (B, NCHUNK, D)
+    DWY,  # fp32 partials (B, NCHUNK, D); unused if not POST
+    L, D, ROWS, NCHUNK, y_eps,
+    TANH: tl.constexpr, POST: tl.constexpr, GATE_TOK: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // NCHUNK
+    chunk = pid % NCHUNK
+    cols = tl.arange(0, BLOCK_D)
+    wy = _row_weight(WY, cols, D, POST)
+    acc_g = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_wy = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for start in range(0, ROWS, BLOCK_R):
+        l = chunk * ROWS + start + tl.arange(0, BLOCK_R)
+        mask = (l < L)[:, None] & (cols < D)[None, :]
+        row = b * L + l
+        dout = _load_tile(DOUT, b, l, sdb, sdl, sdd, cols, mask)
+        yn, yhat, rstd_y = _branch(_load_tile(Y, b, l, syb, syl, syd, cols, mask), mask, D, WY, cols, y_eps, POST)
+        a, da = _act(_load_tile(GATE, b, l, sgb, sgl, sgd, cols, mask), TANH)
+        acc_g = _grad_out(acc_g, dout * yn * da, DGATE, row, D, cols, mask, GATE_TOK)
+        dyn = dout * a
+        if POST:
+            acc_wy += tl.sum(dyn * yhat, axis=0)
+            dyn = _norm_bwd(dyn * wy, yhat, rstd_y, D, True)
+        _store_tile(DY, row, D, cols, dyn, mask)
+    _flush(acc_g, DGATE, b, chunk, NCHUNK, D, cols, GATE_TOK)
+    if POST:
+        _flush(acc_wy, DWY, b, chunk, NCHUNK, D, cols, False)
+
+
+@triton.jit
+def _gated_residual_norm_modulate_x_bwd_kernel(
+    XNEW, MEAN, RSTD,  # saved x_new (B, L, D) contiguous and its statistics
+    DXNEW, sxb, sxl, sxd,  # gradient reaching x_new from outside; unused if not HAS_DXNEW
+    DH, shb, shl, shd,
+    Y, syb, syl, syd,
+    GATE, sgb, sgl, sgd,
+    SCALE, scb, scl, scd,
+    W, WY,
+    DX, DY,
+    DGATE, DSHIFT, DSCALE,  # per token (B, L, D) or per-sample fp32 partials (B, NCHUNK, D)
+    DW, DWY,  # fp32 partials (B, NCHUNK, D); unused unless HAS_W / POST
+    L, D, ROWS, NCHUNK, y_eps,
+    HAS_DXNEW: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_W: tl.constexpr, RMS: tl.constexpr,
+    TANH: tl.constexpr, POST: tl.constexpr,
+    GATE_TOK: tl.constexpr, SHIFT_TOK: tl.constexpr, SCALE_TOK: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // NCHUNK
+    chunk = pid % NCHUNK
+    cols = tl.arange(0, BLOCK_D)
+    w = _row_weight(W, cols, D, HAS_W)
+    wy = _row_weight(WY, cols, D, POST)
+    acc_g = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_sh = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_sc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_w = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_wy = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for start in range(0, ROWS, BLOCK_R):
+        l = chunk * ROWS + start + tl.arange(0, BLOCK_R)
+        lmask = l < L
+        mask = lmask[:, None] & (cols < D)[None, :]
+        row = b * L + l
+        mean = tl.load(MEAN + row, mask=lmask, other=0.0)
+        rstd = tl.load(RSTD + row, mask=lmask, other=0.0)
+        x_new = tl.load(XNEW + row.to(tl.int64)[:, None] * D + cols[None, :], mask=mask, other=0.0)
+        xhat = tl.where(mask, (x_new.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
+        dh = _load_tile(DH, b, l, shb, shl, shd, cols, mask)
+        acc_sc = _grad_out(acc_sc, dh * xhat * w, DSCALE, row, D, cols, mask, SCALE_TOK)
+        if HAS_SHIFT:
+            acc_sh = _grad_out(acc_sh, dh, DSHIFT, row, D, cols, mask, SHIFT_TOK)
+        gw = dh * (1.0 + _load_tile(SCALE, b, l, scb, scl, scd, cols, mask))
+        if HAS_W:
+            acc_w += tl.sum(gw * xhat, axis=0)
+        dxn = _norm_bwd(gw * w, xhat, rstd, D, RMS)  # through h
+        if HAS_DXNEW:
+            dxn += _load_tile(DXNEW, b, l, sxb, sxl, sxd, cols, mask)
+        _store_tile(DX, row, D, cols, dxn, mask)
+        # the residual branch x + act(gate)·P(y), with dxn reaching its output
+        yn, yhat, rstd_y = _branch(_load_tile(Y, b, l, syb, syl, syd, cols, mask), mask, D, WY, cols, y_eps, POST)
+        a, da = _act(_load_tile(GATE, b, l, sgb, sgl, sgd, cols, mask), TANH)
+        acc_g = _grad_out(acc_g, dxn * yn * da, DGATE, row, D, cols, mask, GATE_TOK)
+        dyn = dxn * a
+        if POST:
+            acc_wy += tl.sum(dyn * yhat, axis=0)
+            dyn = _norm_bwd(dyn * wy, yhat, rstd_y, D, True)
+        _store_tile(DY, row, D, cols, dyn, mask)
+    _flush(acc_g, DGATE, b, chunk, NCHUNK, D, cols, GATE_TOK)
+    if HAS_SHIFT:
+        _flush(acc_sh, DSHIFT, b, chunk, NCHUNK, D, cols, SHIFT_TOK)
+    _flush(acc_sc, DSCALE, b, chunk, NCHUNK, D, cols, SCALE_TOK)
+    if HAS_W:
+        _flush(acc_w, DW, b, chunk, NCHUNK, D, cols, False)
+    if POST:
+        _flush(acc_wy, DWY, b, chunk, NCHUNK, D, cols, False)
+
+
+# --- launchers of the options ----------------------------------------------------------------------
+def _weight_buffer(w: Optional[Tensor], B: int, nchunk: int, D: int, like: Tensor) -> Tensor:
+    """fp32 partial sums (B, NCHUNK, D) of a (D,) weight's gradient; an empty placeholder without one."""
+    return like.new_empty(0) if w is None else torch.empty((B, nchunk, D), dtype=torch.float32, device=like.device)
+
+
+def _weight_grad(buf: Tensor, w: Optional[Tensor]) -> Tensor:
+    return buf if w is None else buf.sum((0, 1)).to(w.dtype)
+
+
+def _zero_weight_grad(w: Optional[Tensor], like: Tensor) -> Tensor:
+    return like.new_empty(0) if w is None else torch.zeros_like(w)
+
+
+def norm_modulate_x_fwd(x: Tensor, shift: Optional[Tensor], scale: Tensor, weight: Optional[Tensor], *,
+                        eps: float, rms: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(h, mean, rstd) of h = N(x)·w·(1 + scale) + shift."""
+    B, L, D = x.shape
+    _check_d(x)
+    out = torch.empty((B, L, D), dtype=_dtype(x, shift, scale, weight), device=x.device)
+    stats = torch.empty if x.numel() else torch.zeros
+    mean = stats((B, L), dtype=torch.float32, device=x.device)
+    rstd = stats((B, L), dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return out, mean, rstd
+    block_r, block_d, warps = _config(D, x.device)
+    with on_device(x):
+        _norm_modulate_x_fwd_kernel[(triton.cdiv(B * L, block_r),)](
+            x, *_strides(x), x if shift is None else shift, *_strides(shift), scale, *_strides(scale),
+            x if weight is None else weight, out, mean, rstd, B * L, L, D, eps,
+            HAS_SHIFT=shift is not None, HAS_W=weight is not None, RMS=rms,
+            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
+        )
+    return out, mean, rstd
+
+
+def norm_modulate_x_bwd(dout: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, shift: Optional[Tensor], scale: Tensor,
+                        weight: Optional[Tensor], *, rms: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dshift, dscale, dweight); a gradient of an absent tensor is empty (shift: metadata only)."""
+    B, L, D = x.shape
+    _check_d(x)
+    if x.numel() == 0:
+        dx = torch.zeros((B, L, D), dtype=x.dtype, device=x.device)
+        return dx, _zero_grad(shift, x), _zero_grad(scale, x), _zero_weight_grad(weight, x)
+    block_r, block_d, warps = _config(D, x.device)
+    rows, nchunk = _chunks(B, L, block_r, x.device, weight is not None or _per_sample(scale, shift))
+    dx = torch.empty((B, L, D), dtype=x.dtype, device=x.device)
+    dscale, dshift = _grad_buffer(scale, B, L, D, nchunk, x), _grad_buffer(shift, B, L, D, nchunk, x)
+    dw = _weight_buffer(weight, B, nchunk, D, x)
+    with on_device(x):
+        _norm_modulate_x_bwd_kernel[(B * nchunk,)](
+            x, *_strides(x), mean, rstd, dout, *_strides(dout), scale, *_strides(scale),
+            x if weight is None else weight, dx, dscale, dx if shift is None else dshift, dx if weight is None else dw,
+            L, D, rows, nchunk,
+            HAS_SHIFT=shift is not None, HAS_W=weight is not None, RMS=rms,
+            SCALE_TOK=_per_token(scale), SHIFT_TOK=_per_token(shift), BLOCK_R=block_r, BLOCK_D=block_d,
+            num_warps=warps,
+        )
+    return dx, _finish(dshift, shift), _finish(dscale, scale), _weight_grad(dw, weight)
+
+
+def gated_residual_x_fwd(x: Tensor, y: Tensor, gate: Tensor, y_weight: Optional[Tensor], *, y_eps: float,
+                         tanh: bool) -> Tensor:
+    """x + act(gate)·P(y) as a new contiguous (B, L, D) tensor."""
+    B, L, D = x.shape
+    _check_d(x)
+    out = torch.empty((B, L, D), dtype=_dtype(x, y, gate, y_weight), device=x.device)
+    if out.numel() == 0:
+        return out
+    block_r, block_d, warps = _config(D, x.device)
+    with on_device(x):
+        _gated_residual_x_fwd_kernel[(triton.cdiv(B * L, block_r),)](
+            x, *_strides(x), y, *_strides(y), gate, *_strides(gate), x if y_weight is None else y_weight, out,
+            B * L, L, D, y_eps, TANH=tanh, POST=y_weight is not None,
+            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
+        )
+    return out
+
+
+def gated_residual_x_bwd(dout: Tensor, y: Tensor, gate: Tensor, y_weight: Optional[Tensor], *, y_eps: float,
+                         tanh: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dy, dgate, dy_weight) of out = x + act(gate)·P(y) (dx is dout itself)."""
+    B, L, D = y.shape
+    _check_d(y)
+    if y.numel() == 0:
+        return torch.zeros((B, L, D), dtype=y.dtype, device=y.device), _zero_grad(gate, y), _zero_weight_grad(y_weight, y)
+    block_r, block_d, warps = _config(D, y.device)
+    rows, nchunk = _chunks(B, L, block_r, y.device, y_weight is not None or _per_sample(gate))
+    dy = torch.empty((B, L, D), dtype=y.dtype, device=y.device)
+    dgate, dwy = _grad_buffer(gate, B, L, D, nchunk, y), _weight_buffer(y_weight, B, nchunk, D, y)
+    with on_device(y):
+        _gated_residual_x_bwd_kernel[(B * nchunk,)](
+            dout, *_strides(dout), y, *_strides(y), gate, *_strides(gate), y if y_weight is None else y_weight,
+            dy, dgate, dy if y_weight is None else dwy, L, D, rows, nchunk, y_eps,
+            TANH=tanh, POST=y_weight is not None, GATE_TOK=_per_token(gate),
+            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
+        )
+    return dy, _finish(dgate, gate), _weight_grad(dwy, y_weight)
+
+
+def gated_residual_norm_modulate_x_fwd(
+    x: Tensor, y: Tensor, gate: Tensor, shift: Optional[Tensor], scale: Tensor, weight: Optional[Tensor],
+    y_weight: Optional[Tensor], *, eps: float, y_eps: float, rms: bool, tanh: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(x_new, h, mean, rstd): x_new = x + act(gate)·P(y), h = N(x_new)·w·(1 + scale) + shift."""
+    B, L, D = x.shape
+    _check_d(x)
+    x_new = torch.empty((B, L, D), dtype=_dtype(x, y, gate, y_weight), device=x.device)
+    h = torch.empty((B, L, D), dtype=_dtype(x_new, shift, scale, weight), device=x.device)
+    stats = torch.empty if x.numel() else torch.zeros
+    mean = stats((B, L), dtype=torch.float32, device=x.device)
+    rstd = stats((B, L), dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return x_new, h, mean, rstd
+    block_r, block_d, warps = _config(D, x.device)
+    with on_device(x):
+        _gated_residual_norm_modulate_x_fwd_kernel[(triton.cdiv(B * L, block_r),)](
+            x, *_strides(x), y, *_strides(y), gate, *_strides(gate),
+            x if shift is None else shift, *_strides(shift), scale, *_strides(scale),
+            x if weight is None else weight, x if y_weight is None else y_weight,
+            x_new, h, mean, rstd, B * L, L, D, eps, y_eps,
+            HAS_SHIFT=shift is not None, HAS_W=weight is not None, RMS=rms, TANH=tanh, POST=y_weight is not None,
+            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
+        )
+    return x_new, h, mean, rstd
+
+
+def gated_residual_norm_modulate_x_bwd(
+    dx_new: Optional[Tensor], dh: Tensor, x_new: Tensor, mean: Tensor, rstd: Tensor, y: Tensor, gate: Tensor,
+    shift: Optional[Tensor], scale: Tensor, weight: Optional[Tensor], y_weight: Optional[Tensor], x_dtype: torch.dtype,
+    *, y_eps: float, rms: bool, tanh: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dy, dgate, dshift, dscale, dweight, dy_weight); absent tensors get empty gradients."""
+    B, L, D = x_new.shape
+    _check_d(x_new)
+    if x_new.numel() == 0:
+        dx = torch.zeros((B, L, D), dtype=x_dtype, device=x_new.device)
+        dy = torch.zeros((B, L, D), dtype=y.dtype, device=x_new.device)
+        return (dx, dy) + tuple(_zero_grad(t, x_new) for t in (gate, shift, scale)) + (
+            _zero_weight_grad(weight, x_new), _zero_weight_grad(y_weight, x_new))
+    x_new = x_new.contiguous()  # no copy: the forward's output
+    block_r, block_d, warps = _config(D, x_new.device)
+    reduce = weight is not None or y_weight is not None or _per_sample(gate, shift, scale)
+    rows, nchunk = _chunks(B, L, block_r, x_new.device, reduce)
+    dx = torch.empty((B, L, D), dtype=x_dtype, device=x_new.device)
+    dy = torch.empty((B, L, D), dtype=y.dtype, device=x_new.device)
+    dgate, dshift, dscale = (_grad_buffer(t, B, L, D, nchunk, x_new) for t in (gate, shift, scale))
+    dw, dwy = _weight_buffer(weight, B, nchunk, D, x_new), _weight_buffer(y_weight, B, nchunk, D, x_new)
+    with on_device(x_new):
+        _gated_residual_norm_modulate_x_bwd_kernel[(B * nchunk,)](
+            x_new, mean, rstd,
+            dh if dx_new is None else dx_new, *_strides(dx_new),
+            dh, *_strides(dh), y, *_strides(y), gate, *_strides(gate), scale, *_strides(scale),
+            x_new if weight is None else weight, x_new if y_weight is None else y_weight,
+            dx, dy, dgate, dx if shift is None else dshift, dscale,
+            dx if weight is None else dw, dx if y_weight is None else dwy,
+            L, D, rows, nchunk, y_eps,
+            HAS_DXNEW=dx_new is not None, HAS_SHIFT=shift is not None, HAS_W=weight is not None, RMS=rms,
+            TANH=tanh, POST=y_weight is not None,
+            GATE_TOK=_per_token(gate), SHIFT_TOK=_per_token(shift), SCALE_TOK=_per_token(scale),
+            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
+        )
+    return (dx, dy, _finish(dgate, gate), _finish(dshift, shift), _finish(dscale, scale),
+            _weight_grad(dw, weight), _weight_grad(dwy, y_weight))
