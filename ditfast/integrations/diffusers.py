@@ -16,6 +16,8 @@ Supported blocks (exact diffusers classes, diffusers >= 0.35):
 ``BasicTransformerBlock``         only with ``norm_type="ada_norm_zero"`` (``DiTTransformer2DModel``)
 ``QwenImageTransformerBlock``     Qwen-Image double-stream block (``QwenImageTransformer2DModel``,
                                   Qwen-Image-Edit / 2509 / 2511, 2512, ``QwenImageControlNetModel``)
+``ZImageTransformerBlock``        Z-Image single-stream "sandwich" block, its refiners included
+                                  (``ZImageTransformer2DModel``: Turbo, Base, Omni)
 ================================  ==================================================================
 
 What stays diffusers: the embedders, ``norm_out`` / ``proj_out``, every Linear and MLP module
@@ -45,12 +47,13 @@ from typing import Dict, List, Tuple
 
 from torch import nn
 
-from . import _context_parallel, _dit, _flux, _hooks, _qwenimage, _sd3
+from . import _context_parallel, _dit, _flux, _hooks, _qwenimage, _sd3, _zimage
 from ._common import BlockSpec
 
 __all__ = ["patch", "unpatch", "is_patched", "UnsupportedModelError", "SUPPORTED_BLOCKS"]
 
-_SPECS: Dict[str, BlockSpec] = {s.name: s for s in _flux.SPECS + _sd3.SPECS + _dit.SPECS + _qwenimage.SPECS}
+_SPECS: Dict[str, BlockSpec] = {s.name: s for s in _flux.SPECS + _sd3.SPECS + _dit.SPECS + _qwenimage.SPECS
+                                 + _zimage.SPECS}
 _FORWARDS = frozenset(s.forward for s in _SPECS.values())
 SUPPORTED_BLOCKS: Tuple[str, ...] = tuple(_SPECS)
 _MARK = "_ditfast_patched"

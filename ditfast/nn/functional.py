@@ -34,7 +34,7 @@ Attention = Optional[Callable[[Tensor, Tensor, Tensor], Tensor]]
 
 __all__ = ["Stream", "qkv_heads", "attend", "dit_block", "flux_double", "flux_single", "sd3_joint", "final_layer",
            "unhooked", "plain_linear", "linear_of_concat", "linear_gelu_tanh", "linears_of_one_input",
-           "linear_gelu_tail"]
+           "linear_gelu_tail", "sandwich_block"]
 
 
 class Stream(NamedTuple):
@@ -480,6 +480,40 @@ def sd3_joint(context: Tensor, x: Tensor, c_mod: Sequence[Tensor], x_mod: Sequen
     context, hc = ops.gated_residual_norm_modulate(context, cs.proj(c_o), c_mod[2], c_mod[3], c_mod[4], eps=cs.eps2)
     context = ops.gated_residual(context, cs.mlp(hc), c_mod[5])
     return context, x
+
+
+def sandwich_block(x: Tensor, mod: Optional[Sequence[Tensor]], s: Stream, norm_weights: Sequence[Tensor], *,
+                   head_dim: int, eps: float = 1e-5, qk_eps: float = 1e-5, rope: Rope = None,
+                   attention: Attention = None) -> Tensor:
+    """Single-stream block with RMSNorm "sandwiches" and tanh gates (Z-Image; Lumina 2's layout):
+    x (B, L, D) -> (B, L, D)::
+
+        x = x + tanh(g_attn) · RMS(attn(RMS(x)·w0 · (1 + s_attn)))·w1
+        x = x + tanh(g_mlp)  · RMS(mlp(RMS(x)·w2 · (1 + s_mlp)))·w3
+
+    mod: (s_attn, g_attn, s_mlp, g_mlp), the raw adaLN chunks (B, D) or (B, L, D) (tanh and 1 + are
+    applied here), or None for an unmodulated block (Z-Image's refiners: x + RMS(attn(RMS(x)·w0))·w1,
+    run as scale 0 and an identity gate of 1, exact). norm_weights: (w0, w1, w2, w3), the four RMSNorm
+    weights (D,); eps their eps. s: the stream's q/k/v projections (packed or a triple), output
+    projection, MLP and per-head QK-norm weights; qk_eps their eps. rope: fp32 (cos, sin) tables
+    (L, Dh/2) or per sample (B, L, Dh/2), interleaved pairs. Three fused ops: the pre-norm modulate,
+    the attention's post-norm gated residual fused with the MLP's pre-norm modulate, and the MLP's
+    post-norm gated residual.
+    """
+    w0, w1, w2, w3 = norm_weights
+    if mod is None:
+        zero = x.new_zeros((1, x.shape[-1]))
+        s_attn = s_mlp = zero
+        g_attn = g_mlp = x.new_ones((1, x.shape[-1]))
+        act = None
+    else:
+        s_attn, g_attn, s_mlp, g_mlp = mod
+        act = "tanh"
+    h = ops.norm_modulate(x, None, s_attn, eps=eps, norm="rms", weight=w0)
+    (o,) = _attend_streams((s,), (qkv_heads(s.qkv, h, head_dim),), rope, qk_eps, attention)
+    x, h = ops.gated_residual_norm_modulate(x, s.proj(o), g_attn, None, s_mlp, eps=eps, norm="rms", weight=w2,
+                                            gate_act=act, y_weight=w1, y_eps=eps)
+    return ops.gated_residual(x, s.mlp(h), g_mlp, gate_act=act, y_weight=w3, y_eps=eps)
 
 
 def final_layer(x: Tensor, shift: Optional[Tensor], scale: Tensor, linear: Module, *, eps: float = 1e-6) -> Tensor:
