@@ -94,7 +94,20 @@ def report() -> str:
             spec = _spec(dev, dtype)
             out.append(_backend.explain("joint_attention", spec, _backend.current_request("joint_attention")))
             out.append(f"  runs: {_choice('joint_attention', spec)}")
+    out.append("")
+    out.extend(patch_lines())
     return "\n".join(out)
+
+
+def patch_lines() -> list[str]:
+    """The diffusers blocks ``ditfast.patch`` runs, what they serve and what falls back."""
+    from .integrations import diffusers as integration
+
+    out = ["ditfast.patch runs these diffusers blocks (any other call: diffusers' own forward, warned once):"]
+    for block in integration.SUPPORTED_BLOCKS:
+        serves, falls_back = integration.FAMILIES.get(block, ("", ""))
+        out.append(f"  {block:<28} {serves}; falls back for: {falls_back}")
+    return out
 
 
 def main() -> int:

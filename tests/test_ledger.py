@@ -219,6 +219,17 @@ def test_full_size_qwen_image_ledger():
     assert "ditfast.prepare_attention" in {o["op"] for o in inf["patched"]["ops"]}  # the blocks ran ditfast's path
 
 
+def test_full_size_z_image_ledger():
+    """Z-Image at 1024² (30 blocks + 4 refiners, 4096 + 512 tokens), inference: patched moves at most 25%
+    of eager's bytes outside matmuls + attention (issue 25's bound; counted: 32.9 of 170.1 GB)."""
+    pytest.importorskip("diffusers")
+    report = L.build_report([L.zimage_case()], device="h100", modes=("inference",))
+    inf = report["models"][0]["modes"]["inference"]
+    assert inf["patched"]["bytes_outside_matmul_attention"] <= 0.25 * inf["eager"]["bytes_outside_matmul_attention"]
+    ops_run = {o["op"] for o in inf["patched"]["ops"]}
+    assert {"ditfast.norm_modulate_x", "ditfast.gated_residual_norm_modulate_x", "ditfast.gated_residual_x"} <= ops_run
+
+
 def test_command_line(tmp_path, capsys):
     pytest.importorskip("diffusers")
     from ditfast.bench.cli import main

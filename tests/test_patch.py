@@ -518,3 +518,14 @@ def test_patched_model_compiles_without_graph_breaks():
         patch(model)
         out = torch.compile(model, fullgraph=True, backend="aot_eager")(**inputs, return_dict=False)[0]
     assert_close(out, ref, "compiled patched model")
+
+
+def test_every_supported_block_is_described_for_users():
+    """python -m ditfast.info lists each block ditfast.patch runs, with what it serves and what falls back."""
+    from ditfast import info
+    from ditfast.integrations import diffusers as integration
+
+    assert set(integration.FAMILIES) == set(integration.SUPPORTED_BLOCKS)
+    text = "\n".join(info.patch_lines())
+    for block in integration.SUPPORTED_BLOCKS:
+        assert block in text

@@ -338,7 +338,8 @@ def count(step: Callable[[], object], *, train: bool) -> Ledger:
     with torch.enable_grad():
         with Counter(ledger):
             out = step()
-            out = out[0] if isinstance(out, (tuple, list)) else out
+            while isinstance(out, (tuple, list)):  # (sample,) or, for Z-Image, ([sample per image],)
+                out = out[0]
             out.backward(torch.empty_like(out))  # empty_like writes nothing: the seed gradient is free
     return ledger
 
@@ -435,8 +436,27 @@ def qwen_case(*, B=1, side=83, Lt=512, layers=60, heads=24, head_dim=128, in_cha
     return ModelCase("qwen-image", label, build, inputs)
 
 
+def zimage_case(*, B=1, side=128, Lt=512, layers=30, refiners=2, dim=3840, heads=30, in_channels=16, cap=2560,
+                label="Z-Image (Turbo / Base), 1024² (4096 image + 512 caption tokens), batch 1") -> ModelCase:
+    """Z-Image at 1024² (latent 128², 2x2 patches: 64 x 64 tokens), a 512-token caption; its two noise and
+    two caption refiners included."""
+    def build():
+        from diffusers import ZImageTransformer2DModel
+
+        return ZImageTransformer2DModel(in_channels=in_channels, dim=dim, n_layers=layers, n_refiner_layers=refiners,
+                                        n_heads=heads, n_kv_heads=heads, cap_feat_dim=cap)
+
+    def inputs():
+        bf = torch.bfloat16
+        return dict(x=[torch.randn(in_channels, 1, side, side, dtype=bf) for _ in range(B)],
+                    cap_feats=[torch.randn(Lt, cap, dtype=bf) for _ in range(B)],
+                    t=torch.full((B,), 0.5, dtype=bf), return_dict=False)
+
+    return ModelCase("z-image", label, build, inputs)
+
+
 def model_cases() -> List[ModelCase]:
-    return [flux_case(), sd3_case(), dit_case(), qwen_case()]
+    return [flux_case(), sd3_case(), dit_case(), qwen_case(), zimage_case()]
 
 
 @contextlib.contextmanager
@@ -666,7 +686,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ditfast.bench ledger",
                                 description="bytes, FLOPs and calls per op of full-size model steps (counted under "
                                             "FakeTensorMode), with predicted step times. " + PREDICTION_NOTE)
-    p.add_argument("--models", default="all", help="comma list of flux, sd3.5, dit-xl-2, qwen-image (default: all)")
+    p.add_argument("--models", default="all", help="comma list of flux, sd3.5, dit-xl-2, qwen-image, z-image (default: all)")
     p.add_argument("--modes", default="inference,training", help="inference, training or both (default)")
     p.add_argument("--device", default="h100", help=f"whose peaks predict the times: {', '.join(SPEC_PEAKS)} "
                                                     "or any device with a results folder (default: h100)")

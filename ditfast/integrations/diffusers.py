@@ -56,6 +56,20 @@ _SPECS: Dict[str, BlockSpec] = {s.name: s for s in _flux.SPECS + _sd3.SPECS + _d
                                  + _zimage.SPECS}
 _FORWARDS = frozenset(s.forward for s in _SPECS.values())
 SUPPORTED_BLOCKS: Tuple[str, ...] = tuple(_SPECS)
+# what each block class serves, and what runs diffusers' forward instead (python -m ditfast.info prints it)
+FAMILIES: Dict[str, Tuple[str, str]] = {
+    "FluxTransformerBlock": ("FLUX.1 double-stream (FluxTransformer2DModel, FluxControlNetModel)",
+                             "IP-adapter kwargs, masks, custom processors, float64"),
+    "FluxSingleTransformerBlock": ("FLUX.1 single-stream", "as the double-stream block"),
+    "JointTransformerBlock": ("SD3 / SD3.5 MM-DiT (SD3Transformer2DModel, SD3ControlNetModel)",
+                              "masks, custom processors, hooked attention, float64"),
+    "BasicTransformerBlock": ("DiT, norm_type='ada_norm_zero' (DiTTransformer2DModel)",
+                              "other norm types (refused at patch), hooked attention, float64"),
+    "QwenImageTransformerBlock": ("Qwen-Image, 2512, Edit / 2509 / 2511, Layered (QwenImageTransformer2DModel, "
+                                  "QwenImageControlNetModel)", "a text mask that masks tokens, kwargs, float64"),
+    "ZImageTransformerBlock": ("Z-Image Turbo / Base / Omni, refiners included (ZImageTransformer2DModel)",
+                               "an attn_mask that masks tokens (unequal lengths in a batch), float64"),
+}
 _MARK = "_ditfast_patched"
 
 
