@@ -18,6 +18,8 @@ Supported blocks (exact diffusers classes, diffusers >= 0.35):
                                   Qwen-Image-Edit / 2509 / 2511, 2512, ``QwenImageControlNetModel``)
 ``ZImageTransformerBlock``        Z-Image single-stream "sandwich" block, its refiners included
                                   (``ZImageTransformer2DModel``: Turbo, Base, Omni)
+``Flux3ModeTransformerBlock``     FLUX.3 per-mode parallel-residual block (``Flux3Transformer2DModel``)
+``Flux3SingleTransformerBlock``   FLUX.3 joint single block over [text; content]
 ================================  ==================================================================
 
 What stays diffusers: the embedders, ``norm_out`` / ``proj_out``, every Linear and MLP module
@@ -47,13 +49,13 @@ from typing import Dict, List, Tuple
 
 from torch import nn
 
-from . import _context_parallel, _dit, _flux, _hooks, _qwenimage, _sd3, _zimage
+from . import _context_parallel, _dit, _flux, _flux3, _hooks, _qwenimage, _sd3, _zimage
 from ._common import BlockSpec
 
 __all__ = ["patch", "unpatch", "is_patched", "UnsupportedModelError", "SUPPORTED_BLOCKS"]
 
 _SPECS: Dict[str, BlockSpec] = {s.name: s for s in _flux.SPECS + _sd3.SPECS + _dit.SPECS + _qwenimage.SPECS
-                                 + _zimage.SPECS}
+                                 + _zimage.SPECS + _flux3.SPECS}
 _FORWARDS = frozenset(s.forward for s in _SPECS.values())
 SUPPORTED_BLOCKS: Tuple[str, ...] = tuple(_SPECS)
 # what each block class serves, and what runs diffusers' forward instead (python -m ditfast.info prints it)
@@ -69,6 +71,10 @@ FAMILIES: Dict[str, Tuple[str, str]] = {
                                   "QwenImageControlNetModel)", "a text mask that masks tokens, kwargs, float64"),
     "ZImageTransformerBlock": ("Z-Image Turbo / Base / Omni, refiners included (ZImageTransformer2DModel)",
                                "an attn_mask that masks tokens (unequal lengths in a batch), float64"),
+    "Flux3ModeTransformerBlock": ("FLUX.3 per-mode blocks (Flux3Transformer2DModel)",
+                                  "custom processors, hooked attention / norm, float64"),
+    "Flux3SingleTransformerBlock": ("FLUX.3 joint single blocks over [text; image; reference images]",
+                                    "as the per-mode blocks"),
 }
 _MARK = "_ditfast_patched"
 

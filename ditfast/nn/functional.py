@@ -34,7 +34,7 @@ Attention = Optional[Callable[[Tensor, Tensor, Tensor], Tensor]]
 
 __all__ = ["Stream", "qkv_heads", "attend", "dit_block", "flux_double", "flux_single", "sd3_joint", "final_layer",
            "unhooked", "plain_linear", "linear_of_concat", "linear_gelu_tanh", "linears_of_one_input",
-           "linear_gelu_tail", "sandwich_block"]
+           "linear_gelu_tail", "sandwich_block", "parallel_block"]
 
 
 class Stream(NamedTuple):
@@ -514,6 +514,25 @@ def sandwich_block(x: Tensor, mod: Optional[Sequence[Tensor]], s: Stream, norm_w
     x, h = ops.gated_residual_norm_modulate(x, s.proj(o), g_attn, None, s_mlp, eps=eps, norm="rms", weight=w2,
                                             gate_act=act, y_weight=w1, y_eps=eps)
     return ops.gated_residual(x, s.mlp(h), g_mlp, gate_act=act, y_weight=w3, y_eps=eps)
+
+
+def parallel_block(xs: Sequence[Tensor], mods: Sequence[Sequence[Tensor]], s: Stream, *, head_dim: int,
+                   qk_eps: float = 1e-6, rope: Rope = None, attention: Attention = None) -> Tuple[Tensor, ...]:
+    """Parallel-residual block over one or more token streams that share every weight (FLUX.3's per-mode
+    blocks: one stream; its joint single blocks: [text, content]); per stream i::
+
+        h_i = LN(x_i) · (1 + scale_i) + shift_i
+        o   = attention over the joint sequence [h_0; h_1; ...]   (q/k/v, per-head QK-RMSNorm, RoPE)
+        x_i + gate_i · (proj(o_i) + mlp(h_i))
+
+    xs: (B, L_i, D) per stream. mods: per stream (shift, scale, gate), each (B, D) or per token
+    (B, L_i, D). s: the shared projections (a packed Linear or a q/k/v triple), output projection, MLP,
+    per-head QK-norm weights and the LayerNorm eps. rope: fp32 (cos, sin) of the joint sequence.
+    Returns the streams' new residuals.
+    """
+    hs = [ops.norm_modulate(x, shift, scale, eps=s.eps) for x, (shift, scale, _) in zip(xs, mods)]
+    outs = _attend_streams([s] * len(xs), [qkv_heads(s.qkv, h, head_dim) for h in hs], rope, qk_eps, attention)
+    return tuple(ops.gated_residual(x, s.proj(o) + s.mlp(h), gate) for x, h, o, (_, _, gate) in zip(xs, hs, outs, mods))
 
 
 def final_layer(x: Tensor, shift: Optional[Tensor], scale: Tensor, linear: Module, *, eps: float = 1e-6) -> Tensor:
