@@ -174,13 +174,15 @@ def test_opcheck(name):
     gate, shift, scale = (torch.randn(B, D, generator=g, requires_grad=True) for _ in range(3))
     w, wy = (_weight(g).requires_grad_() for _ in range(2))
     op = getattr(torch.ops.ditfast, name).default
+    bf = torch.bfloat16
     samples = {
-        "norm_modulate_x": [(x, shift, scale, w, 1e-5, True), (x, None, scale, None, 1e-6, True),
-                            (x, shift, scale, w, 1e-6, False)],
-        "gated_residual_x": [(x, y, gate, wy, 1e-5, True), (x, y, gate, None, 1e-6, True), (x, y, gate, wy, 1e-6, False)],
-        "gated_residual_norm_modulate_x": [(x, y, gate, shift, scale, w, wy, 1e-5, 1e-5, True, True),
-                                           (x, y, gate, None, scale, None, wy, 1e-6, 1e-6, True, False),
-                                           (x, y, gate, shift, scale, w, None, 1e-6, 1e-6, False, True)],
+        "norm_modulate_x": [(x, shift, scale, w, 1e-5, True, None), (x, None, scale, None, 1e-6, True, None),
+                            (x, shift, scale, w, 1e-6, False, bf)],
+        "gated_residual_x": [(x, y, gate, wy, 1e-5, True, None), (x, y, gate, None, 1e-6, True, bf),
+                             (x, y, gate, wy, 1e-6, False, None)],
+        "gated_residual_norm_modulate_x": [(x, y, gate, shift, scale, w, wy, 1e-5, 1e-5, True, True, None),
+                                           (x, y, gate, None, scale, None, wy, 1e-6, 1e-6, True, False, None),
+                                           (x, y, gate, shift, scale, w, None, 1e-6, 1e-6, False, True, bf)],
     }[name]
     for args in samples:
         torch.library.opcheck(op, args)
@@ -200,3 +202,35 @@ def test_torch_compile_fullgraph():
         want = f(*args)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["norm_modulate", "gated_residual", "gated_residual_norm_modulate"])
+def test_out_dtype_is_one_rounding_of_the_fp32_math(op, backend):
+    """Wan's rule: bf16 activations, fp32 modulations, the fp32 result cast back to bf16 (``.type_as(x)``).
+    With out_dtype=bf16 the op returns bf16 within one bf16 rounding of the fp32 reference, and its
+    gradients keep the inputs' dtypes (fp32 for the fp32 modulations)."""
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(B, L, D, generator=g).bfloat16(), torch.randn(B, L, D, generator=g).bfloat16()
+    mods = [0.5 * torch.randn(B, D, generator=g) for _ in range(3)]  # fp32
+    w = _weight(g)  # fp32 affine LayerNorm weight (Wan's norm2)
+
+    def call(mod, x, y, m, w, **kw):
+        if op == "norm_modulate":
+            return mod.norm_modulate(x, m[0], m[1], weight=w, **kw)
+        if op == "gated_residual":
+            return mod.gated_residual(x, y, m[2], **kw)
+        return mod.gated_residual_norm_modulate(x, y, torch.ones_like(m[2], dtype=x.dtype), m[0], m[1], **kw)
+
+    leaves = [t.clone().requires_grad_() for t in (x, y, *mods, w)]
+    with ditfast.use_backend(backend, strict=True):
+        out = call(ops, leaves[0], leaves[1], leaves[2:5], leaves[5], out_dtype=torch.bfloat16)
+    outs = out if isinstance(out, tuple) else (out,)
+    want = call(reference, x.float(), y.float(), mods, w)
+    wants = want if isinstance(want, tuple) else (want,)
+    for o, r in zip(outs, wants):
+        assert o.dtype == torch.bfloat16
+        torch.testing.assert_close(o.float(), r, rtol=2 ** -7, atol=2 ** -7 * max(1.0, r.abs().max().item()) / 8)
+    sum(o.float().sum() for o in outs).backward()
+    for t in leaves:
+        assert t.grad is None or t.grad.dtype == t.dtype

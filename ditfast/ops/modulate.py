@@ -23,11 +23,13 @@ def _check_x(x: torch.Tensor, name: str = "x") -> torch.Tensor:
 # takes only the implementations that have it (the compiled extension has none of them).
 NORMS = ("layer", "rms")
 GATE_ACTS = (None, "tanh")
-OPTION_FEATURES = ("rms", "norm_weight", "tanh_gate", "post_norm")
+OPTION_FEATURES = ("rms", "norm_weight", "tanh_gate", "post_norm", "out_dtype")
 
 
-def _options(norm: str, weight, gate_act=None, y_weight=None, x=None) -> tuple:
+def _options(norm: str, weight, gate_act=None, y_weight=None, x=None, out_dtype=None) -> tuple:
     """The features the options ask for, after checking them."""
+    if out_dtype is not None and out_dtype not in v.FLOAT_DTYPES + (torch.float64,):
+        raise TypeError(f"out_dtype must be None or a floating dtype (float32, bfloat16, float16), got {out_dtype!r}")
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if gate_act not in GATE_ACTS:
@@ -41,27 +43,29 @@ def _options(norm: str, weight, gate_act=None, y_weight=None, x=None) -> tuple:
                 raise ValueError(f"{name} must be a (D,) = ({x.shape[-1]},) norm weight, got shape {tuple(w.shape)}")
             v.same_device("x", x, **{name: w})
     return tuple(f for f, on in zip(OPTION_FEATURES, (norm == "rms", weight is not None, gate_act == "tanh",
-                                                      y_weight is not None)) if on)
+                                                      y_weight is not None, out_dtype is not None)) if on)
 
 
 def norm_modulate(
     x: torch.Tensor, shift: Optional[torch.Tensor], scale: torch.Tensor, *, eps: float = 1e-6,
-    norm: str = "layer", weight: Optional[torch.Tensor] = None,
+    norm: str = "layer", weight: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """``N(x) * (1 + scale) + shift``: N is LayerNorm over D without affine parameters (``norm="layer"``,
-    the default) or RMSNorm (``norm="rms"``), times the norm weight ``weight`` (D,) when given.
+    the default) or RMSNorm (``norm="rms"``), times the norm weight ``weight`` (D,) when given. The
+    result is in ``out_dtype`` when given (one rounding of the fp32 math: Wan's ``.type_as(x)``), else
+    in the promotion of the inputs' dtypes.
 
     x: (B, L, D). shift, scale: (B, D) per sample or (B, L, D) per token; shift may be None.
     """
     _check_x(x)
     scale = v.modulation("scale", scale, x)
     shift = None if shift is None else v.modulation("shift", shift, x)
-    features = _options(norm, weight, x=x)
+    features = _options(norm, weight, x=x, out_dtype=out_dtype)
     v.dtensor("norm_modulate", x=x, shift=shift, scale=scale, weight=weight)
     impl = _backend.select("norm_modulate", x.device, x, features)
     if not features:
         return impl(x, shift, scale, eps=v.eps(eps))
-    return impl(x, shift, scale, eps=v.eps(eps), norm=norm, weight=weight)
+    return impl(x, shift, scale, eps=v.eps(eps), norm=norm, weight=weight, out_dtype=out_dtype)
 
 
 def norm_modulate_dual(
@@ -89,22 +93,23 @@ def norm_modulate_dual(
 
 def gated_residual(
     x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, *, gate_act: Optional[str] = None,
-    y_weight: Optional[torch.Tensor] = None, y_eps: float = 1e-6,
+    y_weight: Optional[torch.Tensor] = None, y_eps: float = 1e-6, out_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """``x + act(gate) * P(y)``. x, y: (B, L, D); gate: (B, D) or (B, L, D). act: the identity, or tanh
     (``gate_act="tanh"``); P(y): y, or with ``y_weight`` (D,) the post-norm ``RMSNorm(y) * y_weight``
-    (eps ``y_eps``) of a "sandwich" block (Z-Image, Lumina 2)."""
+    (eps ``y_eps``) of a "sandwich" block (Z-Image, Lumina 2). In ``out_dtype`` when given (Wan's fp32
+    gate, result cast back to x's dtype), else the promotion of the inputs' dtypes."""
     _check_x(x)
     _check_x(y, "y")
     v.same_shape("y", y, "x", x)
     v.same_device("x", x, y=y)
     gate = v.modulation("gate", gate, x)
-    features = _options("layer", None, gate_act, y_weight, x=x)
+    features = _options("layer", None, gate_act, y_weight, x=x, out_dtype=out_dtype)
     v.dtensor("gated_residual", x=x, y=y, gate=gate, y_weight=y_weight)
     impl = _backend.select("gated_residual", x.device, x, features)
     if not features:
         return impl(x, y, gate)
-    return impl(x, y, gate, gate_act=gate_act, y_weight=y_weight, y_eps=v.eps(y_eps))
+    return impl(x, y, gate, gate_act=gate_act, y_weight=y_weight, y_eps=v.eps(y_eps), out_dtype=out_dtype)
 
 
 def gated_residual_norm_modulate(
@@ -120,9 +125,11 @@ def gated_residual_norm_modulate(
     gate_act: Optional[str] = None,
     y_weight: Optional[torch.Tensor] = None,
     y_eps: float = 1e-6,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x_new, h)``: ``x_new = gated_residual(x, y, gate, gate_act=, y_weight=, y_eps=)`` and
-    ``h = norm_modulate(x_new, shift, scale, eps=, norm=, weight=)`` in one pass."""
+    ``h = norm_modulate(x_new, shift, scale, eps=, norm=, weight=)`` in one pass; both in ``out_dtype``
+    when given (h is the norm of the x_new returned)."""
     _check_x(x)
     _check_x(y, "y")
     v.same_shape("y", y, "x", x)
@@ -130,7 +137,7 @@ def gated_residual_norm_modulate(
     gate = v.modulation("gate", gate, x)
     scale = v.modulation("scale", scale, x)
     shift = None if shift is None else v.modulation("shift", shift, x)
-    features = _options(norm, weight, gate_act, y_weight, x=x)
+    features = _options(norm, weight, gate_act, y_weight, x=x, out_dtype=out_dtype)
     dt = v.dtensor("gated_residual_norm_modulate", x=x, y=y, gate=gate, shift=shift, scale=scale, weight=weight,
                    y_weight=y_weight)
     impl = _backend.select("gated_residual_norm_modulate", x.device, x, features)
@@ -138,7 +145,7 @@ def gated_residual_norm_modulate(
         out = impl(x, y, gate, shift, scale, eps=v.eps(eps))
     else:
         out = impl(x, y, gate, shift, scale, eps=v.eps(eps), norm=norm, weight=weight, gate_act=gate_act,
-                   y_weight=y_weight, y_eps=v.eps(y_eps))
+                   y_weight=y_weight, y_eps=v.eps(y_eps), out_dtype=out_dtype)
     return v.dtensor_outputs(out) if dt else out  # (an unused output's gradient: ditfast/parallel/guard.py)
 
 
@@ -408,14 +415,14 @@ def _weight_grad_fake(w: Optional[Tensor], like: Tensor) -> Tensor:
 
 @torch.library.custom_op("ditfast::norm_modulate_x", mutates_args=())
 def _norm_modulate_x_op(x: Tensor, shift: Optional[Tensor], scale: Tensor, weight: Optional[Tensor], eps: float,
-                        rms: bool) -> tuple[Tensor, Tensor, Tensor]:
+                        rms: bool, out_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor]:
     """(out, mean, rstd): N(x)·w·(1 + scale) + shift; mean is 0 for RMSNorm."""
-    return _kernels().norm_modulate_x_fwd(x, shift, scale, weight, eps=eps, rms=rms)
+    return _kernels().norm_modulate_x_fwd(x, shift, scale, weight, eps=eps, rms=rms, out_dtype=out_dtype)
 
 
 @_norm_modulate_x_op.register_fake
-def _(x, shift, scale, weight, eps, rms):
-    return (x.new_empty(x.shape, dtype=v.result_dtype(x, shift, scale, weight)),) + _empty_stats(x)
+def _(x, shift, scale, weight, eps, rms, out_dtype):
+    return (x.new_empty(x.shape, dtype=out_dtype or v.result_dtype(x, shift, scale, weight)),) + _empty_stats(x)
 
 
 @torch.library.custom_op("ditfast::norm_modulate_x_backward", mutates_args=())
@@ -435,7 +442,7 @@ def _(dout, x, mean, rstd, scale, weight, rms, *shift_spec):
 
 
 def _norm_modulate_x_setup(ctx, inputs, output):
-    x, shift, scale, weight, _, rms = inputs
+    x, shift, scale, weight, _, rms, _ = inputs
     _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.save_for_backward(x, scale, weight, mean, rstd)
@@ -446,7 +453,7 @@ def _norm_modulate_x_backward(ctx, dout, _dmean, _drstd):
     x, scale, weight, mean, rstd = ctx.saved_tensors
     dx, dshift, dscale, dweight = _norm_modulate_x_bwd_op(dout, x, mean, rstd, scale, weight, ctx.rms, *ctx.shift_spec)
     return (dx, None if ctx.shift_spec[0] is None else dshift, dscale, None if weight is None else dweight,
-            None, None)
+            None, None, None)
 
 
 _norm_modulate_x_op.register_autograd(_norm_modulate_x_backward, setup_context=_norm_modulate_x_setup)
@@ -454,14 +461,14 @@ _norm_modulate_x_op.register_autograd(_norm_modulate_x_backward, setup_context=_
 
 @torch.library.custom_op("ditfast::gated_residual_x", mutates_args=())
 def _gated_residual_x_op(x: Tensor, y: Tensor, gate: Tensor, y_weight: Optional[Tensor], y_eps: float,
-                         tanh: bool) -> Tensor:
+                         tanh: bool, out_dtype: Optional[torch.dtype]) -> Tensor:
     """x + act(gate)·P(y)."""
-    return _kernels().gated_residual_x_fwd(x, y, gate, y_weight, y_eps=y_eps, tanh=tanh)
+    return _kernels().gated_residual_x_fwd(x, y, gate, y_weight, y_eps=y_eps, tanh=tanh, out_dtype=out_dtype)
 
 
 @_gated_residual_x_op.register_fake
-def _(x, y, gate, y_weight, y_eps, tanh):
-    return x.new_empty(x.shape, dtype=v.result_dtype(x, y, gate, y_weight))
+def _(x, y, gate, y_weight, y_eps, tanh, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype or v.result_dtype(x, y, gate, y_weight))
 
 
 @torch.library.custom_op("ditfast::gated_residual_x_backward", mutates_args=())
@@ -477,7 +484,7 @@ def _(dout, y, gate, y_weight, y_eps, tanh):
 
 
 def _gated_residual_x_setup(ctx, inputs, output):
-    x, y, gate, y_weight, y_eps, tanh = inputs
+    x, y, gate, y_weight, y_eps, tanh, _ = inputs
     ctx.save_for_backward(y, gate, y_weight)
     ctx.x_dtype, ctx.y_eps, ctx.tanh = x.dtype, y_eps, tanh
 
@@ -485,7 +492,7 @@ def _gated_residual_x_setup(ctx, inputs, output):
 def _gated_residual_x_backward(ctx, dout):
     y, gate, y_weight = ctx.saved_tensors
     dy, dgate, dwy = _gated_residual_x_bwd_op(dout, y, gate, y_weight, ctx.y_eps, ctx.tanh)
-    return dout.to(ctx.x_dtype), dy, dgate, None if y_weight is None else dwy, None, None
+    return dout.to(ctx.x_dtype), dy, dgate, None if y_weight is None else dwy, None, None, None
 
 
 _gated_residual_x_op.register_autograd(_gated_residual_x_backward, setup_context=_gated_residual_x_setup)
@@ -494,17 +501,17 @@ _gated_residual_x_op.register_autograd(_gated_residual_x_backward, setup_context
 @torch.library.custom_op("ditfast::gated_residual_norm_modulate_x", mutates_args=())
 def _gated_residual_norm_modulate_x_op(
     x: Tensor, y: Tensor, gate: Tensor, shift: Optional[Tensor], scale: Tensor, weight: Optional[Tensor],
-    y_weight: Optional[Tensor], eps: float, y_eps: float, rms: bool, tanh: bool,
+    y_weight: Optional[Tensor], eps: float, y_eps: float, rms: bool, tanh: bool, out_dtype: Optional[torch.dtype],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(x_new, h, mean, rstd): x_new = x + act(gate)·P(y), h = N(x_new)·w·(1 + scale) + shift."""
     return _kernels().gated_residual_norm_modulate_x_fwd(x, y, gate, shift, scale, weight, y_weight, eps=eps,
-                                                         y_eps=y_eps, rms=rms, tanh=tanh)
+                                                         y_eps=y_eps, rms=rms, tanh=tanh, out_dtype=out_dtype)
 
 
 @_gated_residual_norm_modulate_x_op.register_fake
-def _(x, y, gate, shift, scale, weight, y_weight, eps, y_eps, rms, tanh):
-    x_new = x.new_empty(x.shape, dtype=v.result_dtype(x, y, gate, y_weight))
-    h = x.new_empty(x.shape, dtype=v.result_dtype(x_new, shift, scale, weight))
+def _(x, y, gate, shift, scale, weight, y_weight, eps, y_eps, rms, tanh, out_dtype):
+    x_new = x.new_empty(x.shape, dtype=out_dtype or v.result_dtype(x, y, gate, y_weight))
+    h = x.new_empty(x.shape, dtype=out_dtype or v.result_dtype(x_new, shift, scale, weight))
     return (x_new, h) + _empty_stats(x)
 
 
@@ -528,7 +535,7 @@ def _(dx_new, dh, x_new, mean, rstd, y, gate, scale, weight, y_weight, y_eps, rm
 
 
 def _gated_residual_norm_modulate_x_setup(ctx, inputs, output):
-    x, y, gate, shift, scale, weight, y_weight, _, y_eps, rms, tanh = inputs
+    x, y, gate, shift, scale, weight, y_weight, _, y_eps, rms, tanh, _ = inputs
     x_new, _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.save_for_backward(x_new, mean, rstd, y, gate, scale, weight, y_weight)
@@ -543,7 +550,7 @@ def _gated_residual_norm_modulate_x_backward(ctx, dx_new, dh, _dmean, _drstd):
         dx_new, dh, x_new, mean, rstd, y, gate, scale, weight, y_weight, *ctx.options, ctx.x_dtype, *ctx.shift_spec
     )
     return (dx, dy, dgate, None if ctx.shift_spec[0] is None else dshift, dscale, None if weight is None else dw,
-            None if y_weight is None else dwy, None, None, None, None)
+            None if y_weight is None else dwy, None, None, None, None, None)
 
 
 _gated_residual_norm_modulate_x_op.register_autograd(
@@ -564,11 +571,12 @@ def _direct(*tensors: Optional[Tensor]) -> bool:
     return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
 
-def _triton_norm_modulate(x, shift, scale, *, eps=1e-6, norm="layer", weight=None):
-    if norm != "layer" or weight is not None:
+def _triton_norm_modulate(x, shift, scale, *, eps=1e-6, norm="layer", weight=None, out_dtype=None):
+    if norm != "layer" or weight is not None or out_dtype is not None:
         if _direct(x, shift, scale, weight):
-            return _kernels().norm_modulate_x_fwd(x, shift, scale, weight, eps=eps, rms=norm == "rms")[0]
-        return _norm_modulate_x_op(x, shift, scale, weight, eps, norm == "rms")[0]
+            return _kernels().norm_modulate_x_fwd(x, shift, scale, weight, eps=eps, rms=norm == "rms",
+                                                  out_dtype=out_dtype)[0]
+        return _norm_modulate_x_op(x, shift, scale, weight, eps, norm == "rms", out_dtype)[0]
     if _direct(x, shift, scale):
         return _kernels().norm_modulate_fwd(x, shift, scale, eps=eps)[0]
     return _norm_modulate_op(x, shift, scale, eps)[0]
@@ -582,21 +590,22 @@ def _triton_norm_modulate_dual(x, shift1, scale1, shift2, scale2, *, eps=1e-6):
     return out1, out2
 
 
-def _triton_gated_residual(x, y, gate, *, gate_act=None, y_weight=None, y_eps=1e-6):
-    if gate_act is not None or y_weight is not None:
+def _triton_gated_residual(x, y, gate, *, gate_act=None, y_weight=None, y_eps=1e-6, out_dtype=None):
+    if gate_act is not None or y_weight is not None or out_dtype is not None:
         if _direct(x, y, gate, y_weight):
-            return _kernels().gated_residual_x_fwd(x, y, gate, y_weight, y_eps=y_eps, tanh=gate_act == "tanh")
-        return _gated_residual_x_op(x, y, gate, y_weight, y_eps, gate_act == "tanh")
+            return _kernels().gated_residual_x_fwd(x, y, gate, y_weight, y_eps=y_eps, tanh=gate_act == "tanh",
+                                                   out_dtype=out_dtype)
+        return _gated_residual_x_op(x, y, gate, y_weight, y_eps, gate_act == "tanh", out_dtype)
     if _direct(x, y, gate):
         return _kernels().gated_residual_fwd(x, y, gate)
     return _gated_residual_op(x, y, gate)
 
 
 def _triton_gated_residual_norm_modulate(x, y, gate, shift, scale, *, eps=1e-6, norm="layer", weight=None,
-                                         gate_act=None, y_weight=None, y_eps=1e-6):
-    if norm != "layer" or weight is not None or gate_act is not None or y_weight is not None:
+                                         gate_act=None, y_weight=None, y_eps=1e-6, out_dtype=None):
+    if norm != "layer" or weight is not None or gate_act is not None or y_weight is not None or out_dtype is not None:
         args = (x, y, gate, shift, scale, weight, y_weight)
-        opts = dict(eps=eps, y_eps=y_eps, rms=norm == "rms", tanh=gate_act == "tanh")
+        opts = dict(eps=eps, y_eps=y_eps, rms=norm == "rms", tanh=gate_act == "tanh", out_dtype=out_dtype)
         if _direct(*args):
             x_new, h, _, _ = _kernels().gated_residual_norm_modulate_x_fwd(*args, **opts)
         else:

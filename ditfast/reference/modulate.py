@@ -46,9 +46,11 @@ def norm_modulate(
     eps: float = 1e-6,
     norm: str = "layer",
     weight: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """``N(x) * (1 + scale) + shift``: N is LayerNorm (``norm="layer"``, no affine parameters) or RMSNorm
-    (``norm="rms"``) over the last dim, times ``weight`` (D,) when given.
+    (``norm="rms"``) over the last dim, times ``weight`` (D,) when given; cast to ``out_dtype`` when given
+    (Wan's ``.type_as(x)`` of an fp32 computation).
 
     x: (B, L, D); shift, scale: (B, D) per sample or (B, L, D) per token; shift may be None.
     """
@@ -56,7 +58,7 @@ def norm_modulate(
     h = h * (1 + _per_token(scale))
     if shift is not None:
         h = h + _per_token(shift)
-    return h
+    return h if out_dtype is None else h.to(out_dtype)
 
 
 def norm_modulate_dual(
@@ -83,13 +85,15 @@ def gated_residual(
     gate_act: Optional[str] = None,
     y_weight: Optional[torch.Tensor] = None,
     y_eps: float = 1e-6,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
-    """``x + act(gate) * P(y)``; gate (B, D) or (B, L, D); act is the identity or ``tanh``
+    """``x + act(gate) * P(y)`` (cast to ``out_dtype`` when given); gate (B, D) or (B, L, D); act is the identity or ``tanh``
     (``gate_act="tanh"``); P(y) is y, or with ``y_weight`` (D,) the post-norm ``RMSNorm(y) * y_weight``
     (eps ``y_eps``) of Z-Image's sandwich blocks."""
     if y_weight is not None:
         y = _norm(y, y_eps, "rms", y_weight)
-    return x + _gate(gate, gate_act) * y
+    out = x + _gate(gate, gate_act) * y
+    return out if out_dtype is None else out.to(out_dtype)
 
 
 def gated_residual_norm_modulate(
@@ -105,7 +109,9 @@ def gated_residual_norm_modulate(
     gate_act: Optional[str] = None,
     y_weight: Optional[torch.Tensor] = None,
     y_eps: float = 1e-6,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x_new = gated_residual(x, y, gate, ...)`` and ``h = norm_modulate(x_new, shift, scale, ...)``."""
-    x_new = gated_residual(x, y, gate, gate_act=gate_act, y_weight=y_weight, y_eps=y_eps)
-    return x_new, norm_modulate(x_new, shift, scale, eps=eps, norm=norm, weight=weight)
+    """``x_new = gated_residual(x, y, gate, ...)`` and ``h = norm_modulate(x_new, shift, scale, ...)``, both
+    in ``out_dtype`` when given (h is the norm of the x_new returned)."""
+    x_new = gated_residual(x, y, gate, gate_act=gate_act, y_weight=y_weight, y_eps=y_eps, out_dtype=out_dtype)
+    return x_new, norm_modulate(x_new, shift, scale, eps=eps, norm=norm, weight=weight, out_dtype=out_dtype)

@@ -969,11 +969,11 @@ def _zero_weight_grad(w: Optional[Tensor], like: Tensor) -> Tensor:
 
 
 def norm_modulate_x_fwd(x: Tensor, shift: Optional[Tensor], scale: Tensor, weight: Optional[Tensor], *,
-                        eps: float, rms: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """(h, mean, rstd) of h = N(x)·w·(1 + scale) + shift."""
+                        eps: float, rms: bool, out_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """(h, mean, rstd) of h = N(x)·w·(1 + scale) + shift, in out_dtype (default: the inputs' promotion)."""
     B, L, D = x.shape
     _check_d(x)
-    out = torch.empty((B, L, D), dtype=_dtype(x, shift, scale, weight), device=x.device)
+    out = torch.empty((B, L, D), dtype=out_dtype or _dtype(x, shift, scale, weight), device=x.device)
     stats = torch.empty if x.numel() else torch.zeros
     mean = stats((B, L), dtype=torch.float32, device=x.device)
     rstd = stats((B, L), dtype=torch.float32, device=x.device)
@@ -1016,11 +1016,11 @@ def norm_modulate_x_bwd(dout: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, shi
 
 
 def gated_residual_x_fwd(x: Tensor, y: Tensor, gate: Tensor, y_weight: Optional[Tensor], *, y_eps: float,
-                         tanh: bool) -> Tensor:
-    """x + act(gate)·P(y) as a new contiguous (B, L, D) tensor."""
+                         tanh: bool, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """x + act(gate)·P(y) as a new contiguous (B, L, D) tensor in out_dtype (default: the promotion)."""
     B, L, D = x.shape
     _check_d(x)
-    out = torch.empty((B, L, D), dtype=_dtype(x, y, gate, y_weight), device=x.device)
+    out = torch.empty((B, L, D), dtype=out_dtype or _dtype(x, y, gate, y_weight), device=x.device)
     if out.numel() == 0:
         return out
     block_r, block_d, warps = _config(D, x.device)
@@ -1057,12 +1057,14 @@ def gated_residual_x_bwd(dout: Tensor, y: Tensor, gate: Tensor, y_weight: Option
 def gated_residual_norm_modulate_x_fwd(
     x: Tensor, y: Tensor, gate: Tensor, shift: Optional[Tensor], scale: Tensor, weight: Optional[Tensor],
     y_weight: Optional[Tensor], *, eps: float, y_eps: float, rms: bool, tanh: bool,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(x_new, h, mean, rstd): x_new = x + act(gate)·P(y), h = N(x_new)·w·(1 + scale) + shift."""
+    """(x_new, h, mean, rstd): x_new = x + act(gate)·P(y), h = N(x_new)·w·(1 + scale) + shift; both in
+    out_dtype when given (else each in its inputs' promotion)."""
     B, L, D = x.shape
     _check_d(x)
-    x_new = torch.empty((B, L, D), dtype=_dtype(x, y, gate, y_weight), device=x.device)
-    h = torch.empty((B, L, D), dtype=_dtype(x_new, shift, scale, weight), device=x.device)
+    x_new = torch.empty((B, L, D), dtype=out_dtype or _dtype(x, y, gate, y_weight), device=x.device)
+    h = torch.empty((B, L, D), dtype=out_dtype or _dtype(x_new, shift, scale, weight), device=x.device)
     stats = torch.empty if x.numel() else torch.zeros
     mean = stats((B, L), dtype=torch.float32, device=x.device)
     rstd = stats((B, L), dtype=torch.float32, device=x.device)
