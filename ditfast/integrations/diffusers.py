@@ -20,6 +20,7 @@ Supported blocks (exact diffusers classes, diffusers >= 0.35):
                                   (``ZImageTransformer2DModel``: Turbo, Base, Omni)
 ``Flux3ModeTransformerBlock``     FLUX.3 per-mode parallel-residual block (``Flux3Transformer2DModel``)
 ``Flux3SingleTransformerBlock``   FLUX.3 joint single block over [text; content]
+``WanTransformerBlock``           Wan 2.x self-attention + cross-attention block (``WanTransformer3DModel``)
 ================================  ==================================================================
 
 What stays diffusers: the embedders, ``norm_out`` / ``proj_out``, every Linear and MLP module
@@ -49,13 +50,13 @@ from typing import Dict, List, Tuple
 
 from torch import nn
 
-from . import _context_parallel, _dit, _flux, _flux3, _hooks, _qwenimage, _sd3, _zimage
+from . import _context_parallel, _dit, _flux, _flux3, _hooks, _qwenimage, _sd3, _wan, _zimage
 from ._common import BlockSpec
 
 __all__ = ["patch", "unpatch", "is_patched", "UnsupportedModelError", "SUPPORTED_BLOCKS"]
 
 _SPECS: Dict[str, BlockSpec] = {s.name: s for s in _flux.SPECS + _sd3.SPECS + _dit.SPECS + _qwenimage.SPECS
-                                 + _zimage.SPECS + _flux3.SPECS}
+                                 + _zimage.SPECS + _flux3.SPECS + _wan.SPECS}
 _FORWARDS = frozenset(s.forward for s in _SPECS.values())
 SUPPORTED_BLOCKS: Tuple[str, ...] = tuple(_SPECS)
 # what each block class serves, and what runs diffusers' forward instead (python -m ditfast.info prints it)
@@ -75,6 +76,8 @@ FAMILIES: Dict[str, Tuple[str, str]] = {
                                   "custom processors, hooked attention / norm, float64"),
     "Flux3SingleTransformerBlock": ("FLUX.3 joint single blocks over [text; image; reference images]",
                                     "as the per-mode blocks"),
+    "WanTransformerBlock": ("Wan 2.1 / 2.2 T2V, I2V, TI2V (WanTransformer3DModel)",
+                            "custom processors, hooked attention / norms, float64"),
 }
 _MARK = "_ditfast_patched"
 

@@ -34,7 +34,7 @@ Attention = Optional[Callable[[Tensor, Tensor, Tensor], Tensor]]
 
 __all__ = ["Stream", "qkv_heads", "attend", "dit_block", "flux_double", "flux_single", "sd3_joint", "final_layer",
            "unhooked", "plain_linear", "linear_of_concat", "linear_gelu_tanh", "linears_of_one_input",
-           "linear_gelu_tail", "sandwich_block", "parallel_block"]
+           "linear_gelu_tail", "sandwich_block", "parallel_block", "cross_block", "CrossKV"]
 
 
 class Stream(NamedTuple):
@@ -533,6 +533,76 @@ def parallel_block(xs: Sequence[Tensor], mods: Sequence[Sequence[Tensor]], s: St
     hs = [ops.norm_modulate(x, shift, scale, eps=s.eps) for x, (shift, scale, _) in zip(xs, mods)]
     outs = _attend_streams([s] * len(xs), [qkv_heads(s.qkv, h, head_dim) for h in hs], rope, qk_eps, attention)
     return tuple(ops.gated_residual(x, s.proj(o) + s.mlp(h), gate) for x, h, o, (_, _, gate) in zip(xs, hs, outs, mods))
+
+
+class CrossKV(NamedTuple):
+    """Keys and values of one cross-attention context: ``kv`` a (to_k, to_v) pair or one packed Linear
+    ``[k | v]``, applied to ``context`` (B, L_k, C); ``k_norm`` the across-heads RMSNorm weight (H·Dh,) of
+    the keys or None."""
+
+    context: Tensor
+    kv: Union[Module, Tuple[Module, Module]]
+    k_norm: Optional[Tensor] = None
+
+
+def _across_heads(t: Tensor, weight: Optional[Tensor], eps: float, head_dim: int) -> Tensor:
+    """(B, L, H·Dh) -> its RMSNorm over all heads (one rstd per token; Wan's QK-norm), as (B, L, H, Dh)."""
+    if weight is not None:
+        t = ops.rms_norm(t, weight, eps=eps)
+    return t.unflatten(-1, (-1, head_dim))
+
+
+def _kv(c: CrossKV, eps: float, head_dim: int) -> Tuple[Tensor, Tensor]:
+    k, v = (c.kv[0](c.context), c.kv[1](c.context)) if isinstance(c.kv, tuple) else c.kv(c.context).chunk(2, dim=-1)
+    return _across_heads(k, c.k_norm, eps, head_dim), v.unflatten(-1, (-1, head_dim))
+
+
+def cross_block(x: Tensor, mod: Sequence[Tensor], s: Stream, cross_q: Module, cross_q_norm: Optional[Tensor],
+                contexts: Sequence[CrossKV], cross_proj: Module, *, head_dim: int, eps: float = 1e-6,
+                qk_eps: float = 1e-6, rope: Rope = None, norm2: Optional[Tuple[Tensor, Tensor]] = None,
+                attention: Attention = None) -> Tensor:
+    """Self-attention, cross-attention and MLP with adaLN-single modulation (Wan 2.x; the DiT paper's
+    cross-attention conditioning): x (B, L, D) -> (B, L, D), every step's result in x's dtype::
+
+        h = LN(x)·(1 + scale) + shift                       x = x + gate · proj(attn(h))
+        h = LN_affine(x) (norm2; x itself when None)        x = x + cross_proj(Σ_c attn(q(h), k_c, v_c))
+        h = LN(x)·(1 + c_scale) + c_shift                   x = x + c_gate · mlp(h)
+
+    mod: (shift, scale, gate, c_shift, c_scale, c_gate), (B, D) or per token (B, L, D), any dtype (Wan's
+    are fp32: the math is fp32 and each result is rounded once to x's dtype). s: the self-attention's
+    projections (a q/k/v triple or a packed Linear), output projection, MLP, and its across-heads
+    RMSNorm weights (H·Dh,) as q_norm / k_norm (eps ``qk_eps``); rope: the self-attention's fp32 (cos,
+    sin) tables (interleaved pairs). cross_q, cross_q_norm: the cross-attention's query projection and
+    across-heads norm weight; contexts: one :class:`CrossKV` per context attended (Wan's text; I2V adds
+    the image tokens: the outputs are summed); cross_proj: its output projection. norm2: the
+    (weight, bias) of the affine LayerNorm before the cross-attention, or None. attention: what
+    attends the self-attention (context parallelism); the cross-attention runs ``ops.joint_attention``.
+    """
+    dt = x.dtype
+    shift, scale, gate, c_shift, c_scale, c_gate = mod
+    h = ops.norm_modulate(x, shift, scale, eps=s.eps, out_dtype=dt)
+    if isinstance(s.qkv, tuple):
+        q, k, v = linears_of_one_input(s.qkv, h)
+    else:
+        q, k, v = s.qkv(h).chunk(3, dim=-1)
+    q, k = _across_heads(q, s.q_norm, qk_eps, head_dim), _across_heads(k, s.k_norm, qk_eps, head_dim)
+    (o,) = attend((q,), (k,), (v.unflatten(-1, (-1, head_dim)),), rope=rope, attention=attention)
+    x = ops.gated_residual(x, s.proj(o), gate, out_dtype=dt)
+
+    if norm2 is None:
+        h = x
+    else:
+        w, b = norm2
+        h = ops.norm_modulate(x, b.unsqueeze(0), b.new_zeros((1, b.shape[0])), eps=s.eps, weight=w, out_dtype=dt)
+    q = _across_heads(cross_q(h), cross_q_norm, qk_eps, head_dim)
+    o = None
+    for c in contexts:
+        k, v = _kv(c, qk_eps, head_dim)
+        part = ops.joint_attention(q, k, v).flatten(2)
+        o = part if o is None else o + part
+    ones = x.new_ones((1, x.shape[-1]))  # the cross-attention's residual has no gate: x + 1·y, exact
+    x, h = ops.gated_residual_norm_modulate(x, cross_proj(o), ones, c_shift, c_scale, eps=s.eps2, out_dtype=dt)
+    return ops.gated_residual(x, s.mlp(h), c_gate, out_dtype=dt)
 
 
 def final_layer(x: Tensor, shift: Optional[Tensor], scale: Tensor, linear: Module, *, eps: float = 1e-6) -> Tensor:
