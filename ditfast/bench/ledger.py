@@ -98,6 +98,9 @@ _FREE_OPS = frozenset({"aten._unsafe_view", "aten.alias", "aten.lift_fresh", "at
 # ops that overwrite their first argument without reading it
 _WRITE_ONLY_SELF = frozenset({"aten.copy_", "aten.fill_", "aten.zero_", "aten.normal_", "aten.uniform_",
                               "aten.bernoulli_", "aten.random_"})
+# factories that take their first argument for its dtype / device / shape only (they read none of its data)
+_LIKE_FACTORIES = frozenset({"aten.new_zeros", "aten.new_ones", "aten.new_full", "aten.zeros_like", "aten.ones_like",
+                             "aten.full_like"})
 
 
 def op_name(func) -> str:
@@ -168,9 +171,9 @@ def _attention_flops(name: str, args) -> float:
 
 
 def _written_only(func, name: str, args, kwargs) -> set:
-    """ids of the arguments the op writes without reading (copy_'s self, out= tensors)."""
+    """ids of the arguments the op does not read (copy_'s self, out= tensors, new_ones' template)."""
     ids = set()
-    if name in _WRITE_ONLY_SELF and args and isinstance(args[0], torch.Tensor):
+    if name in _WRITE_ONLY_SELF | _LIKE_FACTORIES and args and isinstance(args[0], torch.Tensor):
         ids.add(id(args[0]))
     for a in func._schema.arguments:
         if a.is_out and a.name in (kwargs or {}):
@@ -455,8 +458,27 @@ def zimage_case(*, B=1, side=128, Lt=512, layers=30, refiners=2, dim=3840, heads
     return ModelCase("z-image", label, build, inputs)
 
 
+def wan_case(*, B=1, frames=21, h=90, w=160, Lt=512, layers=40, heads=40, head_dim=128, ffn=13824, in_channels=16,
+             text=4096, label="Wan 2.1 T2V-14B, 720p 81 frames (21 x 45 x 80 = 75600 tokens, 512 text), batch 1") -> ModelCase:
+    """Wan 2.1-14B at 1280x720, 81 frames: latent 21 x 90 x 160, patches (1, 2, 2)."""
+    def build():
+        from diffusers import WanTransformer3DModel
+
+        return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim,
+                                     in_channels=in_channels, out_channels=in_channels, text_dim=text, freq_dim=256,
+                                     ffn_dim=ffn, num_layers=layers, cross_attn_norm=True, eps=1e-6)
+
+    def inputs():
+        bf = torch.bfloat16
+        return dict(hidden_states=torch.randn(B, in_channels, frames, h, w, dtype=bf),
+                    timestep=torch.full((B,), 500, dtype=torch.long),
+                    encoder_hidden_states=torch.randn(B, Lt, text, dtype=bf), return_dict=False)
+
+    return ModelCase("wan-14b", label, build, inputs)
+
+
 def model_cases() -> List[ModelCase]:
-    return [flux_case(), sd3_case(), dit_case(), qwen_case(), zimage_case()]
+    return [flux_case(), sd3_case(), dit_case(), qwen_case(), zimage_case(), wan_case()]
 
 
 @contextlib.contextmanager
@@ -686,7 +708,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ditfast.bench ledger",
                                 description="bytes, FLOPs and calls per op of full-size model steps (counted under "
                                             "FakeTensorMode), with predicted step times. " + PREDICTION_NOTE)
-    p.add_argument("--models", default="all", help="comma list of flux, sd3.5, dit-xl-2, qwen-image, z-image (default: all)")
+    p.add_argument("--models", default="all", help="comma list of flux, sd3.5, dit-xl-2, qwen-image, z-image, wan-14b (default: all)")
     p.add_argument("--modes", default="inference,training", help="inference, training or both (default)")
     p.add_argument("--device", default="h100", help=f"whose peaks predict the times: {', '.join(SPEC_PEAKS)} "
                                                     "or any device with a results folder (default: h100)")
