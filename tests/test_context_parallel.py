@@ -386,3 +386,56 @@ def test_patched_flux_four_ranks(four, mode):
         bad = {k: e for k, e in errs.items() if e > TOL}
         assert not bad, f"rank {rank} ({mode}): relative errors {bad}"
         assert calls == ring * blocks, calls  # one local attention per ring step
+
+
+# ---- a patched Wan model (video: where context parallelism is used) ----------------------------------
+WAN_CFG = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+               text_dim=12, freq_dim=16, ffn_dim=48, num_layers=2, cross_attn_norm=True, eps=1e-6, rope_max_seq_len=32)
+
+
+def wan_case(mode: str):
+    """A tiny random WanTransformer3DModel (2 blocks, 2 x 4 x 4 = 32 tokens: 16 per rank), patched, with
+    diffusers' context parallelism: output and gradients equal one process's unpatched run."""
+    import ditfast
+    from diffusers import ContextParallelConfig, WanTransformer3DModel
+    from ditfast.integrations import _context_parallel
+
+    _stand_in_device_slot()
+    calls = []
+    local = _context_parallel._local_attention
+    _context_parallel._local_attention = lambda *a, **k: calls.append(1) or local(*a, **k)
+    try:
+        g = torch.Generator().manual_seed(1)
+        # per-token timesteps (Wan 2.2 TI2V's form): diffusers' plan splits a (B, L) timestep; a (B,) one takes a
+        # warning path of diffusers' that fails in 0.42 (logger.warning_once)
+        inputs = dict(hidden_states=torch.randn(2, 4, 2, 8, 8, generator=g),
+                      timestep=torch.randint(0, 1000, (2, 32), generator=g),
+                      encoder_hidden_states=torch.randn(2, 512, 12, generator=g))
+        model = randomize_(WanTransformer3DModel(**WAN_CFG), 0).eval()
+        names = ["blocks.0.attn1.to_q.weight", "blocks.0.attn1.norm_k.weight", "blocks.1.attn2.norm_q.weight",
+                 "blocks.1.norm2.weight", "blocks.1.scale_shift_table", "patch_embedding.weight"]
+        with ditfast.use_backend("reference"):
+            out0 = model(**inputs, return_dict=False)[0]
+            cot = torch.randn(out0.shape, generator=torch.Generator().manual_seed(5))
+            ref, ref_grads = _out_and_grads(model, inputs, cot, names)
+            ditfast.patch(model)
+            model.enable_parallelism(config=ContextParallelConfig(**MODES[mode]))
+            out, grads = _out_and_grads(model, inputs, cot, names)
+        errs = {"out": _err(out, ref)}
+        for n, gr, rg in zip(names, grads, ref_grads):  # each rank's gradient covers its own tokens: sum them
+            gr = gr.clone()
+            torch.distributed.all_reduce(gr)
+            errs[n] = _err(gr, rg)
+        return errs, len(calls)
+    finally:
+        _context_parallel._local_attention = local
+
+
+@pytest.mark.parametrize("mode", ["ulysses", "ring"])
+def test_patched_wan_context_parallel(ranks, mode):
+    for rank, (errs, calls) in enumerate(ranks.run(wan_case, mode)):
+        bad = {k: e for k, e in errs.items() if e > TOL}
+        assert not bad, f"rank {rank} ({mode}): relative errors {bad}"
+        # the self-attention of every block ran ditfast's context-parallel attention (the cross-attention
+        # attends the whole text locally, as in diffusers)
+        assert calls == WAN_CFG["num_layers"] * (2 if mode == "ring" else 1), calls
