@@ -19,7 +19,7 @@ import functools
 from typing import List
 
 from ..nn import functional as F
-from . import _hooks
+from . import _hooks, _pixart
 from ._common import (
     BlockSpec,
     ada_chunks,
@@ -53,7 +53,12 @@ def dit_block_forward(
     class_labels=None,
     added_cond_kwargs=None,
 ):
-    """ditfast forward of diffusers' ``BasicTransformerBlock`` (ada_norm_zero); returns hidden_states."""
+    """ditfast forward of diffusers' ``BasicTransformerBlock`` (ada_norm_zero; PixArt's ada_norm_single is
+    handed to ``_pixart``); returns hidden_states."""
+    if self.norm_type == "ada_norm_single":
+        return _pixart.pixart_block_forward(self, hidden_states, attention_mask, encoder_hidden_states,
+                                            encoder_attention_mask, timestep, cross_attention_kwargs, class_labels,
+                                            added_cond_kwargs)
     attn = self.attn1
     fast = (
         attention_mask is None
@@ -78,8 +83,11 @@ def check_block(block) -> List[str]:
     problems: List[str] = []
     check_signature(type(block), dit_block_forward, problems)
     norm_type = getattr(block, "norm_type", None)
+    if norm_type == "ada_norm_single":
+        return _pixart.check_block(block, problems)
     if norm_type != "ada_norm_zero":
-        return problems + [f"norm_type is {norm_type!r}; ditfast runs the DiT configuration ('ada_norm_zero')"]
+        return problems + [f"norm_type is {norm_type!r}; ditfast runs the DiT ('ada_norm_zero') and PixArt "
+                           "('ada_norm_single') configurations"]
     if not check_linears(block, ["attn1", "norm1", "norm3", "ff"], "block", problems):
         return problems
     attn = block.attn1

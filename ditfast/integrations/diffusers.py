@@ -13,7 +13,8 @@ Supported blocks (exact diffusers classes, diffusers >= 0.35):
 ``FluxSingleTransformerBlock``    FLUX.1 single-stream block
 ``JointTransformerBlock``         SD3 / SD3.5 block, QK-norm, dual attention, pre-only last block
                                   (``SD3Transformer2DModel``)
-``BasicTransformerBlock``         only with ``norm_type="ada_norm_zero"`` (``DiTTransformer2DModel``)
+``BasicTransformerBlock``         ``norm_type="ada_norm_zero"`` (``DiTTransformer2DModel``) and
+                                  ``"ada_norm_single"`` (``PixArtTransformer2DModel``, in ``_pixart``)
 ``QwenImageTransformerBlock``     Qwen-Image double-stream block (``QwenImageTransformer2DModel``,
                                   Qwen-Image-Edit / 2509 / 2511, 2512, ``QwenImageControlNetModel``)
 ``ZImageTransformerBlock``        Z-Image single-stream "sandwich" block, its refiners included
@@ -66,8 +67,10 @@ FAMILIES: Dict[str, Tuple[str, str]] = {
     "FluxSingleTransformerBlock": ("FLUX.1 single-stream", "as the double-stream block"),
     "JointTransformerBlock": ("SD3 / SD3.5 MM-DiT (SD3Transformer2DModel, SD3ControlNetModel)",
                               "masks, custom processors, hooked attention, float64"),
-    "BasicTransformerBlock": ("DiT, norm_type='ada_norm_zero' (DiTTransformer2DModel)",
-                              "other norm types (refused at patch), hooked attention, float64"),
+    "BasicTransformerBlock": ("DiT, norm_type='ada_norm_zero' (DiTTransformer2DModel); PixArt-α / Σ, "
+                              "norm_type='ada_norm_single' (PixArtTransformer2DModel)",
+                              "other norm types (refused at patch), a T5 mask that masks tokens, hooked attention, "
+                              "float64"),
     "QwenImageTransformerBlock": ("Qwen-Image, 2512, Edit / 2509 / 2511, Layered (QwenImageTransformer2DModel, "
                                   "QwenImageControlNetModel)", "a text mask that masks tokens, kwargs, float64"),
     "ZImageTransformerBlock": ("Z-Image Turbo / Base / Omni, refiners included (ZImageTransformer2DModel)",

@@ -578,7 +578,9 @@ def cross_block(x: Tensor, mod: Sequence[Tensor], s: Stream, cross_q: Module, cr
     (weight, bias) of the affine LayerNorm before the cross-attention, or None. attention: what
     attends the self-attention (context parallelism); the cross-attention runs ``ops.joint_attention``.
     """
-    dt = x.dtype
+    # x's dtype for every result (Wan's fp32 modulation); None where the promotion is x's dtype anyway
+    # (then the ops' plain paths, the compiled extension included, can run)
+    dt = x.dtype if any(m.dtype != x.dtype for m in mod) else None
     shift, scale, gate, c_shift, c_scale, c_gate = mod
     h = ops.norm_modulate(x, shift, scale, eps=s.eps, out_dtype=dt)
     if isinstance(s.qkv, tuple):
