@@ -11,7 +11,7 @@ One row per (kernel, config, shape): the attention kernels (forward, backward pr
 its deterministic and atomic-dq forms) at each config ditfast/kernels/triton/attention.py uses for
 bf16 at the FLUX.1 shape (B 1, 512 + 4096 tokens, 24 heads, Dh 128) and the SD3.5-large shape
 (B 1, 333 + 4096 tokens, 38 heads, Dh 64) -- the forward also with its fallbacks and its fp32 tiles --
-and the adaLN / rope / GELU-backward kernels at their launchers' configs for those models' widths. Columns:
+and the adaLN / rope / GELU-backward / SwiGLU kernels at their launchers' configs for those models' widths. Columns:
 
 * registers: per thread; spills: bytes of spill stores + spill loads per thread (ptxas -v);
 * shared_bytes: Triton's dynamic shared memory + ptxas' static shared memory per program;
@@ -37,6 +37,7 @@ from triton.compiler import ASTSource
 
 from ditfast.kernels.triton import attention as A
 from ditfast.kernels.triton import gelu as G
+from ditfast.kernels.triton import swiglu as S
 from ditfast.kernels.triton import modulate as M
 from ditfast.kernels.triton import prepare as P
 from ditfast.kernels.triton import rope as R
@@ -50,7 +51,7 @@ SHAPES = {  # name: (B, Lq = Lk, H, Dh, hidden width)
 # Upper-case kernel arguments are pointers (default bf16) except the integer scalars listed; lower-case
 # ones are integer scalars except the float ones.
 INT_SCALARS = {A: {"LQ", "LK", "H", "HKV", "GROUP", "N_SPLITS"}, M: {"N_ROWS", "L", "D", "ROWS", "NCHUNK"},
-               G: {"T", "N"}}
+               G: {"T", "N"}, S: {"T", "H"}}
 FLOAT_SCALARS = {"sm_scale", "qk_scale", "eps", "y_eps"}
 FP32_POINTERS = {"LSE", "DELTA", "DQ_ACC", "MEAN", "RSTD", "PART"}
 # rope.py names its pointers *_ptr: bf16 activations, fp32 statistics / tables / weight grads
@@ -319,6 +320,17 @@ def gelu_rows():
                      values=dict(T=T, N=N))
 
 
+def swiglu_rows():
+    """SwiGLU forward and backward at FLUX.2-dev's single-block MLP (4096 + 512 tokens,
+    hidden 3 x 6144 = 18432 per half) and Z-Image's (4608 tokens, hidden 10240), bf16."""
+    for shape_name, T, H in (("flux2", 4096 + 512, 18432), ("zimage", 4096 + 512, 10240)):
+        grid = triton.cdiv(T, S.BLOCK_T) * triton.cdiv(H, S.BLOCK_H)
+        for kernel in (S._swiglu_fwd_kernel, S._swiglu_bwd_kernel):
+            compile_sm90(S, kernel, dict(BLOCK_T=S.BLOCK_T, BLOCK_H=S.BLOCK_H), S.NUM_WARPS,
+                         label=dict(BLOCK_T=S.BLOCK_T, BLOCK_H=S.BLOCK_H), shape=f"{shape_name}: rows={T} H={H} bf16",
+                         grid=grid, values=dict(T=T, H=H))
+
+
 def table(rows) -> str:
     head = f"{'kernel':32} {'config':76} {'shape':12} {'regs':>4} {'spill':>5} {'smem':>7} {'CTA/SM':>6} {'waves':>6}"
     out = [head, "-" * len(head)]
@@ -332,11 +344,11 @@ def table(rows) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--report", metavar="FILE.json", help="write the rows as a JSON list")
-    parser.add_argument("--only", choices=["attention", "modulate", "rope", "prepare", "gelu"], help="one kernel family only")
+    parser.add_argument("--only", choices=["attention", "modulate", "rope", "prepare", "gelu", "swiglu"], help="one kernel family only")
     args = parser.parse_args(argv)
     for family, fn in (("attention", attention_rows), ("modulate", modulate_rows),
                        ("modulate", modulate_option_rows), ("rope", rope_rows),
-                       ("prepare", prepare_rows), ("gelu", gelu_rows)):
+                       ("prepare", prepare_rows), ("gelu", gelu_rows), ("swiglu", swiglu_rows)):
         if args.only in (None, family):
             fn()
     print(table(ROWS))

@@ -108,6 +108,11 @@ def _cases():
         lambda x, y, g, wy: ops.gated_residual(x, y, g, gate_act="tanh", y_weight=wy),
         lambda: [torch.randn(B, L, D), torch.randn(B, L, D), torch.randn(B, D), 1 + 0.1 * torch.randn(D)],
         {"seq": [S1, S1, Rp, Rp], "batch": [S0, S0, S0, Rp]})
+    c["swiglu"] = (  # packed [gate | up] halves
+        lambda x: ops.swiglu(x), lambda: [torch.randn(B, L, 2 * D)], {"batch": [S0], "seq": [S1], "replicate": [Rp]})
+    c["swiglu/two"] = (
+        lambda g, u: ops.swiglu(g, u), lambda: [torch.randn(B, L, D), torch.randn(B, L, D)],
+        {"batch": [S0, S0], "seq": [S1, S1]})
     c["gelu_tanh_backward/fwd"] = (  # a backward op itself (no autograd): rows of (B·L, N); dbias Partial
         lambda dy, pre: ops.gelu_tanh_backward(dy.detach(), pre.detach()),
         lambda: [torch.randn(B * L, 3 * D), 2 * torch.randn(B * L, 3 * D)],
@@ -123,10 +128,11 @@ def _triton_attention():
 
 # backends whose fast path is a custom op on CPU, and the ops each implements
 _BACKEND_OPS = {
-    "reference": ("norm_modulate", "gated_residual_norm_modulate", "rms_norm", "qk_norm_rope", "gelu_tanh_backward"),
+    "reference": ("norm_modulate", "gated_residual_norm_modulate", "rms_norm", "qk_norm_rope", "gelu_tanh_backward",
+                  "swiglu"),
     "triton": ("norm_modulate", "norm_modulate_dual", "gated_residual", "gated_residual_norm_modulate", "rms_norm", "apply_rope", "qk_norm_rope",
                "qk_norm_rope/table_grad", "flash_attention", "prepare_attention", "prepare_attention/fwd",
-               "gelu_tanh_backward"),
+               "gelu_tanh_backward", "swiglu"),
     "cuda": ("norm_modulate", "gated_residual_norm_modulate", "apply_rope", "qk_norm_rope", "prepare_attention",
              "prepare_attention/fwd"),
 }

@@ -59,7 +59,7 @@ def test_attention_backward_does_not_spill(report):
 
 @pytest.mark.skipif(ON_GPU, reason="with a GPU every kernel test compiles and runs the kernels")
 def test_modulate_and_rope_kernels_do_not_spill(report):
-    for prefix in ("_norm_modulate", "_gated_residual", "_norm_rope", "_gelu_tanh_bwd"):
+    for prefix in ("_norm_modulate", "_gated_residual", "_norm_rope", "_gelu_tanh_bwd", "_swiglu"):
         for r in _rows(report, prefix):
             assert r["spills"] == 0, r
 

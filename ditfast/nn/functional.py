@@ -414,7 +414,7 @@ def flux_double(img: Tensor, txt: Tensor, img_mod: Sequence[Tensor], txt_mod: Se
 
 def flux_single(x: Tensor, mod: Sequence[Tensor], rope: Rope, s: Stream, *, head_dim: int,
                 qk_eps: float = 1e-6, attention: Attention = None, attn_call: Optional[Callable] = None,
-                gelu_linear: Optional[Module] = None) -> Tensor:
+                gelu_linear: Optional[Module] = None, packed_act: Optional[Module] = None) -> Tensor:
     """FLUX single-stream block (attention and MLP in parallel): x [txt, img] (B, L, D) -> (B, L, D).
 
     mod: (shift, scale, gate). ``s.proj`` is the output Linear over ``[attention | MLP hidden]``
@@ -426,12 +426,18 @@ def flux_single(x: Tensor, mod: Sequence[Tensor], rope: Rope, s: Stream, *, head
     Linear of ``s.mlp`` when ``s.mlp(h)`` is ``gelu(gelu_linear(h), approximate="tanh")`` (diffusers'
     ``proj_mlp``); with separate q / k / v Linears, all four then run as :func:`linears_of_one_input`
     where it applies (training: one input gradient, no adds), and in inference as before (``s.mlp``).
+    packed_act: with a packed ``s.qkv``, the activation of its MLP columns in place of GELU(tanh) (FLUX.2's
+    SwiGLU over ``[gate | up]``: ``[q | k | v | gate | up]`` is one matmul's output).
     """
     shift, scale, gate = mod
     h = ops.norm_modulate(x, shift, scale, eps=s.eps)
     if attn_call is not None:
         return ops.gated_residual(x, linear_of_concat(s.proj, (attn_call(h), s.mlp(h))), gate)
-    if s.mlp is None:
+    if s.mlp is None and packed_act is not None:
+        out, width = s.qkv(h), 3 * x.shape[-1]
+        q, k, v = out[..., :width].unflatten(-1, (3, -1, head_dim)).unbind(-3)
+        mlp = packed_act(out[..., width:])
+    elif s.mlp is None:
         qkv, mlp = linear_gelu_tail(s.qkv, h, 3 * x.shape[-1])
         q, k, v = qkv.unflatten(-1, (3, -1, head_dim)).unbind(-3)
     elif gelu_linear is not None and isinstance(s.qkv, tuple) and torch.is_grad_enabled() and h.requires_grad:

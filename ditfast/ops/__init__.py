@@ -5,6 +5,7 @@ from .modulate import gated_residual, gated_residual_norm_modulate, norm_modulat
 from .rope import apply_rope, qk_norm_rope, rms_norm, rope_freqs
 from .prepare import prepare_attention
 from .gelu import gelu_tanh_backward
+from .swiglu import swiglu
 from .attention import backend_report, choose_backend, explain_choice, joint_attention, joint_attention_streams
 from . import cuda_impl  # noqa: F401,E402  (the "cuda" backend: ditfast._C, loaded lazily; safe without it)
 
@@ -19,6 +20,7 @@ __all__ = [
     "qk_norm_rope",
     "prepare_attention",
     "gelu_tanh_backward",
+    "swiglu",
     "joint_attention",
     "joint_attention_streams",
     "choose_backend",

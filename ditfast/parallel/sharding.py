@@ -183,6 +183,13 @@ def weight_grads(name):
     return role
 
 
+def act_if(name: str):
+    """An output shaped like activation argument ``name``, or an empty placeholder (replicated) without it."""
+    def role(mode, spec, a):
+        return R if a[name] is None else act(mode, spec, a)
+    return role
+
+
 def bias_grad_if(flag: str):
     """A bias gradient (N,), a sum over the rows: Partial when the rows are sharded; an empty placeholder
     (``flag`` False) is replicated."""
@@ -298,6 +305,9 @@ RULES: Dict[str, Rule] = {
     # B·L, so a batch- or sequence-sharded activation is a row-sharded one ("batch" = dim 0 here) ---
     "ditfast::gelu_tanh_backward": _rule({"dy": act, "pre": act}, [act, bias_grad_if("bias_grad")],
                                          ("replicate", "batch")),
+    # --- SwiGLU (ditfast/ops/swiglu.py): elementwise over rows; the packed form's last dim is never sharded ---
+    "ditfast::swiglu": _rule({"x": act, "up": act}, [act], _MOD_MODES),
+    "ditfast::swiglu_backward": _rule({"dy": act, "x": act, "up": act}, [act, act_if("up")], _MOD_MODES),
     # --- prepare (ditfast/ops/prepare.py): forward only, see _LIST_OUTPUTS (ops.prepare_attention: local.py) ---
     "ditfast::prepare_attention": _rule(
         {"qs": act, "ks": act, "vs": act, "q_weights": weight, "k_weights": weight, "cos": table, "sin": table},
@@ -370,7 +380,8 @@ def _overload(op_name: str):
 
 # modules that define ditfast custom ops; imported by register() (none imports triton or loads a GPU)
 _OP_MODULES = ("ditfast.ops.modulate", "ditfast.ops.rope", "ditfast.ops.prepare", "ditfast.ops._attention_triton",
-               "ditfast.ops.attention", "ditfast.ops.gelu")
+               "ditfast.ops.attention", "ditfast.ops.gelu",
+               "ditfast.ops.swiglu")
 _IMPORTED = False
 
 
