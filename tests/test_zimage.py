@@ -314,9 +314,9 @@ def test_patched_block_runs_the_fused_ops():
         out.sum().backward()
     fwd = [n for n in rec.names if not n.endswith("backward")]
     assert fwd == ["norm_modulate_x", "prepare_attention", "flash_attention", "gated_residual_norm_modulate_x",
-                   "gated_residual_x"], fwd
+                   "swiglu", "gated_residual_x"], fwd
     for n in ("norm_modulate_x_backward", "gated_residual_norm_modulate_x_backward", "gated_residual_x_backward",
-              "flash_attention_backward"):
+              "flash_attention_backward", "swiglu_backward"):
         assert n in rec.names, (n, rec.names)
 
 

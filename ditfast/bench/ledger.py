@@ -477,8 +477,29 @@ def wan_case(*, B=1, frames=21, h=90, w=160, Lt=512, layers=40, heads=40, head_d
     return ModelCase("wan-14b", label, build, inputs)
 
 
+def flux2_case(*, B=1, Li=4096, Lt=512, double=8, single=48, heads=48, head_dim=128, in_channels=128, ctx=15360,
+               label="FLUX.2-dev, 1024² (4096 image + 512 text tokens), batch 1") -> ModelCase:
+    """FLUX.2-dev at 1024² (64 x 64 latent tokens of 128 channels), a 512-token prompt, guidance embedded."""
+    def build():
+        from diffusers import Flux2Transformer2DModel
+
+        return Flux2Transformer2DModel(in_channels=in_channels, num_layers=double, num_single_layers=single,
+                                       attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=ctx)
+
+    def inputs():
+        bf = torch.bfloat16
+        side, p = max(1, int(Li ** 0.5)), torch.arange(Li)
+        img_ids = torch.stack([torch.zeros_like(p), p // side, p % side, torch.zeros_like(p)], -1).float()
+        txt_ids = torch.stack([torch.zeros(Lt), torch.zeros(Lt), torch.zeros(Lt), torch.arange(Lt).float()], -1)
+        return dict(hidden_states=torch.randn(B, Li, in_channels, dtype=bf), encoder_hidden_states=torch.randn(B, Lt, ctx, dtype=bf),
+                    timestep=torch.full((B,), 0.5, dtype=bf), img_ids=img_ids, txt_ids=txt_ids,
+                    guidance=torch.full((B,), 4.0, dtype=bf), return_dict=False)
+
+    return ModelCase("flux2-dev", label, build, inputs)
+
+
 def model_cases() -> List[ModelCase]:
-    return [flux_case(), sd3_case(), dit_case(), qwen_case(), zimage_case(), wan_case()]
+    return [flux_case(), sd3_case(), dit_case(), qwen_case(), flux2_case(), zimage_case(), wan_case()]
 
 
 @contextlib.contextmanager
@@ -708,7 +729,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ditfast.bench ledger",
                                 description="bytes, FLOPs and calls per op of full-size model steps (counted under "
                                             "FakeTensorMode), with predicted step times. " + PREDICTION_NOTE)
-    p.add_argument("--models", default="all", help="comma list of flux, sd3.5, dit-xl-2, qwen-image, z-image, wan-14b (default: all)")
+    p.add_argument("--models", default="all", help="comma list of flux, sd3.5, dit-xl-2, qwen-image, flux2-dev, z-image, wan-14b (default: all)")
     p.add_argument("--modes", default="inference,training", help="inference, training or both (default)")
     p.add_argument("--device", default="h100", help=f"whose peaks predict the times: {', '.join(SPEC_PEAKS)} "
                                                     "or any device with a results folder (default: h100)")

@@ -14,6 +14,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .. import ops
 from ..nn import functional as F
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what ditfast.ops accept
@@ -187,6 +188,17 @@ def gelu_tanh_ff(ff: nn.Module, h: torch.Tensor) -> torch.Tensor:
     for module in net[1:]:
         h = module(h)
     return h
+
+
+def swiglu_ff(ff: nn.Module, h: torch.Tensor, ff_class: str, act_class: str) -> torch.Tensor:
+    """``ff(h)`` for diffusers' packed-SwiGLU feed-forwards (``Flux2FeedForward`` / ``Flux3FeedForward``:
+    ``linear_in``, SwiGLU over ``[gate | up]``, ``linear_out``): the Linears called as modules around
+    :func:`ditfast.ops.swiglu` (one pass) when the feed-forward is ``ff_class`` and its activation
+    ``act_class``, both diffusers' own and unhooked; anything else: ``ff`` is called."""
+    act = getattr(ff, "act_fn", None)
+    if not (is_diffusers(ff, ff_class) and F.unhooked(ff) and is_diffusers(act, act_class) and F.unhooked(act)):
+        return ff(h)
+    return ff.linear_out(ops.swiglu(ff.linear_in(h)))
 
 
 def feed_forward(block, ff: nn.Module, h: torch.Tensor) -> torch.Tensor:

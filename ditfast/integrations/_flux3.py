@@ -19,8 +19,9 @@ What the diffusers blocks do, and how this module adapts them:
   ``fuse_projections``), per-head ``torch.nn.RMSNorm`` QK-norm computed in fp32 (ditfast's prepare
   computes in fp32 anyway), RoPE with diffusers' repeat-interleaved (cos, sin) tables (L, Dh)
   (FLUX.1's format: ditfast reads ``cos[:, 0::2]``), ``to_out`` (Linear, Dropout).
-* MLP: ``Flux3FeedForward`` (``linear_in``, SwiGLU over its two halves, ``linear_out``), called as the
-  module (LoRA and hooks on it work).
+* MLP: ``Flux3FeedForward`` (``linear_in``, SwiGLU over its two halves, ``linear_out``): its Linears called as
+  modules around :func:`ditfast.ops.swiglu` (``_common.swiglu_ff``); a hooked or replaced feed-forward is
+  called as the module.
 
 diffusers' own forward runs instead (same call, same result), with a one-time warning per reason, for:
 an attention processor other than ``Flux3AttnProcessor``; dtypes other than fp32 / bf16 / fp16; RoPE
@@ -50,6 +51,7 @@ from ._common import (
     out_proj,
     rms_eps,
     rms_weight,
+    swiglu_ff,
     warn_fallback_once,
 )
 from ._flux import rope_tables
@@ -76,7 +78,8 @@ def _fallback(block, length: int, image_rotary_emb, *tensors):
 def _stream(block) -> F.Stream:
     attn = block.attn
     qkv = attn.to_qkv if getattr(attn, "fused_projections", False) else (attn.to_q, attn.to_k, attn.to_v)
-    return F.Stream(qkv, functools.partial(out_proj, attn), block.ff, rms_weight(attn.norm_q), rms_weight(attn.norm_k),
+    ff = functools.partial(swiglu_ff, block.ff, ff_class="Flux3FeedForward", act_class="Flux3SwiGLU")
+    return F.Stream(qkv, functools.partial(out_proj, attn), ff, rms_weight(attn.norm_q), rms_weight(attn.norm_k),
                     block.norm.eps)
 
 

@@ -22,7 +22,8 @@ What the diffusers block does, and how this module adapts it:
   per-head RMS QK-norm (``norm_q/k``), RoPE as complex products of consecutive pairs with the
   per-sample complex64 ``freqs_cis`` (B, L, Dh/2): ditfast's interleaved rotation with ``cos = real``,
   ``sin = imag`` (fp32, diffusers' tables, never rebuilt); ``to_out`` (Linear, Dropout).
-* MLP: ``FeedForward`` (w2(silu(w1 x) * w3 x)), called as the module (LoRA and hooks on it work).
+* MLP: ``FeedForward`` (w2(silu(w1 x) * w3 x)): its three Linears called as modules (LoRA works) around
+  :func:`ditfast.ops.swiglu`; a hooked feed-forward is called as the module.
 
 diffusers' own forward runs instead (same call, same result), with a one-time warning per reason, for:
 an ``attn_mask`` that masks a token (ditfast's attention takes no mask yet; per-sample key lengths
@@ -39,6 +40,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
+from .. import ops
 from ..nn import functional as F
 from . import _context_parallel, _hooks
 from ._common import (
@@ -117,6 +119,15 @@ def _modulation(block, x, adaln_input, noise_mask, adaln_noisy, adaln_clean):
     return tuple(torch.where(pick, n.unsqueeze(1), c.unsqueeze(1)) for n, c in zip(noisy, clean))
 
 
+def _feed_forward(ff, h):
+    """Z-Image's ``FeedForward`` (w2(silu(w1 h) * w3 h)): its Linears called as modules around
+    :func:`ditfast.ops.swiglu` when it is diffusers' own class (exactly), unhooked, its gating not replaced on
+    the instance; else the module."""
+    if is_diffusers(ff, "FeedForward") and F.unhooked(ff) and "_forward_silu_gating" not in ff.__dict__:
+        return ff.w2(ops.swiglu(ff.w1(h), ff.w3(h)))
+    return ff(h)
+
+
 def zimage_block_forward(self, x, attn_mask, freqs_cis, adaln_input=None, noise_mask=None, adaln_noisy=None,
                          adaln_clean=None):
     """ditfast forward of diffusers' ``ZImageTransformerBlock``; returns x."""
@@ -133,7 +144,8 @@ def zimage_block_forward(self, x, attn_mask, freqs_cis, adaln_input=None, noise_
     if why is not None or _hooks.falls_back(self, _BYPASSED):
         return type(self).forward(self, x, attn_mask, freqs_cis, adaln_input, noise_mask, adaln_noisy, adaln_clean)
     mod = _modulation(self, x, adaln_input, noise_mask, adaln_noisy, adaln_clean)
-    s = F.Stream((attn.to_q, attn.to_k, attn.to_v), functools.partial(out_proj, attn), self.feed_forward,
+    s = F.Stream((attn.to_q, attn.to_k, attn.to_v), functools.partial(out_proj, attn),
+                 functools.partial(_feed_forward, self.feed_forward),
                  rms_weight(attn.norm_q), rms_weight(attn.norm_k), self.attention_norm1.eps)
     return F.sandwich_block(x, mod, s, tuple(getattr(self, n).weight for n in _NORMS), head_dim=head_dim,
                             eps=float(self.attention_norm1.eps), qk_eps=rms_eps(attn.norm_q, default=1e-5),

@@ -19,6 +19,8 @@ Supported blocks (exact diffusers classes, diffusers >= 0.35):
                                   Qwen-Image-Edit / 2509 / 2511, 2512, ``QwenImageControlNetModel``)
 ``ZImageTransformerBlock``        Z-Image single-stream "sandwich" block, its refiners included
                                   (``ZImageTransformer2DModel``: Turbo, Base, Omni)
+``Flux2TransformerBlock``         FLUX.2 double-stream block (``Flux2Transformer2DModel``)
+``Flux2SingleTransformerBlock``   FLUX.2 single-stream block (packed ``[q|k|v|gate|up]`` projection)
 ``Flux3ModeTransformerBlock``     FLUX.3 per-mode parallel-residual block (``Flux3Transformer2DModel``)
 ``Flux3SingleTransformerBlock``   FLUX.3 joint single block over [text; content]
 ``WanTransformerBlock``           Wan 2.x self-attention + cross-attention block (``WanTransformer3DModel``)
@@ -51,13 +53,13 @@ from typing import Dict, List, Tuple
 
 from torch import nn
 
-from . import _context_parallel, _dit, _flux, _flux3, _hooks, _qwenimage, _sd3, _wan, _zimage
+from . import _context_parallel, _dit, _flux, _flux2, _flux3, _hooks, _qwenimage, _sd3, _wan, _zimage
 from ._common import BlockSpec
 
 __all__ = ["patch", "unpatch", "is_patched", "UnsupportedModelError", "SUPPORTED_BLOCKS"]
 
 _SPECS: Dict[str, BlockSpec] = {s.name: s for s in _flux.SPECS + _sd3.SPECS + _dit.SPECS + _qwenimage.SPECS
-                                 + _zimage.SPECS + _flux3.SPECS + _wan.SPECS}
+                                 + _zimage.SPECS + _flux2.SPECS + _flux3.SPECS + _wan.SPECS}
 _FORWARDS = frozenset(s.forward for s in _SPECS.values())
 SUPPORTED_BLOCKS: Tuple[str, ...] = tuple(_SPECS)
 # what each block class serves, and what runs diffusers' forward instead (python -m ditfast.info prints it)
@@ -75,6 +77,10 @@ FAMILIES: Dict[str, Tuple[str, str]] = {
                                   "QwenImageControlNetModel)", "a text mask that masks tokens, kwargs, float64"),
     "ZImageTransformerBlock": ("Z-Image Turbo / Base / Omni, refiners included (ZImageTransformer2DModel)",
                                "an attn_mask that masks tokens (unequal lengths in a batch), float64"),
+    "Flux2TransformerBlock": ("FLUX.2 dev / klein double-stream (Flux2Transformer2DModel)",
+                              "joint_attention_kwargs (the KV-cache modes), custom processors, float64"),
+    "Flux2SingleTransformerBlock": ("FLUX.2 single-stream ([q|k|v|gate|up] in one projection)",
+                                    "as the double-stream block"),
     "Flux3ModeTransformerBlock": ("FLUX.3 per-mode blocks (Flux3Transformer2DModel)",
                                   "custom processors, hooked attention / norm, float64"),
     "Flux3SingleTransformerBlock": ("FLUX.3 joint single blocks over [text; image; reference images]",

@@ -34,7 +34,7 @@ Attention = Optional[Callable[[Tensor, Tensor, Tensor], Tensor]]
 
 __all__ = ["Stream", "qkv_heads", "attend", "dit_block", "flux_double", "flux_single", "sd3_joint", "final_layer",
            "unhooked", "plain_linear", "linear_of_concat", "linear_gelu_tanh", "linears_of_one_input",
-           "linear_gelu_tail", "sandwich_block", "parallel_block", "cross_block", "CrossKV"]
+           "linear_gelu_tail", "linear_split", "sandwich_block", "parallel_block", "cross_block", "CrossKV"]
 
 
 class Stream(NamedTuple):
@@ -322,6 +322,62 @@ class _LinearGeluTail(torch.autograd.Function):
         return dh, dw, dbias, None
 
 
+class _LinearSplit(torch.autograd.Function):
+    """``out = h @ Wᵀ + b`` returned as its two column blocks ``(out[:, :width], out[:, width:])``, computed
+    as two matmuls over the row blocks of W (the same FLOPs as one). Backward: the input gradient
+    accumulated by the matmuls, the weight gradient's row blocks written straight into one (N, K)
+    tensor, the bias gradient's halves concatenated (N elements): none of the (T, N) zero-filled
+    slice-backward copies and adds that autograd spends on two slices of one output."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, width):
+        wh, wt = weight[:width], weight[width:]
+        if bias is None:
+            head, tail = torch.mm(h, wh.t()), torch.mm(h, wt.t())
+        else:
+            head, tail = torch.addmm(bias[:width], h, wh.t()), torch.addmm(bias[width:], h, wt.t())
+        ctx.width, ctx.has_bias = width, bias is not None
+        ctx.save_for_backward(h, weight)
+        return head, tail
+
+    @staticmethod
+    def backward(ctx, dhead, dtail):
+        h, weight = ctx.saved_tensors
+        width, need = ctx.width, ctx.needs_input_grad
+        dh = dw = dbias = None
+        if need[0]:
+            dh = torch.mm(dhead, weight[:width])
+            dh = torch.addmm(dh, dtail, weight[width:]) if torch.compiler.is_compiling() or torch.is_grad_enabled() \
+                else dh.addmm_(dtail, weight[width:])
+        if need[1]:
+            if torch.compiler.is_compiling() or torch.is_grad_enabled():  # out= is neither traced nor differentiable
+                dw = torch.cat((torch.mm(dhead.t(), h), torch.mm(dtail.t(), h)))
+            else:
+                dw = torch.empty_like(weight)
+                torch.mm(dhead.t(), h, out=dw[:width])
+                torch.mm(dtail.t(), h, out=dw[width:])
+        if ctx.has_bias and need[2]:
+            dbias = torch.cat((dhead.sum(0), dtail.sum(0)))
+        return dh, dw, dbias, None
+
+
+def linear_split(linear: Module, h: Tensor, width: int) -> Tuple[Tensor, Tensor]:
+    """``(out[..., :width], out[..., width:])`` of ``out = linear(h)``. In training, for a
+    :func:`plain_linear` of ``h``'s dtype, as :class:`_LinearSplit` (no slice-backward copies); otherwise
+    the module and two slices."""
+    fused = (
+        torch.is_grad_enabled() and plain_linear(linear) and _plain_tensor(h)
+        and (h.requires_grad or linear.weight.requires_grad)
+        and h.dtype == linear.weight.dtype and (linear.bias is None or linear.bias.dtype == h.dtype)
+    )
+    if not fused:
+        out = linear(h)
+        return out[..., :width], out[..., width:]
+    head, tail = _LinearSplit.apply(h.reshape(-1, h.shape[-1]), linear.weight, linear.bias, width)
+    lead = h.shape[:-1]
+    return head.view(*lead, width), tail.view(*lead, tail.shape[-1])
+
+
 def linear_gelu_tail(linear: Module, h: Tensor, width: int) -> Tuple[Tensor, Tensor]:
     """``(out[..., :width], gelu(out[..., width:], approximate="tanh"))`` of ``out = linear(h)``. In
     training, for a :func:`plain_linear` of ``h``'s dtype, as :class:`_LinearGeluTail` (the GELU
@@ -434,9 +490,9 @@ def flux_single(x: Tensor, mod: Sequence[Tensor], rope: Rope, s: Stream, *, head
     if attn_call is not None:
         return ops.gated_residual(x, linear_of_concat(s.proj, (attn_call(h), s.mlp(h))), gate)
     if s.mlp is None and packed_act is not None:
-        out, width = s.qkv(h), 3 * x.shape[-1]
-        q, k, v = out[..., :width].unflatten(-1, (3, -1, head_dim)).unbind(-3)
-        mlp = packed_act(out[..., width:])
+        qkv, pre = linear_split(s.qkv, h, 3 * x.shape[-1])
+        q, k, v = qkv.unflatten(-1, (3, -1, head_dim)).unbind(-3)
+        mlp = packed_act(pre)
     elif s.mlp is None:
         qkv, mlp = linear_gelu_tail(s.qkv, h, 3 * x.shape[-1])
         q, k, v = qkv.unflatten(-1, (3, -1, head_dim)).unbind(-3)
