@@ -251,8 +251,11 @@ def test_full_size_flux2_ledger():
     for mode in ("inference", "training"):
         r = report["models"][0]["modes"][mode]
         assert r["patched"]["bytes_outside_matmul_attention"] <= 0.25 * r["eager"]["bytes_outside_matmul_attention"], mode
-        ops_run = {o["op"] for o in r["patched"]["ops"]}
-        assert "ditfast.swiglu" in ops_run and "aten.slice_backward" not in ops_run  # (aten.silu: the modulation's)
+        ops_run = {o["op"]: o["bytes"] for o in r["patched"]["ops"]}
+        assert "ditfast.swiglu" in ops_run
+        # no slice-backward copies of the single blocks' packed projection (0.1 GB remain: the model's final
+        # slice of the image tokens out of the joint sequence)
+        assert ops_run.get("aten.slice_backward", 0) < 1e9
 
 
 def test_command_line(tmp_path, capsys):
