@@ -71,7 +71,8 @@ if [ "$#" -eq 0 ]; then
     if [ -n "${ALL:-}" ]; then
         set -- tests
     else
-        set -- tests/test_op_schemas.py tests/test_modulate.py tests/test_rope.py tests/test_prepare.py \
+        set -- tests/test_op_schemas.py tests/test_modulate.py tests/test_modulate_options.py tests/test_rope.py \
+               tests/test_prepare.py tests/test_gelu.py tests/test_swiglu.py \
                tests/test_attention.py tests/test_attention_kernel.py tests/test_cuda_ext.py \
                tests/test_patch.py tests/test_training.py
     fi

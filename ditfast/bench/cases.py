@@ -57,6 +57,13 @@ def gelu_backward_bytes(T: int, N: int, elt: int) -> Dict[str, int]:
     return {"fwd": (3 * T * N + N) * elt}
 
 
+def swiglu_bytes(T: int, N: int, elt: int) -> Dict[str, int]:
+    """swiglu of a packed (T, 2N) [gate | up]: forward reads 2N and writes N per token; backward reads dy, gate
+    and up (3N) and writes both halves' gradients (2N)."""
+    fwd = 3 * T * N * elt
+    return {"fwd": fwd, "fwd_bwd": fwd + 5 * T * N * elt}
+
+
 def head_op_bytes(op: str, B: int, L: int, H: int, Dh: int, elt: int, *, table_rows: Optional[int] = None) -> Dict[str, int]:
     """Bytes that must move for the per-head ops on (B, L, H, Dh) tensors.
 
@@ -178,6 +185,8 @@ MOD_OPS = ("norm_modulate", "gated_residual", "gated_residual_norm_modulate")
 def _op_case(name: str, label: str, dims: dict, elt: int, *, graph=False, target=False) -> Case:
     if name == "gelu_tanh_backward":
         work = gelu_backward_bytes(dims["T"], dims["N"], elt)
+    elif name == "swiglu":
+        work = swiglu_bytes(dims["T"], dims["N"], elt)
     elif "H" in dims:
         work = head_op_bytes(name, dims["B"], dims["L"], dims["H"], dims["Dh"], elt)
     else:
@@ -195,12 +204,16 @@ def op_cases(elt: int, *, tiny: bool, quick: bool) -> List[Case]:
         cases = [_op_case(op, "tiny", TINY, elt, graph=True, target=True) for op in MOD_OPS]
         cases += [_op_case("norm_modulate_dual", "tiny", TINY, elt),
                   _op_case("gelu_tanh_backward", "tiny", dict(T=77, N=200), elt),
+                  _op_case("swiglu", "tiny", dict(T=77, N=200), elt),
                   _op_case("qk_norm_rope", "tiny", heads, elt, graph=True, target=True)]
         return cases if quick else cases + [_op_case(op, "tiny", heads, elt) for op in ("rms_norm", "apply_rope")]
     cases = [_op_case(op, "FLUX-dev", FLUX, elt, target=True) for op in MOD_OPS]
     cases.append(_op_case("qk_norm_rope", "FLUX-dev", _heads(FLUX, 24), elt, target=True))
     # the training backward of the MLP's first Linear: FLUX single block (4608 tokens, hidden 4·3072)
     cases.append(_op_case("gelu_tanh_backward", "FLUX-dev MLP", dict(T=4608, N=12288), elt))
+    # FLUX.2-dev's single-block SwiGLU (4608 tokens, 3 x 6144 per half) and Z-Image's (hidden 10240)
+    cases.append(_op_case("swiglu", "FLUX.2-dev MLP", dict(T=4608, N=18432), elt))
+    cases.append(_op_case("swiglu", "Z-Image MLP", dict(T=4608, N=10240), elt))
     if quick:
         return cases
     cases += [_op_case(op, "FLUX text", FLUX_TXT, elt, graph=True) for op in MOD_OPS]

@@ -230,7 +230,7 @@ OP_KERNELS = {"norm_modulate": ("_norm_modulate_",), "norm_modulate_dual": ("_no
               "gated_residual_norm_modulate": ("_gated_residual_norm_modulate_",),
               "rms_norm": ("_norm_rope_",), "apply_rope": ("_norm_rope_",), "qk_norm_rope": ("_norm_rope_",),
               "joint_attention": ("_attn_",), "prepare_attention": ("_prepare_",),
-              "gelu_tanh_backward": ("_gelu_tanh_bwd",)}
+              "gelu_tanh_backward": ("_gelu_tanh_bwd",), "swiglu": ("_swiglu_",)}
 
 
 def _family(label: str) -> str:

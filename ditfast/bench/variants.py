@@ -174,6 +174,9 @@ def op_inputs(case: Case, device, dtype):
     if name == "gelu_tanh_backward":  # a backward op: plain inputs, nothing to differentiate
         dy, pre = (torch.randn(d["T"], d["N"], device=device).to(dtype) for _ in range(2))
         return [], lambda fn: fn(dy, pre)
+    if name == "swiglu":  # the packed [gate | up] columns of one projection
+        x = leaf((d["T"], 2 * d["N"]), device, dtype)
+        return [x], lambda fn: fn(x)
     if "H" not in d:
         B, L, D = d["B"], d["L"], d["D"]
         x, vecs = leaf((B, L, D), device, dtype), [leaf((B, D), device, dtype, scale=0.1) for _ in range(4)]
