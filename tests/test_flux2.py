@@ -20,7 +20,6 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import ditfast
 from conftest import ON_GPU
@@ -36,6 +35,16 @@ from diffusers.models.transformers.transformer_flux2 import (  # noqa: E402
     Flux2TransformerBlock,
 )
 
+from family_helpers import (  # noqa: E402
+    CallCounter,
+    DitfastOps,
+    assert_same_run,
+    block_run,
+    interpreter,
+    leaves_of,
+    one_warning,
+    run_model,
+)
 from helpers import randomize_  # noqa: E402
 
 B, D, H, DH = 2, 80, 2, 40
@@ -43,7 +52,6 @@ AXES = (8, 8, 8, 16)
 LI, LT = 15, 7
 CFG = dict(in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=DH, num_attention_heads=H,
            joint_attention_dim=24, timestep_guidance_channels=32, axes_dims_rope=AXES)
-TOL = 1e-5
 
 
 @pytest.fixture(autouse=True)
@@ -74,59 +82,23 @@ def model_inputs(seed: int = 1) -> dict:
                 guidance=torch.tensor([3.5, 4.0]))
 
 
-def run(model, inputs, seed: int = 7):
-    out = model(**inputs, return_dict=False)[0]
-    cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    named += [(f"input:{k}", v) for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
-    grads = torch.autograd.grad((out * cot).sum(), [t for _, t in named], allow_unused=True)
-    return out.detach(), {n: gr for (n, _), gr in zip(named, grads)}
-
-
-def assert_same_run(got, ref, what: str, exact: bool = False) -> None:
-    (out_g, grads_g), (out_r, grads_r) = got, ref
-    for name, a, b in [("output", out_g, out_r)] + [(f"grad {n}", grads_g[n], grads_r[n]) for n in grads_r]:
-        assert (a is None) == (b is None), f"{what}: {name} is None in one run only"
-        if b is None:
-            continue
-        if exact:
-            assert torch.equal(a, b), f"{what}: {name} is not bit-identical"
-        else:
-            err = (a.double() - b.double()).abs().max().item()
-            assert err <= TOL * max(1.0, b.abs().max().item()), f"{what}: {name}: max error {err:.3g}"
-
-
-class AttentionCounter:
-    def __init__(self, monkeypatch):
-        from ditfast.nn import functional
-
-        self.calls = 0
-        real = functional.attend
-
-        def counting(*args, **kwargs):
-            self.calls += 1
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(functional, "attend", counting)
-
-
 @pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
 def test_model_matches_diffusers(fused, monkeypatch):
     model = flux2_model(fused)
     inputs = model_inputs()
-    ref = run(model, inputs)
+    ref = run_model(model, inputs)
     keys = list(model.state_dict())
-    counter = AttentionCounter(monkeypatch)
+    counter = CallCounter(monkeypatch, "attend")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert patch(model) is model and is_patched(model)
-        got = run(model, inputs)
+        got = run_model(model, inputs)
     assert counter.calls == CFG["num_layers"] + CFG["num_single_layers"]
     assert_same_run(got, ref, "patched")
     assert list(model.state_dict()) == keys
     unpatch(model)
     counter.calls = 0
-    again = run(model, inputs)
+    again = run_model(model, inputs)
     assert counter.calls == 0
     assert_same_run(again, ref, "after unpatch", exact=True)
 
@@ -155,67 +127,26 @@ def make_block(cls, seed: int = 2):
     return randomize_(cls(D, H, DH), seed=seed).eval()
 
 
-def leaves_of(kw, dtype, device="cpu"):
-    out = {}
-    for k, v in kw.items():
-        if isinstance(v, tuple):
-            out[k] = tuple(t.to(device) for t in v)
-        elif isinstance(v, torch.Tensor):
-            out[k] = v.detach().to(device, dtype).requires_grad_()
-        else:
-            out[k] = v
-    return out
-
-
-def block_run(block, kw, seed: int = 11):
-    outs = block(**kw)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    g = torch.Generator().manual_seed(seed)
-    loss = sum((o.float() * torch.randn(o.shape, generator=g).to(o.device)).sum() for o in outs)
-    ins = [k for k, v in kw.items() if isinstance(v, torch.Tensor) and v.requires_grad]
-    params = list(block.named_parameters())
-    grads = torch.autograd.grad(loss, [kw[k] for k in ins] + [p for _, p in params])
-    names = [f"input {k}" for k in ins] + [n for n, _ in params]
-    reduced = [k.startswith("temb") for k in ins] + [True] * len(params)
-    return [o.detach().cpu() for o in outs], [gr.cpu() for gr in grads], names, reduced
-
-
-def _interpreter() -> bool:
-    return ditfast._backend.availability("triton", "cpu")[0]
-
-
 @pytest.mark.parametrize("kind", ["double", "single", "single-split"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_block_by_the_rule(backend, dtype, kind, device):
-    if backend == "triton" and not ON_GPU and not _interpreter():
+    if backend == "triton" and not ON_GPU and not interpreter():
         pytest.skip("the Triton interpreter is not available")
     cls, kw = block_case(kind)
-    ref32 = block_run(make_block(cls).to(device), leaves_of(kw, torch.float32, device))
+    red = lambda k, t: k.startswith("temb")  # noqa: E731  (the shared (B, ·) modulations: sums over tokens)
+    ref32 = block_run(make_block(cls).to(device), leaves_of(kw, torch.float32, device), reduced=red)
     low_block = make_block(cls).to(device, dtype)
-    low = block_run(low_block, leaves_of(kw, dtype, device))
+    low = block_run(low_block, leaves_of(kw, dtype, device), reduced=red)
     patch(nn.ModuleList([low_block]))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with ditfast.use_backend(backend):
-            fast = block_run(low_block, leaves_of(kw, dtype, device))
+            fast = block_run(low_block, leaves_of(kw, dtype, device), reduced=red)
     assert_by_rule(fast[0], ref32[0], low[0], atol=1e-4, name="block")
     for n, f, r, lp, red in zip(fast[2], fast[1], ref32[1], low[1], fast[3]):
         assert f.dtype == dtype and r.abs().max() > 0, n
         assert_by_rule(f, r, lp, atol=1e-4, name=f"grad {n}", reduced=red)
-
-
-def _one_warning(fn, match: str):
-    with warnings.catch_warnings(record=True) as first:
-        warnings.simplefilter("always")
-        a = fn()
-    ours = [w for w in first if "ditfast" in str(w.message)]
-    assert ours and all(match in str(w.message) for w in ours), [str(w.message) for w in first]
-    with warnings.catch_warnings(record=True) as second:
-        warnings.simplefilter("always")
-        b = fn()
-    assert not [w for w in second if "ditfast" in str(w.message)], "the fallback warned twice"
-    return a, b
 
 
 def test_fallbacks_run_diffusers():
@@ -224,12 +155,12 @@ def test_fallbacks_run_diffusers():
     with torch.no_grad():
         patch(nn.ModuleList([block]))
         ref = type(block).forward(block, **kw, joint_attention_kwargs={"kv_cache": None})
-        got, _ = _one_warning(lambda: block(**kw, joint_attention_kwargs={"kv_cache": None}), "joint_attention_kwargs")
+        got, _ = one_warning(lambda: block(**kw, joint_attention_kwargs={"kv_cache": None}), "joint_attention_kwargs")
         assert all(torch.equal(a, b) for a, b in zip(got, ref))
         block.double()
         kw64 = {k: (v if isinstance(v, tuple) else v.double()) for k, v in kw.items()}
         ref = type(block).forward(block, **kw64)
-        got, _ = _one_warning(lambda: block(**kw64), "float64")
+        got, _ = one_warning(lambda: block(**kw64), "float64")
         assert all(torch.equal(a, b) for a, b in zip(got, ref))
         block.float()
 
@@ -238,12 +169,12 @@ def test_fallbacks_run_diffusers():
 
         block.attn.set_processor(MyProcessor())
         ref = type(block).forward(block, **kw)
-        got, _ = _one_warning(lambda: block(**kw), "processor")
+        got, _ = one_warning(lambda: block(**kw), "processor")
         assert all(torch.equal(a, b) for a, b in zip(got, ref))
         block.attn.set_processor(Flux2AttnProcessor())
         ref = type(block).forward(block, **kw)
         block.norm2.register_forward_hook(lambda *_: None)
-        got, _ = _one_warning(lambda: block(**kw), "norm2")
+        got, _ = one_warning(lambda: block(**kw), "norm2")
         assert all(torch.equal(a, b) for a, b in zip(got, ref))
 
 
@@ -255,28 +186,17 @@ def test_unsupported_blocks_are_refused():
     assert "forward" not in bad.__dict__
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func._schema.name.startswith("ditfast::"):
-            self.names.append(func._schema.name.split("::")[1])
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("kind", ["double", "single"])
 def test_patched_blocks_run_ditfast_ops(kind):
-    if not _interpreter():
+    if not interpreter():
         pytest.skip("the Triton interpreter is not available")
     cls, kw = block_case(kind)
     block = make_block(cls)
     patch(nn.ModuleList([block]))
-    with ditfast.use_backend("triton"), _Ops() as rec:
+    with ditfast.use_backend("triton"), DitfastOps() as rec:
         outs = block(**leaves_of(kw, torch.float32))
         sum(o.sum() for o in (outs if isinstance(outs, tuple) else (outs,))).backward()
-    fwd = [n for n in rec.names if not n.endswith("backward")]
+    fwd = rec.forward_names()
     if kind == "double":
         assert fwd == ["norm_modulate", "norm_modulate", "prepare_attention", "flash_attention",
                        "gated_residual_norm_modulate", "swiglu", "gated_residual", "gated_residual_norm_modulate",

@@ -19,7 +19,6 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import ditfast
 from conftest import ON_GPU
@@ -30,6 +29,16 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import WanTransformer3DModel  # noqa: E402
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, WanTransformerBlock  # noqa: E402
 
+from family_helpers import (  # noqa: E402
+    CallCounter,
+    DitfastOps,
+    assert_same_run,
+    block_run,
+    interpreter,
+    leaves_of,
+    one_warning,
+    run_model,
+)
 from helpers import randomize_  # noqa: E402
 
 B, D, H, DH = 2, 80, 2, 40
@@ -38,7 +47,6 @@ TOKENS = FRAMES * (HEIGHT // 2) * (WIDTH // 2)
 CFG = dict(patch_size=(1, 2, 2), num_attention_heads=H, attention_head_dim=DH, in_channels=4, out_channels=4, text_dim=24,
            freq_dim=32, ffn_dim=96, num_layers=2, cross_attn_norm=True, eps=1e-6, rope_max_seq_len=64)
 VARIANTS = {"t2v": {}, "i2v": dict(image_dim=16, added_kv_proj_dim=D), "ti2v": {}}
-TOL = 1e-5
 
 
 @pytest.fixture(autouse=True)
@@ -68,54 +76,18 @@ def model_inputs(variant: str, seed: int = 1) -> dict:
     return kw
 
 
-def run(model, inputs, seed: int = 7):
-    out = model(**inputs, return_dict=False)[0]
-    cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    named += [(f"input:{k}", v) for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
-    grads = torch.autograd.grad((out * cot).sum(), [t for _, t in named], allow_unused=True)
-    return out.detach(), {n: gr for (n, _), gr in zip(named, grads)}
-
-
-def assert_same_run(got, ref, what: str, exact: bool = False) -> None:
-    (out_g, grads_g), (out_r, grads_r) = got, ref
-    for name, a, b in [("output", out_g, out_r)] + [(f"grad {n}", grads_g[n], grads_r[n]) for n in grads_r]:
-        assert (a is None) == (b is None), f"{what}: {name} is None in one run only"
-        if b is None:
-            continue
-        if exact:
-            assert torch.equal(a, b), f"{what}: {name} is not bit-identical"
-        else:
-            err = (a.double() - b.double()).abs().max().item()
-            assert err <= TOL * max(1.0, b.abs().max().item()), f"{what}: {name}: max error {err:.3g}"
-
-
-class BlockCounter:
-    def __init__(self, monkeypatch):
-        from ditfast.nn import functional
-
-        self.calls = 0
-        real = functional.cross_block
-
-        def counting(*args, **kwargs):
-            self.calls += 1
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(functional, "cross_block", counting)
-
-
 @pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_model_matches_diffusers(variant, fused, monkeypatch):
     model = wan_model(variant, fused)
     inputs = model_inputs(variant)
-    ref = run(model, inputs)
+    ref = run_model(model, inputs)
     keys = list(model.state_dict())
-    counter = BlockCounter(monkeypatch)
+    counter = CallCounter(monkeypatch, "cross_block")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert patch(model) is model and is_patched(model)
-        got = run(model, inputs)
+        got = run_model(model, inputs)
     assert counter.calls == CFG["num_layers"]
     assert_same_run(got, ref, variant)
     norms = [g for n, g in got[1].items() if ("norm_q" in n or "norm_k" in n or "norm_added_k" in n) and g is not None]
@@ -123,7 +95,7 @@ def test_model_matches_diffusers(variant, fused, monkeypatch):
     assert list(model.state_dict()) == keys
     unpatch(model)
     counter.calls = 0
-    again = run(model, inputs)
+    again = run_model(model, inputs)
     assert counter.calls == 0
     assert_same_run(again, ref, "after unpatch", exact=True)
 
@@ -142,75 +114,40 @@ def wan_block(i2v: bool, seed: int = 2):
     return randomize_(blk, seed=seed).eval()
 
 
-def leaves_of(kw, dtype, device="cpu"):
-    out = {k: (tuple(t.to(device) for t in v) if isinstance(v, tuple) else v.detach().to(device, dtype).requires_grad_())
-           for k, v in kw.items()}
-    out["temb"] = kw["temb"].detach().to(device).requires_grad_()  # diffusers' temb is fp32 (the embedder's)
-    return out
-
-
-def block_run(block, kw, seed: int = 11):
-    out = block(**kw)
-    g = torch.Generator().manual_seed(seed)
-    loss = (out.float() * torch.randn(out.shape, generator=g).to(out.device)).sum()
-    ins = [k for k, v in kw.items() if isinstance(v, torch.Tensor) and v.requires_grad]
-    params = list(block.named_parameters())
-    grads = torch.autograd.grad(loss, [kw[k] for k in ins] + [p for _, p in params])
-    names = [f"input {k}" for k in ins] + [n for n, _ in params]
-    reduced = [k == "temb" and kw[k].dim() == 3 for k in ins] + [True] * len(params)
-    return out.detach().cpu(), [gr.cpu() for gr in grads], names, reduced
-
-
-def _interpreter() -> bool:
-    return ditfast._backend.availability("triton", "cpu")[0]
-
-
 @pytest.mark.parametrize("case", ["t2v", "i2v", "ti2v"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_block_by_the_rule(backend, dtype, case, device):
-    if backend == "triton" and not ON_GPU and not _interpreter():
+    if backend == "triton" and not ON_GPU and not interpreter():
         pytest.skip("the Triton interpreter is not available")
     i2v = case == "i2v"
     kw = block_inputs(i2v, per_token=case == "ti2v")
-    ref32 = block_run(wan_block(i2v).to(device), leaves_of(kw, torch.float32, device))
+    red = lambda k, t: k == "temb" and t.dim() == 3  # noqa: E731  (a per-sample temb: sums over tokens)
+    ref32 = block_run(wan_block(i2v).to(device), leaves_of(kw, torch.float32, device, ("temb",)), reduced=red)
     low_block = wan_block(i2v).to(device, dtype)
-    low = block_run(low_block, leaves_of(kw, dtype, device))
+    low = block_run(low_block, leaves_of(kw, dtype, device, ("temb",)), reduced=red)
     patch(nn.ModuleList([low_block]))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with ditfast.use_backend(backend):
-            fast = block_run(low_block, leaves_of(kw, dtype, device))
-    assert fast[0].dtype == dtype
+            fast = block_run(low_block, leaves_of(kw, dtype, device, ("temb",)), reduced=red)
+    assert fast[0][0].dtype == dtype
     assert_by_rule(fast[0], ref32[0], low[0], atol=1e-4, name="block")
     for n, f, r, lp, red in zip(fast[2], fast[1], ref32[1], low[1], fast[3]):
         assert r.abs().max() > 0, n
         assert_by_rule(f, r, lp, atol=1e-4, name=f"grad {n}", reduced=red)
 
 
-def _one_warning(fn, match: str):
-    with warnings.catch_warnings(record=True) as first:
-        warnings.simplefilter("always")
-        a = fn()
-    ours = [w for w in first if "ditfast" in str(w.message)]
-    assert ours and all(match in str(w.message) for w in ours), [str(w.message) for w in first]
-    with warnings.catch_warnings(record=True) as second:
-        warnings.simplefilter("always")
-        b = fn()
-    assert not [w for w in second if "ditfast" in str(w.message)], "the fallback warned twice"
-    return a, b
-
-
 def test_float64_custom_processor_and_hooked_norm_run_diffusers(monkeypatch):
     block = wan_block(False)
     kw = block_inputs(False, False)
-    counter = BlockCounter(monkeypatch)
+    counter = CallCounter(monkeypatch, "cross_block")
     with torch.no_grad():
         patch(nn.ModuleList([block]))
         block.double()
         kw64 = {k: (v if isinstance(v, tuple) else v.double()) for k, v in kw.items()}
         ref = type(block).forward(block, **kw64)
-        got, _ = _one_warning(lambda: block(**kw64), "float64")
+        got, _ = one_warning(lambda: block(**kw64), "float64")
         assert torch.equal(got, ref)
         block.float()
 
@@ -219,12 +156,12 @@ def test_float64_custom_processor_and_hooked_norm_run_diffusers(monkeypatch):
 
         block.attn2.set_processor(MyProcessor())
         ref = type(block).forward(block, **kw)
-        got, _ = _one_warning(lambda: block(**kw), "processor")
+        got, _ = one_warning(lambda: block(**kw), "processor")
         assert torch.equal(got, ref)
         block.attn2.set_processor(WanAttnProcessor())
         ref = type(block).forward(block, **kw)
         block.norm2.register_forward_hook(lambda *_: None)
-        got, _ = _one_warning(lambda: block(**kw), "norm2")
+        got, _ = one_warning(lambda: block(**kw), "norm2")
         assert torch.equal(got, ref)
     assert counter.calls == 0
 
@@ -237,28 +174,17 @@ def test_unsupported_blocks_are_refused():
     assert "forward" not in bad.__dict__
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func._schema.name.startswith("ditfast::"):
-            self.names.append(func._schema.name.split("::")[1])
-        return func(*args, **(kwargs or {}))
-
-
 def test_patched_block_runs_the_fused_ops():
-    if not _interpreter():
+    if not interpreter():
         pytest.skip("the Triton interpreter is not available")
     block = wan_block(False)
-    kw = leaves_of(block_inputs(False, False), torch.bfloat16)
+    kw = leaves_of(block_inputs(False, False), torch.bfloat16, keep_dtype=("temb",))  # diffusers' temb is fp32
     block.bfloat16()
     patch(nn.ModuleList([block]))
-    with ditfast.use_backend("triton"), _Ops() as rec:
+    with ditfast.use_backend("triton"), DitfastOps() as rec:
         out = block(**kw)
         out.float().sum().backward()
-    fwd = [n for n in rec.names if not n.endswith("backward")]
+    fwd = rec.forward_names()
     assert fwd == ["norm_modulate_x", "rms_norm", "rms_norm", "prepare_attention", "flash_attention",
                    "gated_residual_x", "norm_modulate_x", "rms_norm", "rms_norm", "flash_attention",
                    "gated_residual_norm_modulate_x", "gated_residual_x"], fwd

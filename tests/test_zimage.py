@@ -22,7 +22,6 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import ditfast
 from conftest import ON_GPU
@@ -33,6 +32,16 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import ZImageTransformer2DModel  # noqa: E402
 from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock  # noqa: E402
 
+from family_helpers import (  # noqa: E402
+    CallCounter,
+    DitfastOps,
+    assert_same_run,
+    block_run,
+    interpreter,
+    leaves_of,
+    one_warning,
+    run_model,
+)
 from helpers import randomize_  # noqa: E402
 
 B, D, H, DH = 2, 80, 2, 40
@@ -41,7 +50,7 @@ CFG = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=D, n_l
            n_heads=H, n_kv_heads=H, norm_eps=1e-5, qk_norm=True, cap_feat_dim=24, axes_dims=AXES,
            axes_lens=[128, 32, 32])
 N_BLOCKS = 4  # noise refiner + caption refiner + 2 main blocks
-TOL = 1e-5
+TOL = 1e-5  # fp32, one block on the reference ops
 
 
 @pytest.fixture(autouse=True)
@@ -63,76 +72,27 @@ def model_inputs(cap_lens=(7, 7), seed: int = 1) -> dict:
     return dict(x=x, t=torch.tensor([0.3, 0.85]).requires_grad_(), cap_feats=cap)
 
 
-def run(model, inputs, seed: int = 7):
-    """Outputs (one per sample) and the gradients of a fixed random projection of them w.r.t. every
-    parameter and input leaf."""
-    outs = model(**inputs, return_dict=False)[0]
-    g = torch.Generator().manual_seed(seed)
-    loss = sum((o * torch.randn(o.shape, generator=g)).sum() for o in outs)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    named += [(f"input:x{i}", t) for i, t in enumerate(inputs["x"])]
-    named += [(f"input:cap{i}", t) for i, t in enumerate(inputs["cap_feats"])] + [("input:t", inputs["t"])]
-    grads = torch.autograd.grad(loss, [t for _, t in named], allow_unused=True)
-    return [o.detach() for o in outs], {n: gr for (n, _), gr in zip(named, grads)}
-
-
-def assert_same_run(got, ref, what: str, exact: bool = False) -> None:
-    (outs_g, grads_g), (outs_r, grads_r) = got, ref
-    pairs = [(f"output {i}", a, b) for i, (a, b) in enumerate(zip(outs_g, outs_r))]
-    pairs += [(f"grad {n}", grads_g[n], grads_r[n]) for n in grads_r]
-    for name, a, b in pairs:
-        assert (a is None) == (b is None), f"{what}: {name} is None in one run only"
-        if b is None:
-            continue
-        if exact:
-            assert torch.equal(a, b), f"{what}: {name} is not bit-identical"
-        else:
-            err = (a.double() - b.double()).abs().max().item()
-            bound = TOL * max(1.0, b.abs().max().item())
-            assert err <= bound, f"{what}: {name}: max error {err:.3g} > {bound:.3g}"
-
-
-class AttentionCounter:
-    """Counts ditfast attention steps (ditfast.nn.functional.attend; one per patched block)."""
-
-    def __init__(self, monkeypatch):
-        from ditfast.nn import functional
-
-        self.calls = 0
-        real = functional.attend
-
-        def counting(*args, **kwargs):
-            self.calls += 1
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(functional, "attend", counting)
-
-
-def storage(model):
-    return [(n, p.data_ptr(), p.shape) for n, p in model.named_parameters()]
-
-
 # ---------------------------------------------------------------------------------------------- whole model
 
 
 def test_model_matches_diffusers(monkeypatch):
     model = zimage_model()
     inputs = model_inputs()
-    ref = run(model, inputs)
-    keys, store = list(model.state_dict()), storage(model)
-    counter = AttentionCounter(monkeypatch)
+    ref = run_model(model, inputs)
+    keys, store = list(model.state_dict()), [(n, p.data_ptr()) for n, p in model.named_parameters()]
+    counter = CallCounter(monkeypatch, "attend")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback on this path
         assert patch(model) is model and is_patched(model)
-        got = run(model, inputs)
+        got = run_model(model, inputs)
     assert counter.calls == N_BLOCKS, f"ditfast ran {counter.calls} attentions"
     assert_same_run(got, ref, "patched")
     norm_grads = [g for n, g in ref[1].items() if "norm" in n and g is not None]
     assert norm_grads and all(g.abs().max() > 0 for g in norm_grads), "a norm weight got no gradient"
-    assert list(model.state_dict()) == keys and storage(model) == store
+    assert list(model.state_dict()) == keys and [(n, p.data_ptr()) for n, p in model.named_parameters()] == store
     assert unpatch(model) is model and not is_patched(model)
     counter.calls = 0
-    again = run(model, inputs)
+    again = run_model(model, inputs)
     assert counter.calls == 0
     assert_same_run(again, ref, "after unpatch", exact=True)
 
@@ -160,47 +120,22 @@ def zimage_block(kind: str, seed: int = 2) -> ZImageTransformerBlock:
     return randomize_(blk, seed=seed).eval()
 
 
-def leaves_of(kw: dict, dtype, device="cpu"):
-    out = {}
-    for k, v in kw.items():
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
-            out[k] = v.detach().to(device, dtype).requires_grad_()
-        else:
-            out[k] = v.to(device) if isinstance(v, torch.Tensor) else v
-    return out
-
-
-def block_run(block, kw, seed: int = 11):
-    out = block(**kw)
-    g = torch.Generator().manual_seed(seed)
-    loss = (out.float() * torch.randn(out.shape, generator=g).to(out.device)).sum()
-    ins = [k for k, v in kw.items() if isinstance(v, torch.Tensor) and v.requires_grad]
-    params = list(block.named_parameters())
-    grads = torch.autograd.grad(loss, [kw[k] for k in ins] + [p for _, p in params])
-    names = [f"input {k}" for k in ins] + [n for n, _ in params]
-    reduced = [k != "x" for k in ins] + [True] * len(params)
-    return out.detach().cpu(), [gr.cpu() for gr in grads], names, reduced
-
-
-def _interpreter() -> bool:
-    return ditfast._backend.availability("triton", "cpu")[0]
-
-
 @pytest.mark.parametrize("kind", ["modulated", "plain", "omni"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_block_by_the_rule(backend, dtype, kind, device):
-    if backend == "triton" and not ON_GPU and not _interpreter():
+    if backend == "triton" and not ON_GPU and not interpreter():
         pytest.skip("the Triton interpreter is not available (TRITON_INTERPRET=1 and triton needed)")
     kw = block_inputs(kind)
-    ref32 = block_run(zimage_block(kind).to(device), leaves_of(kw, torch.float32, device))
+    red = lambda k, t: k != "x"  # noqa: E731  (the (B, ·) conditionings: sums over tokens)
+    ref32 = block_run(zimage_block(kind).to(device), leaves_of(kw, torch.float32, device), reduced=red)
     low_block = zimage_block(kind).to(device, dtype)
-    low = block_run(low_block, leaves_of(kw, dtype, device))
+    low = block_run(low_block, leaves_of(kw, dtype, device), reduced=red)
     patch(nn.ModuleList([low_block]))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with ditfast.use_backend(backend):
-            fast = block_run(low_block, leaves_of(kw, dtype, device))
+            fast = block_run(low_block, leaves_of(kw, dtype, device), reduced=red)
     assert_by_rule(fast[0], ref32[0], low[0], atol=1e-4, name="block")
     for n, f, r, lp, red in zip(fast[2], fast[1], ref32[1], low[1], fast[3]):
         assert f.dtype == dtype and r.abs().max() > 0, n
@@ -210,29 +145,15 @@ def test_block_by_the_rule(backend, dtype, kind, device):
 # ---------------------------------------------------------------------------------------------- fallbacks
 
 
-def _one_warning(fn, match: str):
-    with warnings.catch_warnings(record=True) as first:
-        warnings.simplefilter("always")
-        a = fn()
-    ours = [w for w in first if "ditfast" in str(w.message)]
-    assert ours and all(match in str(w.message) for w in ours), [str(w.message) for w in first]
-    assert len({str(w.message) for w in ours}) == 1, [str(w.message) for w in ours]
-    with warnings.catch_warnings(record=True) as second:
-        warnings.simplefilter("always")
-        b = fn()
-    assert not [w for w in second if "ditfast" in str(w.message)], "the fallback warned twice"
-    return a, b
-
-
 def test_unequal_caption_lengths_run_diffusers_where_masked(monkeypatch):
     """Captions of 7 and 40 tokens: the caption refiner and the main blocks get a mask that masks tokens
     (diffusers' forward, warned once); the noise refiner's images are equal (ditfast)."""
     model = zimage_model()
     inputs = model_inputs(cap_lens=(7, 40))
-    ref = run(model, inputs)
+    ref = run_model(model, inputs)
     patch(model)
-    counter = AttentionCounter(monkeypatch)
-    got, again = _one_warning(lambda: run(model, inputs), "attn_mask")
+    counter = CallCounter(monkeypatch, "attend")
+    got, again = one_warning(lambda: run_model(model, inputs), "attn_mask")
     assert counter.calls == 2  # the noise refiner, twice
     assert_same_run(got, ref, "masked")
     assert_same_run(again, ref, "masked, second call")
@@ -244,7 +165,7 @@ def test_all_true_mask_is_dropped(monkeypatch):
     with torch.no_grad():
         ref = block(**kw)
         patch(nn.ModuleList([block]))
-        counter = AttentionCounter(monkeypatch)
+        counter = CallCounter(monkeypatch, "attend")
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             got = block(**dict(kw, attn_mask=torch.ones(B, kw["x"].shape[1], dtype=torch.bool)))
@@ -257,17 +178,17 @@ def test_float64_custom_processor_and_hooked_norm_run_diffusers(monkeypatch):
     kw = block_inputs("modulated")
     with torch.no_grad():
         patch(nn.ModuleList([block]))
-        counter = AttentionCounter(monkeypatch)
+        counter = CallCounter(monkeypatch, "attend")
         kw64 = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kw.items()}
         kw64["freqs_cis"] = kw["freqs_cis"]
         block.double()
         ref = type(block).forward(block, **kw64)
-        got, _ = _one_warning(lambda: block(**kw64), "float64")
+        got, _ = one_warning(lambda: block(**kw64), "float64")
         assert torch.equal(got, ref)
         block.float()
         ref = type(block).forward(block, **kw)
         block.attention_norm2.register_forward_hook(lambda *_: None)
-        got, _ = _one_warning(lambda: block(**kw), "attention_norm2")
+        got, _ = one_warning(lambda: block(**kw), "attention_norm2")
         assert torch.equal(got, ref)
     assert counter.calls == 0
 
@@ -291,28 +212,16 @@ def test_signature_and_unsupported_blocks():
 # ---------------------------------------------------------------------------------------------- ditfast ops
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name
-        if name.startswith("ditfast::"):
-            self.names.append(name.split("::")[1])
-        return func(*args, **(kwargs or {}))
-
-
 def test_patched_block_runs_the_fused_ops():
-    if not _interpreter():
+    if not interpreter():
         pytest.skip("the Triton interpreter is not available")
     block = zimage_block("modulated")
     kw = leaves_of(block_inputs("modulated"), torch.float32)
     patch(nn.ModuleList([block]))
-    with ditfast.use_backend("triton"), _Ops() as rec:
+    with ditfast.use_backend("triton"), DitfastOps() as rec:
         out = block(**kw)
         out.sum().backward()
-    fwd = [n for n in rec.names if not n.endswith("backward")]
+    fwd = rec.forward_names()
     assert fwd == ["norm_modulate_x", "prepare_attention", "flash_attention", "gated_residual_norm_modulate_x",
                    "swiglu", "gated_residual_x"], fwd
     for n in ("norm_modulate_x_backward", "gated_residual_norm_modulate_x_backward", "gated_residual_x_backward",
