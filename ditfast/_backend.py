@@ -508,9 +508,10 @@ def implemented(op: str) -> Tuple[str, ...]:
     return tuple(_IMPLS.get(op, {}))
 
 
-def families(op: str) -> Tuple[str, ...]:
-    """Families that implement ``op``."""
-    return tuple(f for f in FAMILIES if any(i.family == f for i in _IMPLS.get(op, {}).values()))
+def families(op: str, features: Sequence[str] = ()) -> Tuple[str, ...]:
+    """Families that implement ``op`` (with every one of ``features``)."""
+    return tuple(f for f in FAMILIES if any(i.family == f and all(x in i.features for x in features)
+                                            for i in _IMPLS.get(op, {}).values()))
 
 
 def impl(op: str, name: str) -> Impl:

@@ -202,7 +202,9 @@ def op_cases(elt: int, *, tiny: bool, quick: bool) -> List[Case]:
     if tiny:
         heads = dict(B=2, L=77, H=3, Dh=72)
         cases = [_op_case(op, "tiny", TINY, elt, graph=True, target=True) for op in MOD_OPS]
-        cases += [_op_case("norm_modulate_dual", "tiny", TINY, elt),
+        sandwich = _op_case("gated_residual_norm_modulate", "tiny sandwich", TINY, elt)
+        sandwich.params["sandwich"] = True
+        cases += [_op_case("norm_modulate_dual", "tiny", TINY, elt), sandwich,
                   _op_case("gelu_tanh_backward", "tiny", dict(T=77, N=200), elt),
                   _op_case("swiglu", "tiny", dict(T=77, N=200), elt),
                   _op_case("qk_norm_rope", "tiny", heads, elt, graph=True, target=True)]
@@ -214,6 +216,11 @@ def op_cases(elt: int, *, tiny: bool, quick: bool) -> List[Case]:
     # FLUX.2-dev's single-block SwiGLU (4608 tokens, 3 x 6144 per half) and Z-Image's (hidden 10240)
     cases.append(_op_case("swiglu", "FLUX.2-dev MLP", dict(T=4608, N=18432), elt))
     cases.append(_op_case("swiglu", "Z-Image MLP", dict(T=4608, N=10240), elt))
+    # the adaLN family's options at Z-Image's width (RMSNorm + weight, tanh gate, post-norm): its sandwich blocks
+    for op in MOD_OPS:
+        c = _op_case(op, "Z-Image sandwich", dict(B=1, L=4608, D=3840), elt)
+        c.params["sandwich"] = True
+        cases.append(c)
     if quick:
         return cases
     cases += [_op_case(op, "FLUX text", FLUX_TXT, elt, graph=True) for op in MOD_OPS]

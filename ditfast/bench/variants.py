@@ -141,14 +141,14 @@ def _like(device: torch.device, dtype: torch.dtype, width: int) -> torch.Tensor:
 
 
 def auto_label(device: torch.device, dtype: torch.dtype, op: Optional[str] = None, H=None, Dh=None,
-               width: Optional[int] = None) -> Optional[str]:
+               width: Optional[int] = None, features=()) -> Optional[str]:
     """What ditfast's automatic row runs, labelled by device (``compiled C++ CPU`` / ``compiled CUDA``
     for the extension): for ``op`` at row width ``width`` (D, or Dh for the rope ops), or
     "<ops> | attn <attention>" for a block. The same resolution the ops make (request included)."""
     try:
         if op is not None:
             like = _like(device, dtype, width) if width else None
-            return _backend.label(op, _backend.chosen_name(op, device, like), device.type)
+            return _backend.label(op, _backend.chosen_name(op, device, like, features), device.type)
         w = {"rms_norm": Dh, "apply_rope": Dh, "qk_norm_rope": Dh, "prepare_attention": Dh}
         names = sorted({_backend.label(o, _backend.chosen_name(o, device, _like(device, dtype, w.get(o) or H * Dh)),
                                        device.type)
@@ -188,6 +188,19 @@ def op_inputs(case: Case, device, dtype):
             args = [x, leaf((B, L, D), device, dtype)] + vecs[: 1 if name == "gated_residual" else 3]
         else:
             raise ValueError(f"unknown op case {name!r}")
+        if case.params.get("sandwich"):  # Z-Image's options: RMSNorm with weights, tanh gates, the branch's post-norm
+            w, wy = (1 + 0.1 * torch.randn(D, device=device)).to(dtype).requires_grad_(), \
+                (1 + 0.1 * torch.randn(D, device=device)).to(dtype).requires_grad_()
+            if name == "norm_modulate":
+                args = [x, None, vecs[1]]
+                opts = dict(norm="rms", weight=w)
+            elif name == "gated_residual":
+                opts = dict(gate_act="tanh", y_weight=wy)
+            else:
+                args = args[:3] + [None, args[4]]
+                opts = dict(norm="rms", weight=w, gate_act="tanh", y_weight=wy)
+            leaves = [a for a in args if a is not None] + [t for t in (w, wy) if any(t is o for o in opts.values())]
+            return leaves, lambda fn: fn(*args, **opts)
         return args, lambda fn: fn(*args)
     B, L, H, Dh = d["B"], d["L"], d["H"], d["Dh"]
     w = lambda: (1 + 0.1 * torch.randn(Dh, device=device)).to(dtype).requires_grad_()  # noqa: E731
@@ -213,15 +226,23 @@ def op_variants(case: Case, ctx) -> List[VariantSpec]:
                            backend=backend, **kw)
 
     width = case.dims.get("Dh", case.dims.get("D", case.dims.get("N")))
+    # the options a sandwich case sets are implementation features (ditfast/ops/modulate.py)
+    features = _SANDWICH_FEATURES[case.name] if case.params.get("sandwich") else ()
     specs = [VariantSpec("ditfast", "ditfast", lambda: Built(lambda: invoke(op_fn), leaves),
-                         backend=auto_label(ctx.device, ctx.dtype, case.name, width=width))]
+                         backend=auto_label(ctx.device, ctx.dtype, case.name, width=width, features=features))]
     for b, why in op_backends(case.name, ctx.device, ctx.backends):
+        if why is None and features and b not in _backend.families(case.name, features):
+            why = f"ditfast's {b} family has no {'+'.join(features)} option of {case.name}"
         specs.append(skipped(f"ditfast:{b}", "backend", why, b) if why else spec(f"ditfast:{b}", "backend", op_fn, b))
     if case.name == "gelu_tanh_backward":  # what autograd runs unfused: aten's gelu_backward, then the sum
         ref_fn = _autograd_gelu_bias_backward
     cfn = compiled(ref_fn)
     return specs + [spec("eager", "peer", ref_fn),
                     ctx.compile_spec("compile", case, lambda: Built(lambda: invoke(cfn), leaves))]
+
+
+_SANDWICH_FEATURES = {"norm_modulate": ("rms", "norm_weight"), "gated_residual": ("tanh_gate", "post_norm"),
+                      "gated_residual_norm_modulate": ("rms", "norm_weight", "tanh_gate", "post_norm")}
 
 
 def _autograd_gelu_bias_backward(dy, pre):
