@@ -455,3 +455,69 @@ def test_sdpa_layout_is_caught_with_a_hint():
     assert ops.joint_attention(torch.randn(B, 5, 4, Dh), torch.randn(B, 3, 2, Dh), torch.randn(B, 3, 2, Dh)).shape == (B, 5, 4, Dh)
     with pytest.raises(TypeError, match="softmax_scale must be a float"):
         ops.joint_attention(q, q, q, softmax_scale="0.1")
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-sample key lengths (a key-padding mask whose valid keys are a prefix)
+# ------------------------------------------------------------------------------------------------
+def _per_sample_truth(q, k, v, lengths, **kw):
+    """Each sample attending its valid keys alone, on the reference in fp64: the oracle."""
+    with ditfast.use_backend("reference"):
+        outs = [ops.joint_attention(q[b:b + 1].double(), k[b:b + 1, :n].double(), v[b:b + 1, :n].double(),
+                                    backend="reference", **kw) for b, n in enumerate(lengths)]
+    if kw.get("return_lse"):
+        return torch.cat([o for o, _ in outs]), torch.cat([l for _, l in outs])
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("name", ["reference", "sdpa_math", "sdpa_cpu", "triton"])
+@pytest.mark.parametrize("lengths", [(5, 13), (13, 13), (1, 7)], ids=["unequal", "equal-short", "one-key"])
+def test_key_lengths_on_every_backend(name, lengths):
+    """Sample b attends keys [0, lengths[b]) only: equal to each sample attending its prefix alone, output
+    and lse; the padded keys' k / v gradients are exactly zero; the others match the oracle's."""
+    torch.manual_seed(0)
+    B, Lq, Lk, H, Dh = 2, 9, 16, 2, 40
+    q, k, v = (torch.randn(B, L, H, Dh, requires_grad=True) for L in (Lq, Lk, Lk))
+    _skip_unless_runs(name, q)
+    out = ops.joint_attention(q, k, v, backend=name, key_lengths=list(lengths))
+    want = _per_sample_truth(q, k, v, lengths)
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
+    dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+    for b, n in enumerate(lengths):
+        assert torch.equal(dk[b, n:], torch.zeros_like(dk[b, n:])) and torch.equal(dv[b, n:], torch.zeros_like(dv[b, n:]))
+        qb, kb, vb = (t[b:b + 1].detach().double().requires_grad_() for t in (q, k[:, :n], v[:, :n]))
+        wq, wk, wv = torch.autograd.grad(ops.joint_attention(qb, kb, vb, backend="reference").sum(), (qb, kb, vb))
+        torch.testing.assert_close(dq[b:b + 1].double(), wq, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(dk[b:b + 1, :n].double(), wk, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(dv[b:b + 1, :n].double(), wv, rtol=1e-4, atol=1e-5)
+    if "lse" in _backend.impl(backends.OP, name).features:
+        o, lse = ops.joint_attention(q, k, v, backend=name, key_lengths=torch.tensor(lengths), return_lse=True)
+        wo, wl = _per_sample_truth(q, k, v, lengths, return_lse=True)
+        torch.testing.assert_close(lse.double(), wl, rtol=1e-5, atol=1e-5)
+
+
+def test_key_lengths_full_is_the_plain_call_and_bad_lengths_are_named():
+    q, k, v = qkv(2, 6, 2, 16, torch.float32)
+    torch.testing.assert_close(ops.joint_attention(q, k, v, key_lengths=(6, 6)), ops.joint_attention(q, k, v),
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="one count per sample"):
+        ops.joint_attention(q, k, v, key_lengths=[3])
+    with pytest.raises(ValueError, match=r"in \[1, 6\]"):
+        ops.joint_attention(q, k, v, key_lengths=[0, 6])
+    with pytest.raises(ValueError, match=r"in \[1, 6\]"):
+        ops.joint_attention(q, k, v, key_lengths=[7, 6])
+    with pytest.raises(TypeError, match="integer"):
+        ops.joint_attention(q, k, v, key_lengths=torch.tensor([2.0, 3.0]))
+    with pytest.raises(TypeError, match="ints"):
+        ops.joint_attention(q, k, v, key_lengths=[2.5, 3])
+    with pytest.raises(ValueError, match="default attention only"):
+        ops.joint_attention_streams((q,), (k,), (v,), attention=lambda a, b, c: a, key_lengths=[2, 3])
+
+
+def test_key_lengths_under_torch_compile():
+    torch._dynamo.reset()
+    q, k, v = qkv(2, 6, 2, 16, torch.float32)
+    fn = torch.compile(lambda q, k, v: ops.joint_attention(q, k, v, key_lengths=[3, 5]), fullgraph=True,
+                       backend="aot_eager")
+    torch.testing.assert_close(fn(q, k, v), ops.joint_attention(q, k, v, key_lengths=[3, 5]))
+    torch._dynamo.reset()

@@ -10,8 +10,9 @@ and 7 caption tokens per sample:
 * one block (modulated, unmodulated, Omni's per-token modulation), fp32 and bf16, on the "reference"
   and "triton" (interpreter) backends, forward and backward by the rule of docs/numerics.md against
   diffusers' block in fp32 and in the low precision;
-* the fallbacks (captions of unequal length: a mask that masks tokens; float64; a hooked RMSNorm; a
-  custom processor) equal diffusers exactly and warn once;
+* captions of unequal length (the model's padding mask) run on ditfast as per-sample key lengths;
+* the fallbacks (a mask that is not a prefix; float64; a hooked RMSNorm; a custom processor) equal
+  diffusers exactly and warn once;
 * the patched block runs ditfast's fused ops (recorded with a TorchDispatchMode), and compiles with
   torch.compile(fullgraph=True).
 """
@@ -145,18 +146,33 @@ def test_block_by_the_rule(backend, dtype, kind, device):
 # ---------------------------------------------------------------------------------------------- fallbacks
 
 
-def test_unequal_caption_lengths_run_diffusers_where_masked(monkeypatch):
-    """Captions of 7 and 40 tokens: the caption refiner and the main blocks get a mask that masks tokens
-    (diffusers' forward, warned once); the noise refiner's images are equal (ditfast)."""
+def test_unequal_caption_lengths_run_ditfast_with_key_lengths(monkeypatch):
+    """Captions of 7 and 40 tokens: the caption refiner and the main blocks get the model's padding mask
+    (a prefix per sample), run on ditfast as per-sample key lengths; equal to diffusers (outputs, every
+    gradient), every block on ditfast, no warning."""
     model = zimage_model()
     inputs = model_inputs(cap_lens=(7, 40))
     ref = run_model(model, inputs)
     patch(model)
     counter = CallCounter(monkeypatch, "attend")
-    got, again = one_warning(lambda: run_model(model, inputs), "attn_mask")
-    assert counter.calls == 2  # the noise refiner, twice
-    assert_same_run(got, ref, "masked")
-    assert_same_run(again, ref, "masked, second call")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = run_model(model, inputs)
+    assert counter.calls == N_BLOCKS
+    assert_same_run(got, ref, "padded batch")
+
+
+def test_mask_that_is_not_a_prefix_runs_diffusers(monkeypatch):
+    block = zimage_block("modulated")
+    kw = block_inputs("modulated")
+    mask = torch.ones(B, kw["x"].shape[1], dtype=torch.bool)
+    mask[0, 3] = False
+    with torch.no_grad():
+        ref = block(**dict(kw, attn_mask=mask))
+        patch(nn.ModuleList([block]))
+        counter = CallCounter(monkeypatch, "attend")
+        got, _ = one_warning(lambda: block(**dict(kw, attn_mask=mask)), "not a prefix")
+    assert counter.calls == 0 and torch.equal(got, ref)
 
 
 def test_all_true_mask_is_dropped(monkeypatch):

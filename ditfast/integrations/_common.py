@@ -265,3 +265,16 @@ def joint_sequence(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     ):
         return torch.cat((c, x), dim=1)
     return base
+
+
+def prefix_lengths(keep: torch.Tensor):
+    """A (B, L) bool key-padding mask as per-sample key counts: None when it keeps every key, the counts
+    (a tuple of ints) when each sample keeps a prefix, False for any other mask (diffusers' forward runs
+    then). Reading the mask costs one device sync, as deciding on any mask does."""
+    B, L = keep.shape
+    counts = keep.sum(dim=1)
+    prefix = torch.arange(L, device=keep.device).unsqueeze(0) < counts.unsqueeze(1)
+    if not bool(torch.equal(prefix, keep)) or bool((counts == 0).any()):
+        return False
+    lengths = tuple(int(n) for n in counts.tolist())
+    return None if all(n == L for n in lengths) else lengths

@@ -15,11 +15,11 @@ QK-norm, no RoPE and no norm before the cross-attention (PixArt's own layout):
   projections, no QK-norm); ``ff`` is diffusers' GELU(tanh) ``FeedForward`` (``feed_forward``: chunked as
   diffusers' ``set_chunk_feed_forward`` asks, each chunk through ``gelu_tanh_ff``).
 * ``encoder_attention_mask``: the model turns the T5 mask into an additive bias (B, 1, L_text) of 0 and
-  -10000; a bias with no masked key (all 0) is dropped.
+  -10000; the kept tokens are a prefix per sample (the padding follows the prompt), run as per-sample
+  key lengths of the cross-attention (``ops.joint_attention(key_lengths=)``); an all-kept mask is dropped.
 
 diffusers' own forward runs instead (same call, same result), with a one-time warning per reason, for:
-an ``encoder_attention_mask`` that masks a key (ditfast's attention takes no mask yet: per-sample key
-lengths come with issue 26) or any ``attention_mask``; non-empty ``cross_attention_kwargs``; processors
+an ``encoder_attention_mask`` whose kept tokens are not a prefix, or any self-attention ``attention_mask``; non-empty ``cross_attention_kwargs``; processors
 other than ``AttnProcessor2_0``; dtypes other than fp32 / bf16 / fp16; a hook on a module ditfast's
 forward does not call (the attention modules, the LayerNorms).
 """
@@ -41,6 +41,7 @@ from ._common import (
     is_diffusers,
     no_kwargs,
     out_proj,
+    prefix_lengths,
     warn_fallback_once,
 )
 
@@ -63,10 +64,27 @@ def _fallback_reason(block, hidden_states, attention_mask, encoder_hidden_states
         return "dtype", f"{'/'.join(dtypes)} inputs (ditfast's ops take float32, bfloat16 and float16)"
     if attention_mask is not None:
         return "mask", "a self-attention attention_mask (ditfast's attention takes no mask)"
-    if encoder_attention_mask is not None and bool((encoder_attention_mask != 0).any()):
-        return "encoder-mask", ("an encoder_attention_mask that masks text tokens (ditfast's attention takes no mask "
-                                "yet; per-sample key lengths come with issue 26)")
     return None
+
+
+def _text_lengths(encoder_attention_mask, B: int, Lk: int):
+    """(per-sample text lengths or None, None), or (None, (key, reason)) for a mask ditfast cannot run:
+    the model's additive bias (B, 1, L_text) of 0 (keep) and -10000 (drop), or a (B, L_text) 0/1 mask."""
+    if encoder_attention_mask is None:
+        return None, None
+    m = encoder_attention_mask
+    if m.dim() == 3 and m.shape[1] == 1:
+        keep = m[:, 0] == 0  # diffusers' bias form
+    elif m.dim() == 2:
+        keep = m.bool() if m.dtype == torch.bool else m == 1
+    else:
+        return None, ("encoder-mask", f"an encoder_attention_mask of shape {tuple(m.shape)}")
+    if tuple(keep.shape) != (B, Lk):
+        return None, ("encoder-mask", f"an encoder_attention_mask of shape {tuple(m.shape)} for {Lk} text tokens")
+    lengths = prefix_lengths(keep)
+    if lengths is False:
+        return None, ("encoder-mask", "an encoder_attention_mask whose kept text tokens are not a prefix")
+    return lengths, None
 
 
 def pixart_block_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
@@ -75,6 +93,9 @@ def pixart_block_forward(self, hidden_states, attention_mask=None, encoder_hidde
     """ditfast forward of diffusers' ``BasicTransformerBlock`` (ada_norm_single); returns hidden_states."""
     why = _fallback_reason(self, hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
                            timestep, cross_attention_kwargs)
+    lengths = None
+    if why is None:
+        lengths, why = _text_lengths(encoder_attention_mask, hidden_states.shape[0], encoder_hidden_states.shape[1])
     if why is not None:
         warn_fallback_once(self, *why)
     if why is not None or _hooks.falls_back(self, _BYPASSED):
@@ -85,7 +106,7 @@ def pixart_block_forward(self, hidden_states, attention_mask=None, encoder_hidde
     mod = (self.scale_shift_table[None] + timestep.reshape(B, 6, -1)).unbind(1)  # six (B, D)
     s = F.Stream((a1.to_q, a1.to_k, a1.to_v), functools.partial(out_proj, a1), functools.partial(feed_forward, self, self.ff),
                  None, None, self.norm1.eps, self.norm2.eps)
-    context = F.CrossKV(encoder_hidden_states, (a2.to_k, a2.to_v))
+    context = F.CrossKV(encoder_hidden_states, (a2.to_k, a2.to_v), None, lengths)
     return F.cross_block(hidden_states, mod, s, a2.to_q, None, (context,), functools.partial(out_proj, a2),
                          head_dim=a1.to_k.out_features // a1.heads)
 

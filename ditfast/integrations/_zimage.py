@@ -25,9 +25,12 @@ What the diffusers block does, and how this module adapts it:
 * MLP: ``FeedForward`` (w2(silu(w1 x) * w3 x)): its three Linears called as modules (LoRA works) around
   :func:`ditfast.ops.swiglu`; a hooked feed-forward is called as the module.
 
+The ``attn_mask`` of a padded batch keeps a prefix of each sample's tokens: ditfast runs it as per-sample
+key lengths (``ops.joint_attention(key_lengths=)``); the padded query rows attend the valid keys, as in
+diffusers.
+
 diffusers' own forward runs instead (same call, same result), with a one-time warning per reason, for:
-an ``attn_mask`` that masks a token (ditfast's attention takes no mask yet; per-sample key lengths
-come with issue 26), or any mask under context parallelism; dtypes other than fp32 / bf16 / fp16;
+a mask whose kept keys are not a prefix, or any mask under context parallelism; dtypes other than fp32 / bf16 / fp16;
 an attention processor other than ``ZSingleStreamAttnProcessor``; ``freqs_cis`` not in the format
 above; ``noise_mask`` without both omni embeddings; a hook on a module ditfast's forward does not call
 (the attention module, its QK-norms, the four RMSNorms: ditfast/integrations/_hooks.py).
@@ -53,6 +56,7 @@ from ._common import (
     fast_dtypes,
     is_diffusers,
     out_proj,
+    prefix_lengths,
     rms_eps,
     rms_weight,
     warn_fallback_once,
@@ -75,18 +79,20 @@ def rope_tables(freqs_cis, B: int, L: int, head_dim: int):
     return freqs_cis.real, freqs_cis.imag
 
 
-def _mask_reason(block, x, attn_mask) -> Optional[Tuple[str, str]]:
+def _key_lengths(block, x, attn_mask):
+    """(per-sample key lengths or None, None) for a mask ditfast runs -- none, all True, or a valid prefix
+    per sample (the model's padding of unequal lengths) -- or (None, (key, reason))."""
     if attn_mask is None:
-        return None
+        return None, None
     if _context_parallel.parallel_config(block.attention) is not None:
-        return "mask-cp", ("an attn_mask under context parallelism (each rank holds part of the mask; ditfast "
-                           "drops only an all-True mask, which one rank cannot decide)")
+        return None, ("mask-cp", "an attn_mask under context parallelism (each rank holds part of the mask)")
     B, L = x.shape[:2]
-    if isinstance(attn_mask, torch.Tensor) and attn_mask.dtype == torch.bool and tuple(attn_mask.shape) == (B, L) \
-            and bool(attn_mask.all()):
-        return None
-    return "mask", ("an attn_mask that masks tokens (a batch of unequal sequence lengths: ditfast's attention takes "
-                    "no mask yet; per-sample key lengths come with issue 26)")
+    if not (isinstance(attn_mask, torch.Tensor) and attn_mask.dtype == torch.bool and tuple(attn_mask.shape) == (B, L)):
+        return None, ("mask", f"an attn_mask that is not a (B, L) bool key-padding mask ({describe(attn_mask)})")
+    lengths = prefix_lengths(attn_mask)
+    if lengths is False:
+        return None, ("mask", "an attn_mask whose valid keys are not a prefix of each sample's sequence")
+    return lengths, None
 
 
 def _fallback_reason(block, x, attn_mask, adaln_input, noise_mask, adaln_noisy, adaln_clean):
@@ -103,7 +109,7 @@ def _fallback_reason(block, x, attn_mask, adaln_input, noise_mask, adaln_noisy, 
             return "noise_mask", "a noise_mask without both adaln_noisy and adaln_clean"
         if noise_mask is None and adaln_input is None:
             return "adaln", "a modulated block called without adaln_input"
-    return _mask_reason(block, x, attn_mask)
+    return None
 
 
 def _modulation(block, x, adaln_input, noise_mask, adaln_noisy, adaln_clean):
@@ -134,7 +140,9 @@ def zimage_block_forward(self, x, attn_mask, freqs_cis, adaln_input=None, noise_
     attn = self.attention
     head_dim = attn.inner_dim // attn.heads
     why = _fallback_reason(self, x, attn_mask, adaln_input, noise_mask, adaln_noisy, adaln_clean)
-    rope = None
+    rope = lengths = None
+    if why is None:
+        lengths, why = _key_lengths(self, x, attn_mask)
     if why is None:
         rope = rope_tables(freqs_cis, x.shape[0], x.shape[1], head_dim)
         if rope is False:
@@ -149,7 +157,8 @@ def zimage_block_forward(self, x, attn_mask, freqs_cis, adaln_input=None, noise_
                  rms_weight(attn.norm_q), rms_weight(attn.norm_k), self.attention_norm1.eps)
     return F.sandwich_block(x, mod, s, tuple(getattr(self, n).weight for n in _NORMS), head_dim=head_dim,
                             eps=float(self.attention_norm1.eps), qk_eps=rms_eps(attn.norm_q, default=1e-5),
-                            rope=rope, attention=_context_parallel.attention_for(attn))
+                            rope=rope, attention=None if lengths is not None else _context_parallel.attention_for(attn),
+                            key_lengths=lengths)
 
 
 # ---------------------------------------------------------------------------------------------- checks

@@ -71,12 +71,12 @@ FAMILIES: Dict[str, Tuple[str, str]] = {
                               "masks, custom processors, hooked attention, float64"),
     "BasicTransformerBlock": ("DiT, norm_type='ada_norm_zero' (DiTTransformer2DModel); PixArt-α / Σ, "
                               "norm_type='ada_norm_single' (PixArtTransformer2DModel)",
-                              "other norm types (refused at patch), a T5 mask that masks tokens, hooked attention, "
+                              "other norm types (refused at patch), a T5 mask that is not a prefix, hooked attention, "
                               "float64"),
     "QwenImageTransformerBlock": ("Qwen-Image, 2512, Edit / 2509 / 2511, Layered (QwenImageTransformer2DModel, "
                                   "QwenImageControlNetModel)", "a text mask that masks tokens, kwargs, float64"),
     "ZImageTransformerBlock": ("Z-Image Turbo / Base / Omni, refiners included (ZImageTransformer2DModel)",
-                               "an attn_mask that masks tokens (unequal lengths in a batch), float64"),
+                               "an attn_mask that is not a prefix per sample, float64"),
     "Flux2TransformerBlock": ("FLUX.2 dev / klein double-stream (Flux2Transformer2DModel)",
                               "joint_attention_kwargs (the KV-cache modes), custom processors, float64"),
     "Flux2SingleTransformerBlock": ("FLUX.2 single-stream ([q|k|v|gate|up] in one projection)",

@@ -73,7 +73,7 @@ def qkv_heads(qkv: QKV, h: Tensor, head_dim: int) -> Tuple[Tensor, Tensor, Tenso
 def attend(qs: Sequence[Tensor], ks: Sequence[Tensor], vs: Sequence[Tensor], *,
            q_weights: Optional[Sequence[Optional[Tensor]]] = None,
            k_weights: Optional[Sequence[Optional[Tensor]]] = None, rope: Rope = None,
-           eps: float = 1e-6, attention: Attention = None) -> Tuple[Tensor, ...]:
+           eps: float = 1e-6, attention: Attention = None, key_lengths=None) -> Tuple[Tensor, ...]:
     """One attention over the joint sequence ``[stream 0; stream 1; ...]``; per stream its (B, L_i, H·Dh) output.
 
     qs, ks, vs: one (B, L_i, H, Dh) tensor per stream (strided views of the projections), before
@@ -81,22 +81,25 @@ def attend(qs: Sequence[Tensor], ks: Sequence[Tensor], vs: Sequence[Tensor], *,
     no QK-norm anywhere); eps: their eps. rope: the fp32 (cos, sin) of the joint sequence
     (``ops.rope_freqs`` layout, FLUX's interleaved pairs), or None. attention: what attends the
     prepared joint q, k, v (default ``ops.joint_attention``); the diffusers integration passes
-    context-parallel attention here (ditfast/integrations/_context_parallel.py).
+    context-parallel attention here (ditfast/integrations/_context_parallel.py). key_lengths: per sample,
+    the valid (prefix) keys of the joint sequence (``ops.joint_attention``; default attention only).
     """
     if q_weights is not None and all(w is None for w in q_weights) and all(w is None for w in k_weights):
         q_weights = k_weights = None
-    if attention is None and len(qs) == 1 and q_weights is None and rope is None:
-        return (ops.joint_attention(qs[0], ks[0], vs[0]).flatten(2),)  # nothing to prepare: the views as they are
+    if attention is None and len(qs) == 1 and q_weights is None and rope is None:  # nothing to prepare
+        return (ops.joint_attention(qs[0], ks[0], vs[0], key_lengths=key_lengths).flatten(2),)
     outs = ops.joint_attention_streams(tuple(qs), tuple(ks), tuple(vs), q_weights=q_weights,
-                                       k_weights=k_weights, rope=rope, eps=eps, attention=attention)
+                                       k_weights=k_weights, rope=rope, eps=eps, attention=attention,
+                                       key_lengths=key_lengths)
     return tuple(o.flatten(2) for o in outs)
 
 
 def _attend_streams(streams: Sequence[Stream], qkvs, rope: Rope, eps: float,
-                    attention: Attention = None) -> Tuple[Tensor, ...]:
+                    attention: Attention = None, key_lengths=None) -> Tuple[Tensor, ...]:
     qs, ks, vs = zip(*qkvs)
     return attend(qs, ks, vs, q_weights=tuple(s.q_norm for s in streams),
-                  k_weights=tuple(s.k_norm for s in streams), rope=rope, eps=eps, attention=attention)
+                  k_weights=tuple(s.k_norm for s in streams), rope=rope, eps=eps, attention=attention,
+                  key_lengths=key_lengths)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -546,7 +549,7 @@ def sd3_joint(context: Tensor, x: Tensor, c_mod: Sequence[Tensor], x_mod: Sequen
 
 def sandwich_block(x: Tensor, mod: Optional[Sequence[Tensor]], s: Stream, norm_weights: Sequence[Tensor], *,
                    head_dim: int, eps: float = 1e-5, qk_eps: float = 1e-5, rope: Rope = None,
-                   attention: Attention = None) -> Tensor:
+                   attention: Attention = None, key_lengths=None) -> Tensor:
     """Single-stream block with RMSNorm "sandwiches" and tanh gates (Z-Image; Lumina 2's layout):
     x (B, L, D) -> (B, L, D)::
 
@@ -560,7 +563,8 @@ def sandwich_block(x: Tensor, mod: Optional[Sequence[Tensor]], s: Stream, norm_w
     projection, MLP and per-head QK-norm weights; qk_eps their eps. rope: fp32 (cos, sin) tables
     (L, Dh/2) or per sample (B, L, Dh/2), interleaved pairs. Three fused ops: the pre-norm modulate,
     the attention's post-norm gated residual fused with the MLP's pre-norm modulate, and the MLP's
-    post-norm gated residual.
+    post-norm gated residual. key_lengths: per sample, its valid (prefix) tokens as keys (Z-Image's padded
+    batches; the padded rows are computed as diffusers does, attending the valid keys).
     """
     w0, w1, w2, w3 = norm_weights
     if mod is None:
@@ -572,7 +576,7 @@ def sandwich_block(x: Tensor, mod: Optional[Sequence[Tensor]], s: Stream, norm_w
         s_attn, g_attn, s_mlp, g_mlp = mod
         act = "tanh"
     h = ops.norm_modulate(x, None, s_attn, eps=eps, norm="rms", weight=w0)
-    (o,) = _attend_streams((s,), (qkv_heads(s.qkv, h, head_dim),), rope, qk_eps, attention)
+    (o,) = _attend_streams((s,), (qkv_heads(s.qkv, h, head_dim),), rope, qk_eps, attention, key_lengths)
     x, h = ops.gated_residual_norm_modulate(x, s.proj(o), g_attn, None, s_mlp, eps=eps, norm="rms", weight=w2,
                                             gate_act=act, y_weight=w1, y_eps=eps)
     return ops.gated_residual(x, s.mlp(h), g_mlp, gate_act=act, y_weight=w3, y_eps=eps)
@@ -605,6 +609,7 @@ class CrossKV(NamedTuple):
     context: Tensor
     kv: Union[Module, Tuple[Module, Module]]
     k_norm: Optional[Tensor] = None
+    key_lengths: Optional[Sequence[int]] = None  # per sample, its valid (prefix) context tokens; None: all
 
 
 def _across_heads(t: Tensor, weight: Optional[Tensor], eps: float, head_dim: int) -> Tensor:
@@ -662,7 +667,7 @@ def cross_block(x: Tensor, mod: Sequence[Tensor], s: Stream, cross_q: Module, cr
     o = None
     for c in contexts:
         k, v = _kv(c, qk_eps, head_dim)
-        part = ops.joint_attention(q, k, v).flatten(2)
+        part = ops.joint_attention(q, k, v, key_lengths=c.key_lengths).flatten(2)
         o = part if o is None else o + part
     ones = x.new_ones((1, x.shape[-1]))  # the cross-attention's residual has no gate: x + 1·y, exact
     x, h = ops.gated_residual_norm_modulate(x, cross_proj(o), ones, c_shift, c_scale, eps=s.eps2, out_dtype=dt)

@@ -44,9 +44,42 @@ def _heads_error(q: Tensor, k: Tensor, v: Tensor) -> str:
     return msg
 
 
+def _key_lengths(key_lengths, B: int, Lk: int) -> Optional[Tuple[int, ...]]:
+    """Per-sample key counts as Python ints, checked (None: every key of every sample)."""
+    if key_lengths is None:
+        return None
+    if isinstance(key_lengths, torch.Tensor):
+        if key_lengths.is_floating_point() or key_lengths.is_complex() or key_lengths.dim() != 1:
+            raise TypeError(f"key_lengths must be a 1-D integer tensor or a sequence of ints, got a "
+                            f"{key_lengths.dtype} tensor of shape {tuple(key_lengths.shape)}")
+        key_lengths = key_lengths.tolist()  # (one device sync for a GPU tensor: pass a list to avoid it)
+    lengths = tuple(key_lengths)
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in lengths):
+        raise TypeError(f"key_lengths must hold ints, got {lengths!r}")
+    if len(lengths) != B:
+        raise ValueError(f"key_lengths has {len(lengths)} entries; q has a batch of {B} (one count per sample)")
+    if any(n < 1 or n > Lk for n in lengths):
+        raise ValueError(f"key_lengths must be in [1, {Lk}] (the keys' length), got {lengths}; a sample with no "
+                         "valid key has no defined attention")
+    return lengths
+
+
+def _attend_prefixes(q, k, v, lengths, call, return_lse: bool):
+    """Attention where sample b attends its first lengths[b] keys: each sample (or all of them, when the
+    lengths agree) attends a view of its valid keys, on the backend ``call`` runs -- no masked work,
+    every backend, gradients through the views."""
+    if len(set(lengths)) == 1:
+        n = lengths[0]
+        return call(q, k[:, :n], v[:, :n])
+    parts = [call(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n]) for b, n in enumerate(lengths)]
+    if not return_lse:
+        return torch.cat(parts, dim=0)
+    return torch.cat([p[0] for p in parts], dim=0), torch.cat([p[1] for p in parts], dim=0)
+
+
 def joint_attention(
     q: Tensor, k: Tensor, v: Tensor, *, softmax_scale: Optional[float] = None, backend: Optional[str] = None,
-    return_lse: bool = False,
+    return_lse: bool = False, key_lengths=None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """softmax(q kᵀ · softmax_scale) v. q: (B, Lq, H, Dh); k, v: (B, Lk, H_kv, Dh). Returns (B, Lq, H, Dh).
 
@@ -62,6 +95,11 @@ def joint_attention(
     ``softmax_lse``; -inf for a query with no keys). Gradients flow through the output only: the lse
     is returned without a gradient path on the kernel backends (the reference's lse is an ordinary
     autograd graph, so its gradient is exact there).
+    key_lengths: None, or one count per sample (a sequence of ints, or a 1-D integer tensor, read on the
+    host) of the keys it attends: sample b attends keys ``[0, key_lengths[b])`` only (a key-padding mask
+    whose valid keys are a prefix, as T5 or caption padding gives). Every backend serves it: each
+    sample attends a view of its valid keys (one call when the lengths agree), so no masked work runs;
+    not on DTensors.
     """
     request = _backend.current_request(backends.OP, backend)
     fp64_ok = request.name in backends.FP64_BACKENDS
@@ -84,10 +122,19 @@ def joint_attention(
             return q * 0
         B, Lq, H, _ = q.shape
         return q * 0, torch.full((B, H, Lq), float("-inf"), device=q.device, dtype=torch.float32)
+    lengths = _key_lengths(key_lengths, q.shape[0], k.shape[1])
+    if lengths is not None and check.dtensor_possible() and isinstance(q, torch.distributed.tensor.DTensor):
+        raise NotImplementedError("joint_attention: key_lengths is not supported on DTensors")
     spec = _backend.Spec.of(q, ("lse",) if return_lse else ())
     fn = _backend.impl(backends.OP, _backend.resolve_name(backends.OP, request, spec)).fn
     kwargs = {} if softmax_scale is None else {"softmax_scale": softmax_scale}
-    return fn(q, k, v, return_lse=True, **kwargs) if return_lse else fn(q, k, v, **kwargs)
+
+    def call(q, k, v):
+        return fn(q, k, v, return_lse=True, **kwargs) if return_lse else fn(q, k, v, **kwargs)
+
+    if lengths is not None and any(n < k.shape[1] for n in lengths):
+        return _attend_prefixes(q, k, v, lengths, call, return_lse)
+    return call(q, k, v)
 
 
 def joint_attention_streams(
@@ -102,6 +149,7 @@ def joint_attention_streams(
     interleaved: bool = True,
     backend: Optional[str] = None,
     attention: Optional[Callable[[Tensor, Tensor, Tensor], Tensor]] = None,
+    key_lengths=None,
 ) -> Tuple[Tensor, ...]:
     """Attention over the joint sequence ``[stream 0; stream 1; ...]``, one output view per stream.
 
@@ -112,11 +160,16 @@ def joint_attention_streams(
     pairs interleaved (FLUX) or half-split. ``backend`` picks the attention implementation (the
     prepare pass follows ``use_backend``). attention: a callable ``(q, k, v) -> o`` that attends the
     prepared joint tensors instead of :func:`joint_attention` (the diffusers integration passes
-    context-parallel attention). Returns (B, L_i, H, Dh) views of one joint output.
+    context-parallel attention). key_lengths: per sample, the count of valid keys of the joint sequence,
+    a prefix (see :func:`joint_attention`; not with ``attention``). Returns (B, L_i, H, Dh) views of one
+    joint output.
     """
+    if key_lengths is not None and attention is not None:
+        raise ValueError("joint_attention_streams: key_lengths goes with the default attention only "
+                         "(a custom attention callable takes no key lengths)")
     q, k, v = prepare_attention(qs, ks, vs, q_weights=q_weights, k_weights=k_weights, rope=rope,
                                 eps=eps, interleaved=interleaved)
-    out = joint_attention(q, k, v, backend=backend) if attention is None else attention(q, k, v)
+    out = joint_attention(q, k, v, backend=backend, key_lengths=key_lengths) if attention is None else attention(q, k, v)
     if len(qs) == 1:  # no split: its backward would copy the gradient into a new tensor
         return (out,)
     widths = [int(t.shape[1]) for t in qs]
