@@ -23,6 +23,8 @@ Supported blocks (exact diffusers classes, diffusers >= 0.35):
 ``Flux2SingleTransformerBlock``   FLUX.2 single-stream block (packed ``[q|k|v|gate|up]`` projection)
 ``Flux3ModeTransformerBlock``     FLUX.3 per-mode parallel-residual block (``Flux3Transformer2DModel``)
 ``Flux3SingleTransformerBlock``   FLUX.3 joint single block over [text; content]
+``HunyuanVideoTransformerBlock``  HunyuanVideo 1.0 double / single blocks (``HunyuanVideoTransformer3DModel``)
+``HunyuanVideoSingleTransformerBlock``
 ``WanTransformerBlock``           Wan 2.x self-attention + cross-attention block (``WanTransformer3DModel``)
 ================================  ==================================================================
 
@@ -53,13 +55,13 @@ from typing import Dict, List, Tuple
 
 from torch import nn
 
-from . import _context_parallel, _dit, _flux, _flux2, _flux3, _hooks, _qwenimage, _sd3, _wan, _zimage
+from . import _context_parallel, _dit, _flux, _flux2, _flux3, _hooks, _hunyuanvideo, _qwenimage, _sd3, _wan, _zimage
 from ._common import BlockSpec
 
 __all__ = ["patch", "unpatch", "is_patched", "UnsupportedModelError", "SUPPORTED_BLOCKS"]
 
 _SPECS: Dict[str, BlockSpec] = {s.name: s for s in _flux.SPECS + _sd3.SPECS + _dit.SPECS + _qwenimage.SPECS
-                                 + _zimage.SPECS + _flux2.SPECS + _flux3.SPECS + _wan.SPECS}
+                                 + _zimage.SPECS + _flux2.SPECS + _flux3.SPECS + _wan.SPECS + _hunyuanvideo.SPECS}
 _FORWARDS = frozenset(s.forward for s in _SPECS.values())
 SUPPORTED_BLOCKS: Tuple[str, ...] = tuple(_SPECS)
 # what each block class serves, and what runs diffusers' forward instead (python -m ditfast.info prints it)
@@ -85,6 +87,10 @@ FAMILIES: Dict[str, Tuple[str, str]] = {
                                   "custom processors, hooked attention / norm, float64"),
     "Flux3SingleTransformerBlock": ("FLUX.3 joint single blocks over [text; image; reference images]",
                                     "as the per-mode blocks"),
+    "HunyuanVideoTransformerBlock": ("HunyuanVideo 1.0 double-stream, [video; text] with the text padding as "
+                                     "key lengths (HunyuanVideoTransformer3DModel)",
+                                     "masks that are not a prefix, the token-replace (I2V) blocks, float64"),
+    "HunyuanVideoSingleTransformerBlock": ("HunyuanVideo 1.0 single-stream", "as the double-stream block"),
     "WanTransformerBlock": ("Wan 2.1 / 2.2 T2V, I2V, TI2V (WanTransformer3DModel)",
                             "custom processors, hooked attention / norms, float64"),
 }

@@ -444,14 +444,17 @@ def dit_block(x: Tensor, mod: Sequence[Tensor], s: Stream, *, head_dim: int, qk_
 
 def flux_double(img: Tensor, txt: Tensor, img_mod: Sequence[Tensor], txt_mod: Sequence[Tensor], rope: Rope,
                 img_s: Stream, txt_s: Stream, *, head_dim: int, qk_eps: float = 1e-6,
-                attention: Attention = None, attn_call: Optional[Callable] = None) -> Tuple[Tensor, Tensor]:
+                attention: Attention = None, attn_call: Optional[Callable] = None, image_first: bool = False,
+                key_lengths=None) -> Tuple[Tensor, Tensor]:
     """FLUX double-stream block: img (B, Li, D), txt (B, Lt, D) -> (img, txt).
 
     *_mod: (shift1, scale1, gate1, shift2, scale2, gate2) per stream. rope: (cos, sin) of the joint
     sequence [txt, img] or None. attn_call: None, or a callable taking the modulated (img, txt)
     and returning their projected attention outputs (img, txt), which then replaces the streams'
     qkv / QK-norm / attention / proj (the diffusers integration calls the attention module
-    through it when hooks sit on that module).
+    through it when hooks sit on that module). image_first: the joint sequence is [img, txt]
+    (HunyuanVideo) and rope covers it in that order. key_lengths: per sample, the valid (prefix) keys of
+    the joint sequence (HunyuanVideo's text padding follows the video tokens).
     """
     t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = txt_mod
     i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = img_mod
@@ -461,7 +464,10 @@ def flux_double(img: Tensor, txt: Tensor, img_mod: Sequence[Tensor], txt_mod: Se
         i_a, t_a = attn_call(h_img, h_txt)
     else:
         t_qkv, i_qkv = qkv_heads(txt_s.qkv, h_txt, head_dim), qkv_heads(img_s.qkv, h_img, head_dim)
-        t_o, i_o = _attend_streams((txt_s, img_s), (t_qkv, i_qkv), rope, qk_eps, attention)  # text first, as FLUX
+        if image_first:
+            i_o, t_o = _attend_streams((img_s, txt_s), (i_qkv, t_qkv), rope, qk_eps, attention, key_lengths)
+        else:  # text first, as FLUX
+            t_o, i_o = _attend_streams((txt_s, img_s), (t_qkv, i_qkv), rope, qk_eps, attention, key_lengths)
         i_a, t_a = img_s.proj(i_o), txt_s.proj(t_o)
 
     img, h = ops.gated_residual_norm_modulate(img, i_a, i_gate1, i_shift2, i_scale2, eps=img_s.eps2)
@@ -473,7 +479,8 @@ def flux_double(img: Tensor, txt: Tensor, img_mod: Sequence[Tensor], txt_mod: Se
 
 def flux_single(x: Tensor, mod: Sequence[Tensor], rope: Rope, s: Stream, *, head_dim: int,
                 qk_eps: float = 1e-6, attention: Attention = None, attn_call: Optional[Callable] = None,
-                gelu_linear: Optional[Module] = None, packed_act: Optional[Module] = None) -> Tensor:
+                gelu_linear: Optional[Module] = None, packed_act: Optional[Module] = None,
+                key_lengths=None) -> Tensor:
     """FLUX single-stream block (attention and MLP in parallel): x [txt, img] (B, L, D) -> (B, L, D).
 
     mod: (shift, scale, gate). ``s.proj`` is the output Linear over ``[attention | MLP hidden]``
@@ -486,7 +493,8 @@ def flux_single(x: Tensor, mod: Sequence[Tensor], rope: Rope, s: Stream, *, head
     ``proj_mlp``); with separate q / k / v Linears, all four then run as :func:`linears_of_one_input`
     where it applies (training: one input gradient, no adds), and in inference as before (``s.mlp``).
     packed_act: with a packed ``s.qkv``, the activation of its MLP columns in place of GELU(tanh) (FLUX.2's
-    SwiGLU over ``[gate | up]``: ``[q | k | v | gate | up]`` is one matmul's output).
+    SwiGLU over ``[gate | up]``: ``[q | k | v | gate | up]`` is one matmul's output). key_lengths: per
+    sample, the valid (prefix) keys of x.
     """
     shift, scale, gate = mod
     h = ops.norm_modulate(x, shift, scale, eps=s.eps)
@@ -506,7 +514,7 @@ def flux_single(x: Tensor, mod: Sequence[Tensor], rope: Rope, s: Stream, *, head
     else:
         mlp = s.mlp(h)
         q, k, v = qkv_heads(s.qkv, h, head_dim)
-    (o,) = _attend_streams((s,), ((q, k, v),), rope, qk_eps, attention)
+    (o,) = _attend_streams((s,), ((q, k, v),), rope, qk_eps, attention, key_lengths)
     return ops.gated_residual(x, linear_of_concat(s.proj, (o, mlp)), gate)
 
 
