@@ -264,3 +264,114 @@ def test_torch_compile_fullgraph():
     if not ON_GPU:  # the forward and the backward graph each call the custom ops
         assert "ditfast.flash_attention.default" in graphs["fw"], graphs["fw"]
         assert "ditfast.flash_attention_backward.default" in graphs["bw"], graphs["bw"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-sample key lengths: one launch whose programs stop at each sample's count
+# ------------------------------------------------------------------------------------------------
+# (lengths, Lq, Lk, H, H_kv, Dh, scale). Under the interpreter's 16-key blocks the counts cover a partial
+# first block (5, 1), every key (40, 29), a count on a block edge (16), several blocks and a partial one (33).
+KLEN_CASES = [((5, 40, 16, 33), 21, 40, 4, 2, 40, None), ((1, 29, 17), 18, 29, 2, 1, 72, 0.3)]
+if ON_GPU:
+    KLEN_CASES += [((77, 300, 129, 256), 301, 300, 4, 4, 128, None)]
+
+
+def masked_reference(lengths, scale):
+    """SDPA with the key-padding mask of ``lengths`` on k / v repeated per query head: (o, lse)."""
+    def ref(q, k, v):
+        B, Lq, H, _ = q.shape
+        Lk, g = k.shape[1], H // k.shape[2]
+        keep = torch.arange(Lk, device=q.device)[None, :] < torch.tensor(lengths, device=q.device)[:, None]
+        t = lambda x: x.transpose(1, 2)  # noqa: E731
+        return t(torch.nn.functional.scaled_dot_product_attention(
+            t(q), t(k.repeat_interleave(g, 2)), t(v.repeat_interleave(g, 2)), attn_mask=keep[:, None, None, :],
+            scale=scale))
+
+    return ref
+
+
+def _klen_qkv(case, dtype):
+    lengths, Lq, Lk, H, Hk, Dh, scale = case
+    B = len(lengths)
+    q = torch.randn(B, Lq, H, Dh, device=DEVICE, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(B, Lk, Hk, Dh, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(2))
+    counts = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    return q, k, v, counts
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", KLEN_CASES, ids=lambda c: "len{}_Lq{}_Lk{}_H{}_Hkv{}_Dh{}_scale{}".format(*c))
+def test_key_lengths_by_the_rule(dtype, case):
+    """Forward and backward by the rule against SDPA with the padding mask (grouped heads, a scale)."""
+    lengths, *_, scale = case
+    q, k, v, counts = _klen_qkv(case, dtype)
+    fast = lambda q, k, v: triton_attention(q, k, v, softmax_scale=scale, key_lengths=counts)  # noqa: E731
+    check_op(fast, masked_reference(lengths, scale), [q, k, v], name=f"triton key lengths {lengths}")
+
+
+@pytest.mark.parametrize("case", KLEN_CASES[:2], ids=["gqa", "mqa-scale"])
+def test_key_lengths_lse_and_padded_gradients(case):
+    """The lse of each row covers its sample's keys only; padded keys get exactly zero dk, dv (their blocks
+    are skipped, the partial block's padded rows are not stored), whatever values they hold."""
+    lengths, Lq, Lk, H, Hk, Dh, scale = case
+    q, k, v, counts = _klen_qkv(case, torch.float32)
+    o, lse = triton_attention(q, k, v, softmax_scale=scale, key_lengths=counts, return_lse=True)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k.repeat_interleave(H // Hk, 2)) * (Dh ** -0.5 if scale is None else scale)
+    keep = torch.arange(Lk, device=DEVICE)[None, :] < counts[:, None].long()
+    want = torch.logsumexp(s.masked_fill(~keep[:, None, None, :], float("-inf")), -1)
+    torch.testing.assert_close(lse, want, rtol=1e-5, atol=1e-5)
+    dq, dk, dv = torch.autograd.grad((o * torch.randn_like(o)).sum(), (q, k, v))
+    for b, n in enumerate(lengths):
+        assert torch.count_nonzero(dk[b, n:]) == 0 and torch.count_nonzero(dv[b, n:]) == 0
+        if n < Lk:  # the kept keys do get gradients (the test could fail the other way)
+            assert torch.count_nonzero(dk[b, :n]) > 0 and torch.count_nonzero(dv[b, :n]) > 0
+    # the padded keys' values do not matter: overwrite them and nothing changes, bit for bit
+    k2, v2 = k.detach().clone(), v.detach().clone()
+    for b, n in enumerate(lengths):
+        k2[b, n:], v2[b, n:] = 1e4, -1e4
+    o2 = triton_attention(q.detach(), k2, v2, softmax_scale=scale, key_lengths=counts)
+    assert torch.equal(o2, o.detach())
+
+
+def test_key_lengths_opcheck_and_validation():
+    q, k, v, counts = _klen_qkv(KLEN_CASES[0], torch.float16)
+    fwd, bwd = torch.ops.ditfast.flash_attention.default, torch.ops.ditfast.flash_attention_backward.default
+    torch.library.opcheck(fwd, (q, k, v, None, counts))
+    o, lse = (t.detach() for t in fwd(q, k, v, None, counts))
+    torch.library.opcheck(bwd, (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o, lse, True, 0.2, counts))
+    with pytest.raises(TypeError, match="int32"):
+        triton_attention(q, k, v, key_lengths=counts.long())
+    with pytest.raises(ValueError, match="must hold 4 counts"):
+        triton_attention(q, k, v, key_lengths=counts[:3])
+
+
+def test_joint_attention_sends_unequal_lengths_to_one_launch():
+    """ops.joint_attention(backend="triton", key_lengths=...) with unequal counts: one forward and one
+    backward kernel call carrying the counts (not one call per sample), equal to the per-sample slices."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ditfast import ops
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "ditfast" in str(func):
+                self.seen.append((str(func), len(args) + len(kwargs or {})))
+            return func(*args, **(kwargs or {}))
+
+    lengths, Lq, Lk, H, Hk, Dh, _ = KLEN_CASES[0]
+    q, k, v, _ = _klen_qkv(KLEN_CASES[0], torch.float32)
+    with Calls() as calls:
+        out = ops.joint_attention(q, k, v, backend="triton", key_lengths=list(lengths))
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert calls.seen == [("ditfast.flash_attention.default", 5), ("ditfast.flash_attention_backward.default", 9)], calls.seen
+    for b, n in enumerate(lengths):
+        qb, kb, vb = (t[b:b + 1, :L].detach().requires_grad_() for t, L in ((q, Lq), (k, n), (v, n)))
+        ob = triton_attention(qb, kb, vb)
+        torch.testing.assert_close(out[b:b + 1], ob, rtol=1e-5, atol=1e-6)
+        want = torch.autograd.grad(ob.sum(), (qb, kb, vb))
+        for g, w, L in zip(grads, want, (Lq, n, n)):
+            torch.testing.assert_close(g[b:b + 1, :L], w, rtol=1e-4, atol=1e-5)

@@ -167,7 +167,7 @@ def test_patched_blocks_run_ditfast_ops(kind):
         outs = block(**leaves_of(kw, torch.float32))
         sum(o.sum() for o in outs).backward()
     fwd = rec.forward_names()
-    assert "prepare_attention" in fwd and fwd.count("flash_attention") == 2  # one per sample: unequal text lengths
+    assert "prepare_attention" in fwd and fwd.count("flash_attention") == 1  # one launch for unequal text lengths (key_lengths)
     assert "flash_attention_backward" in rec.names
 
 

@@ -97,9 +97,10 @@ def joint_attention(
     autograd graph, so its gradient is exact there).
     key_lengths: None, or one count per sample (a sequence of ints, or a 1-D integer tensor, read on the
     host) of the keys it attends: sample b attends keys ``[0, key_lengths[b])`` only (a key-padding mask
-    whose valid keys are a prefix, as T5 or caption padding gives). Every backend serves it: each
-    sample attends a view of its valid keys (one call when the lengths agree), so no masked work runs;
-    not on DTensors.
+    whose valid keys are a prefix, as T5 or caption padding gives). Every backend serves it, with no
+    masked work: an implementation with the feature ``"key_lengths"`` (ditfast's Triton kernel) in one
+    launch whose programs stop at each sample's count; the others attend a view of each sample's valid
+    keys (one call when the lengths agree, else one per sample). Not on DTensors.
     """
     request = _backend.current_request(backends.OP, backend)
     fp64_ok = request.name in backends.FP64_BACKENDS
@@ -126,13 +127,18 @@ def joint_attention(
     if lengths is not None and check.dtensor_possible() and isinstance(q, torch.distributed.tensor.DTensor):
         raise NotImplementedError("joint_attention: key_lengths is not supported on DTensors")
     spec = _backend.Spec.of(q, ("lse",) if return_lse else ())
-    fn = _backend.impl(backends.OP, _backend.resolve_name(backends.OP, request, spec)).fn
+    impl = _backend.impl(backends.OP, _backend.resolve_name(backends.OP, request, spec))
+    fn = impl.fn
     kwargs = {} if softmax_scale is None else {"softmax_scale": softmax_scale}
 
-    def call(q, k, v):
-        return fn(q, k, v, return_lse=True, **kwargs) if return_lse else fn(q, k, v, **kwargs)
+    def call(q, k, v, **extra):
+        return fn(q, k, v, return_lse=True, **kwargs, **extra) if return_lse else fn(q, k, v, **kwargs, **extra)
 
     if lengths is not None and any(n < k.shape[1] for n in lengths):
+        if len(set(lengths)) > 1 and backends.KEY_LENGTHS in impl.features:
+            # one launch that stops at each sample's count (a small host-to-device copy of the counts)
+            counts = torch.tensor(lengths, dtype=torch.int32).to(q.device, non_blocking=True)
+            return call(q, k, v, key_lengths=counts)
         return _attend_prefixes(q, k, v, lengths, call, return_lse)
     return call(q, k, v)
 

@@ -4,7 +4,9 @@ Each is one :class:`ditfast._backend.Impl` of the op ``"joint_attention"``: a na
 ``ditfast.use_backend`` asks for), the devices, dtypes and head dims (the op's "width") it takes,
 the CUDA compute capabilities it runs on, whether it can return the log-sum-exp (feature ``"lse"``)
 and a probe that says whether its package is installed. All take and return the (B, L, H, Dh)
-layout; ``run(q, k, v, return_lse)`` returns ``o`` or ``(o, lse)`` with lse (B, H, Lq) fp32.
+layout; ``run(q, k, v, return_lse)`` returns ``o`` or ``(o, lse)`` with lse (B, H, Lq) fp32. A runner
+with the feature ``"key_lengths"`` also takes per-sample key counts (``ops.joint_attention``'s
+``key_lengths``); the others get one call per sample over a view of its keys.
 
 ======================  ==========  ============================================================
 name                    family      what runs
@@ -183,10 +185,11 @@ def _run_sdpa(kernel: str) -> Callable:
     return run
 
 
-def _run_triton(q: Tensor, k: Tensor, v: Tensor, return_lse: bool = False, softmax_scale: Optional[float] = None):
+def _run_triton(q: Tensor, k: Tensor, v: Tensor, return_lse: bool = False, softmax_scale: Optional[float] = None,
+                key_lengths: Optional[Tensor] = None):
     from ._attention_triton import triton_attention
 
-    return triton_attention(q, k, v, return_lse=return_lse, softmax_scale=softmax_scale)
+    return triton_attention(q, k, v, return_lse=return_lse, softmax_scale=softmax_scale, key_lengths=key_lengths)
 
 
 def _run_reference(q: Tensor, k: Tensor, v: Tensor, return_lse: bool = False, softmax_scale: Optional[float] = None):
@@ -217,6 +220,9 @@ def _run_reference(q: Tensor, k: Tensor, v: Tensor, return_lse: bool = False, so
 # Registration (conservative static rules; the CUDA libraries may accept more than listed)
 # ------------------------------------------------------------------------------------------------
 _LSE = ("lse",)
+# the runner takes ``key_lengths=`` (a (B,) int32 device tensor of per-sample key counts) natively:
+# ops.joint_attention passes it unequal counts in one call instead of one call per sample
+KEY_LENGTHS = "key_lengths"
 
 
 def _register(name: str, family: str, run: Callable, probe, description: str, **limits) -> None:
@@ -245,7 +251,7 @@ _register("sdpa_cpu", "compiled", _run_sdpa("FLASH_ATTENTION"), _probe_sdpa("FLA
           "PyTorch SDPA, CPU flash kernel (lse through aten._scaled_dot_product_flash_attention_for_cpu)",
           devices=("cpu",), dtypes=_ALL, features=_LSE)
 _register("triton", "triton", _run_triton, _backend.probe_triton, "ditfast Triton flash attention (prologue-free, lse)",
-          devices=("cuda", "cpu"), dtypes=_ALL, max_width=256, min_capability=(8, 0), features=_LSE)
+          devices=("cuda", "cpu"), dtypes=_ALL, max_width=256, min_capability=(8, 0), features=_LSE + (KEY_LENGTHS,))
 _register("sdpa_math", "reference", _run_sdpa("MATH"), _probe_sdpa("MATH"), "PyTorch SDPA, math kernel",
           devices=None, dtypes=_ANY)
 _register("reference", "reference", _run_reference, _backend.probe_reference,

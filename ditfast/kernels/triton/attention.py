@@ -127,6 +127,7 @@ def _attn_fwd_kernel(
     O,  # (B, Lq, H, Dh) output, q's dtype
     LSE,  # (B, H, Lq) fp32 output: natural-log logsumexp of each query row's scaled scores
     sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h, so_b, so_l, so_h,  # strides, in elements
+    KLEN,  # (B,) int32 per-sample key counts, each in [1, LK] (read only with HAS_KLEN)
     LQ, LK,  # sequence lengths (LK >= 1)
     H,  # query heads
     GROUP,  # query heads per k / v head (grouped-query attention; 1 without it)
@@ -135,7 +136,8 @@ def _attn_fwd_kernel(
     DP: tl.constexpr,  # head dim padded to a power of two
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per inner step
-    EVEN_N: tl.constexpr,  # LK % BLOCK_N == 0: no partial key block
+    EVEN_N: tl.constexpr,  # LK % BLOCK_N == 0 and no key lengths: no partial key block
+    HAS_KLEN: tl.constexpr,  # sample b attends its first KLEN[b] keys: the loop stops there
     PREC: tl.constexpr,  # tl.dot input precision ("ieee" for fp32 inputs)
     MM: tl.constexpr,  # dtype of the tl.dot operands
     ROUND_BF16: tl.constexpr,  # interpreter with bf16 output: round before the cast
@@ -160,13 +162,17 @@ def _attn_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, DP), dtype=tl.float32)
-    n_full = (LK // BLOCK_N) * BLOCK_N
+    n_keys = LK
+    if HAS_KLEN:  # this sample's valid keys: the blocks past them are never loaded (clamped: never past LK)
+        n_keys = tl.minimum(tl.load(KLEN + off_b).to(tl.int32), LK)
+    n_full = (n_keys // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K, V, sk_l, sv_l, start_n, LK, qk_scale,
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K, V, sk_l, sv_l, start_n, n_keys, qk_scale,
                                    D, DP, BLOCK_N, False, PREC, MM)
     if not EVEN_N:
-        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K, V, sk_l, sv_l, n_full, LK, qk_scale,
-                                   D, DP, BLOCK_N, True, PREC, MM)
+        if n_full < n_keys:
+            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K, V, sk_l, sv_l, n_full, n_keys, qk_scale,
+                                       D, DP, BLOCK_N, True, PREC, MM)
 
     o = acc / l_i[:, None]
     tl.store(O + rows64[:, None] * so_l + d[None, :], _cast(o, O.dtype.element_ty, ROUND_BF16), mask=qmask)
@@ -205,6 +211,7 @@ def _attn_bwd_kernel(
     DK, DV,  # (B, Lk, HKV, Dh) outputs, the inputs' dtype
     DQ_ACC,  # (slices, B, Lq, H, Dh) fp32 accumulator of dS K (zero-initialized), unscaled
     LSE, DELTA,  # (B, H, Lq) fp32: natural-log logsumexp from the forward, rowsum(dO * O)
+    KLEN,  # (B,) int32 per-sample key counts (with HAS_KLEN; dk, dv arrive zeroed and keep 0 past them)
     sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h, sdo_b, sdo_l, sdo_h,
     sdk_b, sdk_l, sdk_h, sdv_b, sdv_l, sdv_h,
     sacc_s, sacc_b, sacc_l, sacc_h,  # accumulator strides (slice, batch, token, head)
@@ -218,6 +225,7 @@ def _attn_bwd_kernel(
     BLOCK_M: tl.constexpr,  # query rows per inner step
     BLOCK_N: tl.constexpr,  # keys per program step
     DETERMINISTIC: tl.constexpr,  # each split adds into its own accumulator slice (else all into slice 0)
+    HAS_KLEN: tl.constexpr,
     PREC: tl.constexpr, MM: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
@@ -234,11 +242,15 @@ def _attn_bwd_kernel(
         DQ_ACC += pid_s.to(tl.int64) * sacc_s
     DQ_ACC += off_b * sacc_b
     d = tl.arange(0, DP)
+    n_keys = LK
+    if HAS_KLEN:  # key blocks past this sample's keys are skipped (their dk, dv stay the launcher's zeros)
+        n_keys = tl.minimum(tl.load(KLEN + off_b).to(tl.int32), LK)
 
-    for start_n in range(pid_s * BLOCK_N, LK, N_SPLITS * BLOCK_N):
+    for start_n in range(pid_s * BLOCK_N, n_keys, N_SPLITS * BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         cols64 = cols.to(tl.int64)[:, None]
-        kv_mask = _tile_mask(cols, LK, D, DP, True)
+        # padded keys load as zero rows and are not stored: their P reaches nothing kept
+        kv_mask = _tile_mask(cols, n_keys, D, DP, True)
         k = tl.load(K + cols64 * sk_l + d[None, :], mask=kv_mask, other=0.0).to(MM)
         v = tl.load(V + cols64 * sv_l + d[None, :], mask=kv_mask, other=0.0).to(MM)
         dk = tl.zeros((BLOCK_N, DP), dtype=tl.float32)
@@ -368,12 +380,15 @@ def default_scale(head_dim: int) -> float:
     return head_dim ** -0.5
 
 
-def attention_forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: Optional[float] = None,
+                      key_lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """(o, lse): o (B, Lq, H, Dh) contiguous in q's dtype, lse (B, H, Lq) fp32 natural log of the
     scaled scores ``q kᵀ · softmax_scale`` (default Dh**-0.5). k, v (B, Lk, H_kv, Dh) with
     H % H_kv == 0: query head h reads k / v head h // (H // H_kv) (grouped-query attention).
-    q, k, v validated by the caller (ditfast/ops/_attention_triton.py): one dtype and device,
-    unit stride on Dh, Dh <= MAX_HEAD_DIM. Lk = 0 gives o = 0 and lse = -inf."""
+    key_lengths: None, or a (B,) int32 tensor on q's device, each count in [1, Lk]: sample b attends
+    keys [0, key_lengths[b]) and its programs stop there (the padded key blocks are never read).
+    q, k, v (and the counts) validated by the caller (ditfast/ops/_attention_triton.py): one dtype
+    and device, unit stride on Dh, Dh <= MAX_HEAD_DIM. Lk = 0 gives o = 0 and lse = -inf."""
     B, LQ, H, Dh = q.shape
     LK, HKV = k.shape[1], k.shape[2]
     scale = default_scale(Dh) if softmax_scale is None else float(softmax_scale)
@@ -390,8 +405,10 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: Optional[f
         blocks, opts = _split_cfg(cfg)
         grid = (triton.cdiv(LQ, blocks["BLOCK_M"]), B * H)
         _attn_fwd_kernel[grid](
-            q, k, v, o, lse, *_s(q), *_s(k), *_s(v), *_s(o), LQ, LK, H, H // HKV, scale * LOG2E,
-            D=Dh, DP=dp, EVEN_N=LK % blocks["BLOCK_N"] == 0, PREC=prec, **_mm(q.dtype), **blocks, **opts,
+            q, k, v, o, lse, *_s(q), *_s(k), *_s(v), *_s(o), lse if key_lengths is None else key_lengths,
+            LQ, LK, H, H // HKV, scale * LOG2E, D=Dh, DP=dp,
+            EVEN_N=LK % blocks["BLOCK_N"] == 0 and key_lengths is None, HAS_KLEN=key_lengths is not None,
+            PREC=prec, **_mm(q.dtype), **blocks, **opts,
         )
 
     _launch(configs("fwd", dp, q.dtype, q.is_cuda), launch, q)
@@ -408,16 +425,19 @@ def _slots(t: Tensor, cfg: dict) -> int:
 
 
 def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
-                       deterministic: bool = True, softmax_scale: Optional[float] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                       deterministic: bool = True, softmax_scale: Optional[float] = None,
+                       key_lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv), contiguous, in the inputs' dtype, from dO (B, Lq, H, Dh) and the forward's o and
-    lse (computed with the same ``softmax_scale``). Same input contract as :func:`attention_forward`
-    (grouped k / v heads included: dk, dv sum over the query heads of each group); do needs a unit
-    stride on Dh too."""
+    lse (computed with the same ``softmax_scale`` and ``key_lengths``). Same input contract as
+    :func:`attention_forward` (grouped k / v heads included: dk, dv sum over the query heads of each
+    group); do needs a unit stride on Dh too. With key lengths, the padded keys' dk, dv are exactly 0
+    (their blocks are skipped: dk, dv start zeroed)."""
     B, LQ, H, Dh = q.shape
     LK, HKV = k.shape[1], k.shape[2]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    new_kv = torch.empty if key_lengths is None else torch.zeros
+    dk = new_kv(k.shape, dtype=k.dtype, device=k.device)
+    dv = new_kv(v.shape, dtype=v.dtype, device=v.device)
     if B * H == 0 or LQ == 0 or LK == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     dp = padded_head_dim(Dh)
@@ -442,10 +462,10 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, l
         splits = num_splits(n_blocks, B * HKV, _slots(q, cfg)) if deterministic else n_blocks
         acc = torch.zeros((splits if deterministic else 1, B, LQ, H, Dh), dtype=torch.float32, device=q.device)
         _attn_bwd_kernel[(splits, B * HKV)](
-            q, k, v, do, dk, dv, acc, lse, delta,
+            q, k, v, do, dk, dv, acc, lse, delta, lse if key_lengths is None else key_lengths,
             *_s(q), *_s(k), *_s(v), *_s(do), *_s(dk), *_s(dv), *acc.stride()[:4],
             LQ, LK, H, HKV, H // HKV, splits, sm_scale, sm_scale * LOG2E,
-            D=Dh, DP=dp, DETERMINISTIC=bool(deterministic), PREC=prec, **_mm(q.dtype), **blocks, **opts,
+            D=Dh, DP=dp, DETERMINISTIC=bool(deterministic), HAS_KLEN=key_lengths is not None, PREC=prec, **_mm(q.dtype), **blocks, **opts,
         )
         result["acc"] = acc
 
