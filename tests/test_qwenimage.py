@@ -11,7 +11,9 @@ batch 2, 7 text tokens, a 3 x 5 image grid, unequal timesteps), patched vs unpat
 * one block, fp32 and bf16, on the "reference" and "triton" (interpreter) backends, forward and
   backward by the tolerance rule of docs/numerics.md (atol 1e-4, reduced-gradient bound for the
   parameter and temb gradients), against diffusers' block in fp32 and in the low precision;
-* the fallbacks (a mask that masks a token, attention kwargs, a custom processor, float64, a
+* a text padding mask (a kept prefix per sample) runs ditfast as key lengths over [image, text], whole
+  model and one block by the rule;
+* the fallbacks (a mask that is not a prefix, attention kwargs, a custom processor, float64, a
   ``modulate_index`` ditfast does not run, a hooked LayerNorm) equal diffusers exactly and warn once;
   an all-True mask is dropped and runs ditfast;
 * the patched block runs the same ditfast ops, in the same order, forward and backward, as
@@ -297,6 +299,8 @@ def test_rope_tables_are_diffusers_tables():
     assert cos.dtype == sin.dtype == torch.float32 and cos.shape == sin.shape == (LT + 15, DH // 2)
     assert torch.equal(cos[:LT], txt.real) and torch.equal(sin[LT:], img.imag)
     assert rope_tables(None, LT, 15, DH) is None
+    cos_f, sin_f = rope_tables((img, txt), LT, 15, DH, image_first=True)  # [image, text]: a padded text
+    assert torch.equal(cos_f[:15], img.real) and torch.equal(sin_f[15:], txt.imag)
     assert rope_tables((img, txt), 15, LT, DH) is False  # streams swapped
     assert rope_tables((img.to(torch.complex128), txt), LT, 15, DH) is False
     assert rope_tables((img.real, txt.real), LT, 15, DH) is False
@@ -325,6 +329,27 @@ def test_block_by_the_rule(backend, dtype, zero_cond, device):
         assert_by_rule(f, r, lp, atol=1e-4, name=f"grad {n}", reduced=red)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_padded_text_block_by_the_rule(backend, dtype, device):
+    """One block with a text padding mask (sample 1 keeps 4 of 7 text tokens): [image, text] with per-sample
+    key lengths (on triton: one kernel launch that stops at each sample's count), by the rule."""
+    if backend == "triton" and not ON_GPU and not _interpreter():
+        pytest.skip("the Triton interpreter is not available (TRITON_INTERPRET=1 and triton needed)")
+    kw, _ = block_inputs()
+    kw["encoder_hidden_states_mask"] = torch.arange(LT)[None, :] < torch.tensor([LT, 4])[:, None]
+    ref32 = block_run(qwen_block().to(device), leaves_of(kw, torch.float32, device))
+    low_block = qwen_block().to(device, dtype)
+    low = block_run(low_block, leaves_of(kw, dtype, device))
+    patch(nn.ModuleList([low_block]))
+    with ditfast.use_backend(backend):
+        fast = block_run(low_block, leaves_of(kw, dtype, device))
+    assert_by_rule(fast[0], ref32[0], low[0], atol=1e-4, name="block (txt, img)")
+    for n, f, r, lp, red in zip(fast[2], fast[1], ref32[1], low[1], fast[3]):
+        assert f.dtype == dtype and r.abs().max() > 0, n
+        assert_by_rule(f, r, lp, atol=1e-4, name=f"grad {n}", reduced=red)
+
+
 # ---------------------------------------------------------------------------------------------- fallbacks
 
 
@@ -343,15 +368,35 @@ def _one_warning(fn, match: str):
     return a, b
 
 
-def test_mask_that_masks_a_token_runs_diffusers(monkeypatch):
+@pytest.mark.parametrize("kept", [(7, 5), (3, 0)], ids=["one-padded", "one-without-text"])
+def test_padded_text_runs_ditfast_with_key_lengths(kept, monkeypatch):
+    """A mask keeping a prefix of each sample's text (tokenizer padding; a sample may keep none): ditfast runs
+    it as key lengths over [image, text] (one attention per block, no warning), equal to diffusers' masked
+    attention: output and every gradient. The padding changes the result (the test can fail)."""
+    model = qwen_model()
+    inputs = model_inputs()
+    mask = torch.arange(LT)[None, :] < torch.tensor(kept)[:, None]
+    ref = run(model, inputs, encoder_hidden_states_mask=mask)
+    unmasked = run(model, inputs)
+    assert not torch.allclose(ref[0], unmasked[0], atol=1e-3), "the mask should change the output"
+    patch(model)
+    counter = AttentionCounter(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = run(model, inputs, encoder_hidden_states_mask=mask)
+    assert counter.calls == CFG["num_layers"]
+    assert_same_run(got, ref, f"text kept {kept}")
+
+
+def test_mask_that_is_not_a_prefix_runs_diffusers(monkeypatch):
     model = qwen_model()
     inputs = model_inputs()
     mask = torch.ones(B, LT, dtype=torch.bool)
-    mask[1, -2:] = False  # sample 1 has 5 text tokens
+    mask[1, 2] = False  # a hole: the kept keys are not a prefix of sample 1's text
     ref = run(model, inputs, encoder_hidden_states_mask=mask)
     patch(model)
     counter = AttentionCounter(monkeypatch)
-    got, again = _one_warning(lambda: run(model, inputs, encoder_hidden_states_mask=mask), "encoder_hidden_states_mask")
+    got, again = _one_warning(lambda: run(model, inputs, encoder_hidden_states_mask=mask), "not a prefix")
     assert counter.calls == 0
     assert_same_run(got, ref, "masked", exact=True)
     assert_same_run(again, ref, "masked, second call", exact=True)
@@ -439,10 +484,23 @@ def test_hooks_on_attention_and_on_a_layer_norm(monkeypatch):
         assert seen == [1] and counter.calls == 0
         for g, r in zip(got, ref):
             assert_close(g, r, "hooked attention")
+        # with a padded text the hooked attention module gets the mask (diffusers' masked attention)
+        kw_masked = dict(kw, encoder_hidden_states_mask=torch.arange(LT)[None, :] < torch.tensor([LT, 3])[:, None])
         handle.remove()
+        patched_forward = block.forward
+        del block.forward  # diffusers' forward for the reference
+        ref_masked = block(**kw_masked)
+        block.forward = patched_forward
+        handle = block.attn.register_forward_hook(lambda *_: seen.append(1))
+        got = block(**kw_masked)
+        assert seen == [1, 1] and counter.calls == 0
+        for g, r in zip(got, ref_masked):
+            assert_close(g, r, "hooked attention, padded text")
+        handle.remove()
+        seen.clear()
         block.img_norm1.register_forward_hook(lambda *_: seen.append(2))
         got, _ = _one_warning(lambda: block(**kw), "img_norm1")
-    assert counter.calls == 0 and seen[1:] == [2, 2]
+    assert counter.calls == 0 and seen == [2, 2]
     assert all(torch.equal(g, r) for g, r in zip(got, ref))
 
 

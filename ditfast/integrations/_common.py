@@ -267,14 +267,15 @@ def joint_sequence(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return base
 
 
-def prefix_lengths(keep: torch.Tensor):
+def prefix_lengths(keep: torch.Tensor, allow_empty: bool = False):
     """A (B, L) bool key-padding mask as per-sample key counts: None when it keeps every key, the counts
     (a tuple of ints) when each sample keeps a prefix, False for any other mask (diffusers' forward runs
-    then). Reading the mask costs one device sync, as deciding on any mask does."""
+    then). A sample keeping no key is refused unless ``allow_empty`` (the caller attends other keys too).
+    Reading the mask costs one device sync, as deciding on any mask does."""
     B, L = keep.shape
     counts = keep.sum(dim=1)
     prefix = torch.arange(L, device=keep.device).unsqueeze(0) < counts.unsqueeze(1)
-    if not bool(torch.equal(prefix, keep)) or bool((counts == 0).any()):
+    if not bool(torch.equal(prefix, keep)) or (not allow_empty and bool((counts == 0).any())):
         return False
     lengths = tuple(int(n) for n in counts.tolist())
     return None if all(n == L for n in lengths) else lengths

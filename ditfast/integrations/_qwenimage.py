@@ -25,10 +25,14 @@ diffusers' FLUX block, and how this module adapts it:
   positions after the image's), applied as complex products of consecutive pairs (2i, 2i+1): the
   interleaved rotation. ditfast's joint table is ``cos = real``, ``sin = imag`` of the text rows then
   the image rows, in fp32 (:func:`rope_tables`); the tables are diffusers', never rebuilt.
-* ``encoder_hidden_states_mask``: an all-True bool mask of shape (B, L_txt) (the model turns any mask
-  into bool) is dropped -- attending every key is what it means. Deciding that reads the mask (one
-  device sync per block call, and no ``torch.compile(fullgraph=True)`` with a mask); the Qwen-Image
-  pipelines already pass None for an all-True mask.
+* ``encoder_hidden_states_mask``: a bool mask of shape (B, L_txt) (the model turns any mask into bool;
+  diffusers' processor keeps the masked text keys and every image key). An all-True mask is dropped --
+  attending every key is what it means. A mask that keeps a prefix of each sample's text (tokenizer
+  padding; none kept is allowed) runs as per-sample key lengths over the joint sequence taken in the
+  order [image, text] (``flux_double(image_first=True)``, the RoPE tables in that order too): attention
+  is the same function of the keys in any order, and in that order the kept keys are a prefix of
+  L_img + n_b. Deciding reads the mask (one device sync per block call, and no
+  ``torch.compile(fullgraph=True)`` with a mask); the Qwen-Image pipelines pass None for an all-True mask.
 * ``zero_cond_t`` / ``modulate_index`` (Qwen-Image-Edit-2511): ``temb`` has 2B rows (the timestep's,
   then timestep 0's); each image token takes its modulation from row b (index 0) or row B + b
   (otherwise), the text stream from the first B rows. This runs on ditfast as per-token (B, L, D)
@@ -38,8 +42,8 @@ diffusers' FLUX block, and how this module adapts it:
 diffusers' own forward runs instead (same call, same result), with a one-time warning per reason,
 for: non-empty ``joint_attention_kwargs``; an attention processor other than
 ``QwenDoubleStreamAttnProcessor2_0``; dtypes other than fp32 / bf16 / fp16; an
-``encoder_hidden_states_mask`` that masks a token (ditfast's attention takes no mask yet; key lengths
-are issue 23), or any mask under context parallelism (the ranks must take the same path); a
+``encoder_hidden_states_mask`` whose kept text tokens are not a prefix per sample, or any mask under
+context parallelism (the ranks must take the same path); a
 ``modulate_index`` / ``zero_cond_t`` combination other than the one above; RoPE tables not in the
 format above. Hooks follow the FLUX rule (ditfast/integrations/_hooks.py): hooks on the attention
 module or its QK-norms make the block call that module in place of ditfast's attention step; hooks on
@@ -71,6 +75,7 @@ from ._common import (
     is_diffusers,
     no_kwargs,
     out_proj,
+    prefix_lengths,
     rms_eps,
     rms_weight,
     warn_fallback_once,
@@ -84,10 +89,10 @@ _BYPASSED = ("attn", "attn.norm_q", "attn.norm_k", "attn.norm_added_q", "attn.no
              "img_norm1", "img_norm2", "txt_norm1", "txt_norm2")
 
 
-def rope_tables(image_rotary_emb, len_txt: int, len_img: int, head_dim: int):
+def rope_tables(image_rotary_emb, len_txt: int, len_img: int, head_dim: int, image_first: bool = False):
     """diffusers' ``(image_freqs, text_freqs)`` complex64 tables -> ditfast's fp32 ``(cos, sin)`` of
-    the joint sequence [text, image], each (L_txt + L_img, Dh/2). None without RoPE; False when the
-    argument is not in that format (diffusers' forward runs then)."""
+    the joint sequence [text, image] ([image, text] with ``image_first``), each (L_txt + L_img, Dh/2).
+    None without RoPE; False when the argument is not in that format (diffusers' forward runs then)."""
     if image_rotary_emb is None:
         return None
     if not isinstance(image_rotary_emb, (tuple, list)) or len(image_rotary_emb) != 2:
@@ -97,7 +102,8 @@ def rope_tables(image_rotary_emb, len_txt: int, len_img: int, head_dim: int):
         if (not isinstance(t, torch.Tensor) or t.dtype != torch.complex64 or t.dim() != 2
                 or tuple(t.shape) != (length, head_dim // 2)):
             return False
-    return torch.cat((txt.real, img.real)), torch.cat((txt.imag, img.imag))
+    first, second = (img, txt) if image_first else (txt, img)
+    return torch.cat((first.real, second.real)), torch.cat((first.imag, second.imag))
 
 
 def _fallback_reason(block, hidden_states, encoder_hidden_states, mask, temb, kwargs,
@@ -117,10 +123,9 @@ def _fallback_reason(block, hidden_states, encoder_hidden_states, mask, temb, kw
         if _context_parallel.parallel_config(attn) is not None:
             return "mask-cp", ("an encoder_hidden_states_mask under context parallelism (each rank holds part of "
                                "the mask; ditfast drops only an all-True mask, which one rank cannot decide)")
-        if not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and tuple(mask.shape) == (B, Lt)
-                and bool(mask.all())):
-            return "mask", ("an encoder_hidden_states_mask that masks tokens (ditfast's attention takes no "
-                            "mask yet; per-sample key lengths are issue 23)")
+        if not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and tuple(mask.shape) == (B, Lt)):
+            return "mask", (f"an encoder_hidden_states_mask that is not a bool (B, L_txt) = {(B, Lt)} tensor "
+                            "(the model passes one)")
     zero = bool(getattr(block, "zero_cond_t", False))
     if zero or modulate_index is not None:
         ok = (zero and isinstance(modulate_index, torch.Tensor) and tuple(modulate_index.shape) == (B, Li)
@@ -133,7 +138,7 @@ def _fallback_reason(block, hidden_states, encoder_hidden_states, mask, temb, kw
     return None
 
 
-def _attention_call(block, image_rotary_emb):
+def _attention_call(block, image_rotary_emb, mask):
     """None: no bypassed module is hooked. A callable calling the attention module as diffusers'
     forward does, when only it and its QK-norms are hooked. False (warned once): another bypassed
     module is hooked, diffusers' forward must run."""
@@ -141,14 +146,14 @@ def _attention_call(block, image_rotary_emb):
     if not names:
         return None
     if all(n == "attn" or n.startswith("attn.") for n in names):
-        return functools.partial(_call_attention, block.attn, image_rotary_emb)
+        return functools.partial(_call_attention, block.attn, image_rotary_emb, mask)
     _hooks.warn_fallback(block, next(n for n in names if not n.startswith("attn")))
     return False
 
 
-def _call_attention(attn, image_rotary_emb, h_img, h_txt):
-    # the mask was None or all True (dropped): attending every key is what diffusers does then too
-    return attn(hidden_states=h_img, encoder_hidden_states=h_txt, encoder_hidden_states_mask=None,
+def _call_attention(attn, image_rotary_emb, mask, h_img, h_txt):
+    # mask: None when it was None or all True (dropped: attending every key is what it means)
+    return attn(hidden_states=h_img, encoder_hidden_states=h_txt, encoder_hidden_states_mask=mask,
                 image_rotary_emb=image_rotary_emb)
 
 
@@ -170,13 +175,21 @@ def qwen_block_forward(self, hidden_states, encoder_hidden_states, encoder_hidde
     head_dim = attn.inner_dim // attn.heads
     why = _fallback_reason(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb,
                            joint_attention_kwargs, modulate_index)
-    rope = None
+    rope, text_lengths = None, None
+    if why is None and encoder_hidden_states_mask is not None:
+        # None (all kept: dropped), per-sample counts of a kept prefix, or False
+        text_lengths = prefix_lengths(encoder_hidden_states_mask, allow_empty=True)
+        if text_lengths is False:
+            why = "mask", "an encoder_hidden_states_mask whose kept text tokens are not a prefix per sample"
+    image_first = bool(text_lengths)  # a padded text: [image, text], whose kept keys are a prefix
     if why is None:
-        rope = rope_tables(image_rotary_emb, encoder_hidden_states.shape[1], hidden_states.shape[1], head_dim)
+        rope = rope_tables(image_rotary_emb, encoder_hidden_states.shape[1], hidden_states.shape[1], head_dim,
+                           image_first)
         if rope is False:
             why = "rope", ("an image_rotary_emb that is not diffusers' (image, text) complex64 tables of shapes "
                            "(L_img, Dh/2), (L_txt, Dh/2)")
-    attn_call = False if why is not None else _attention_call(self, image_rotary_emb)
+    attn_call = False if why is not None else _attention_call(
+        self, image_rotary_emb, encoder_hidden_states_mask if image_first else None)
     if attn_call is False:
         if why is not None:
             warn_fallback_once(self, *why)
@@ -192,9 +205,11 @@ def qwen_block_forward(self, hidden_states, encoder_hidden_states, encoder_hidde
                      functools.partial(gelu_tanh_ff, self.txt_mlp),
                      rms_weight(attn.norm_added_q), rms_weight(attn.norm_added_k), self.txt_norm1.eps,
                      self.txt_norm2.eps)
+    key_lengths = tuple(hidden_states.shape[1] + n for n in text_lengths) if image_first else None
     x, c = F.flux_double(hidden_states, encoder_hidden_states, img_mod, txt_mod, rope, img_s, txt_s,
                          head_dim=head_dim, qk_eps=rms_eps(attn.norm_q, attn.norm_added_q),
-                         attention=_context_parallel.attention_for(attn), attn_call=attn_call)
+                         attention=None if image_first else _context_parallel.attention_for(attn),
+                         attn_call=attn_call, image_first=image_first, key_lengths=key_lengths)
     if c.dtype == torch.float16:
         c = c.clip(-65504, 65504)
     if x.dtype == torch.float16:
