@@ -10,7 +10,8 @@ without TRITON_INTERPRET (tests/test_sm90_compile.py does): under the interprete
 One row per (kernel, config, shape): the attention kernels (forward, backward preprocess, backward in
 its deterministic and atomic-dq forms) at each config ditfast/kernels/triton/attention.py uses for
 bf16 at the FLUX.1 shape (B 1, 512 + 4096 tokens, 24 heads, Dh 128) and the SD3.5-large shape
-(B 1, 333 + 4096 tokens, 38 heads, Dh 64) -- the forward also with its fallbacks and its fp32 tiles --
+(B 1, 333 + 4096 tokens, 38 heads, Dh 64) -- the forward also with its fallbacks and its fp32 tiles; grouped
+heads at the FLUX shape; per-sample key lengths (HAS_KLEN) at HunyuanVideo 720p's joint length --
 and the adaLN / rope / GELU-backward / SwiGLU kernels at their launchers' configs for those models' widths. Columns:
 
 * registers: per thread; spills: bytes of spill stores + spill loads per thread (ptxas -v);
@@ -71,6 +72,8 @@ def signature(kernel, module, consts, fp32_pointers=(), dtype="bf16"):
             sig[name] = ("*bf16" if name in ROPE_BF16 else "*fp32") if name.endswith("_ptr") else "i32"
         elif module is P:
             sig[name] = ("*fp32" if name in PREPARE_FP32 else "*bf16") if name.endswith("_ptr") else "i32"
+        elif name == "KLEN":  # attention's per-sample key counts
+            sig[name] = "*i32"
         elif name in INT_SCALARS[module] or not name.isupper():
             sig[name] = "i32"
         else:
@@ -153,7 +156,7 @@ def attention_rows():
         dp = A.padded_head_dim(Dh)
         shape = f"{shape_name}: B={B} L={L} H={H} Dh={Dh} bf16"
         # GROUP = 1 (no grouped heads): Triton specializes an integer argument equal to 1 as a constant
-        base = dict(D=Dh, DP=dp, PREC="tf32", MM=tl.bfloat16, ROUND_BF16=False, GROUP=1)
+        base = dict(D=Dh, DP=dp, PREC="tf32", MM=tl.bfloat16, ROUND_BF16=False, GROUP=1, HAS_KLEN=False)
         vals = dict(LQ=L, LK=L, H=H, HKV=H)
         for i, cfg in enumerate(A.configs("fwd", dp, torch.bfloat16)):  # the forward and its fallbacks
             blocks, warps, stages = _launch_opts(cfg)
@@ -182,7 +185,7 @@ def attention_rows():
     B, L, H, Dh, _ = SHAPES["flux"]
     Hk, dp = 8, A.padded_head_dim(Dh)
     shape = f"flux_gqa: B={B} L={L} H={H} H_kv={Hk} Dh={Dh} bf16"
-    base = dict(D=Dh, DP=dp, PREC="tf32", MM=tl.bfloat16, ROUND_BF16=False)
+    base = dict(D=Dh, DP=dp, PREC="tf32", MM=tl.bfloat16, ROUND_BF16=False, HAS_KLEN=False)
     vals = dict(LQ=L, LK=L, H=H, HKV=Hk, GROUP=H // Hk)
     blocks, warps, stages = _launch_opts(A.configs("fwd", dp, torch.bfloat16)[0])
     compile_sm90(A, A._attn_fwd_kernel, dict(base, EVEN_N=L % blocks["BLOCK_N"] == 0, **blocks), warps, stages,
@@ -192,6 +195,22 @@ def attention_rows():
     splits = A.num_splits(n_blocks, B * Hk, SMS * (2 if warps <= 4 else 1))
     compile_sm90(A, A._attn_bwd_kernel, dict(base, DETERMINISTIC=True, **blocks), warps, stages,
                  label=dict(blocks, deterministic=True, splits=splits), shape=shape, grid=splits * B * Hk,
+                 values=dict(vals, N_SPLITS=splits))
+    # per-sample key lengths (HunyuanVideo's padded text, Qwen-Image's, T5 padding): the loop bound is
+    # loaded per program and the last key block masked at it (EVEN_N off), at HunyuanVideo 720p's
+    # joint length (129 frames: 33 x 45 x 80 video tokens + 256 text) for B = 2
+    B, Lv, H, Dh = 2, 33 * 45 * 80 // 4, 24, 128
+    L, dp = Lv + 256, A.padded_head_dim(Dh)
+    shape = f"hunyuanvideo_klen: B={B} L={L} H={H} Dh={Dh} bf16, key lengths"
+    base = dict(D=Dh, DP=dp, PREC="tf32", MM=tl.bfloat16, ROUND_BF16=False, GROUP=1, HAS_KLEN=True)
+    vals = dict(LQ=L, LK=L, H=H, HKV=H)
+    blocks, warps, stages = _launch_opts(A.configs("fwd", dp, torch.bfloat16)[0])
+    compile_sm90(A, A._attn_fwd_kernel, dict(base, EVEN_N=False, **blocks), warps, stages,
+                 label=dict(blocks, fallback=0), shape=shape, values=vals, grid=triton.cdiv(L, blocks["BLOCK_M"]) * B * H)
+    blocks, warps, stages = _launch_opts(A.configs("bwd", dp, torch.bfloat16)[0])
+    splits = A.num_splits(triton.cdiv(L, blocks["BLOCK_N"]), B * H, SMS * (2 if warps <= 4 else 1))
+    compile_sm90(A, A._attn_bwd_kernel, dict(base, DETERMINISTIC=True, **blocks), warps, stages,
+                 label=dict(blocks, deterministic=True, splits=splits), shape=shape, grid=splits * B * H,
                  values=dict(vals, N_SPLITS=splits))
 
 

@@ -232,18 +232,25 @@ def op_cases(elt: int, *, tiny: bool, quick: bool) -> List[Case]:
     return cases + [_op_case(op, "FLUX-dev", _heads(FLUX, 24), elt) for op in ("rms_norm", "apply_rope")]
 
 
-def _attn_case(label: str, B: int, L: int, H: int, Dh: int, *, target=False, graph=False) -> Case:
-    return Case("attention", "joint_attention", label, dict(B=B, L=L, H=H, Dh=Dh), "TFLOP/s",
-                attention_flops(B, H, L, L, Dh), graph=graph, target=target)
+def _attn_case(label: str, B: int, L: int, H: int, Dh: int, *, target=False, graph=False, key_lengths=None) -> Case:
+    """key_lengths: per-sample counts of valid keys (a padding mask's prefix); the FLOPs count those keys only."""
+    work = attention_flops(B, H, L, L, Dh)
+    if key_lengths:
+        work = {k: w * sum(key_lengths) / (B * L) for k, w in work.items()}
+    return Case("attention", "joint_attention", label, dict(B=B, L=L, H=H, Dh=Dh), "TFLOP/s", work, graph=graph,
+                target=target, params=dict(key_lengths=tuple(key_lengths)) if key_lengths else {})
 
 
 def attention_cases(*, tiny: bool, quick: bool) -> List[Case]:
     if tiny:
-        return [_attn_case("tiny", 2, 77, 3, 72, target=True)]
+        return [_attn_case("tiny", 2, 77, 3, 72, target=True),
+                _attn_case("tiny, key lengths", 2, 77, 3, 72, key_lengths=(77, 40))][: 1 if quick else 2]
     cases = [_attn_case("FLUX-dev", 1, 4608, 24, 128, target=True),
              _attn_case("SD3.5-large CFG", 2, 4429, 38, 64, target=True),
              _attn_case("DiT-XL/2 256px", 8, 256, 16, 72, target=True, graph=True),
-             _attn_case("DiT-XL/2 512px", 8, 1024, 16, 72)]
+             _attn_case("DiT-XL/2 512px", 8, 1024, 16, 72),
+             # HunyuanVideo / Qwen-Image style: [image; text] with one caption padded (512 -> 77 tokens)
+             _attn_case("FLUX-dev shape b2, padded text", 2, 4608, 24, 128, key_lengths=(4608, 4096 + 77))]
     return cases[:1] if quick else cases
 
 

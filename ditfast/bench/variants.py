@@ -257,15 +257,29 @@ def attention_variants(case: Case, ctx) -> List[VariantSpec]:
     def spec(name, kind, fn, **kw):
         return VariantSpec(name, kind, lambda: Built(lambda: fn(q, k, v), [q, k, v]), **kw)
 
+    # a key-padding mask (case.params["key_lengths"]): ditfast takes the counts; the peers SDPA's boolean
+    # mask, as diffusers passes it
+    lengths, mask = case.params.get("key_lengths"), None
+    if lengths:
+        keep = torch.arange(d["L"], device=ctx.device)[None, :] < torch.tensor(lengths, device=ctx.device)[:, None]
+        mask = keep[:, None, None, :]
+
     def sdpa(q, k, v):
         t = lambda x: x.transpose(1, 2)  # noqa: E731
-        return t(torch.nn.functional.scaled_dot_product_attention(t(q), t(k), t(v)))
+        return t(torch.nn.functional.scaled_dot_product_attention(t(q), t(k), t(v), attn_mask=mask))
+
+    def attend(q, k, v, backend=None):
+        return ops.joint_attention(q, k, v, backend=backend, key_lengths=lengths)
 
     t = torch.empty(1, 1, d["H"], d["Dh"], device=ctx.device, dtype=ctx.dtype)
-    specs = [spec("ditfast", "ditfast", ops.joint_attention, backend=ops.choose_backend(t, t, t))]
+    specs = [spec("ditfast", "ditfast", attend, backend=ops.choose_backend(t, t, t))]
     for b, why in attention_backends(ctx.device, ctx.backends):
         specs.append(skipped(f"ditfast:{b}", "backend", why, b) if why else
-                     spec(f"ditfast:{b}", "backend", lambda q, k, v, b=b: ops.joint_attention(q, k, v, backend=b), backend=b))
+                     spec(f"ditfast:{b}", "backend", lambda q, k, v, b=b: attend(q, k, v, b), backend=b))
+    if lengths:  # eager: what diffusers runs with a padding mask (SDPA, boolean mask); compiled: the same
+        cfn = compiled(sdpa)
+        return specs + [spec("eager", "peer", sdpa),
+                        ctx.compile_spec("compile", case, lambda: Built(lambda: cfn(q, k, v), [q, k, v]))]
     cfn = compiled(reference.joint_attention)
     return specs + [spec("eager", "peer", reference.joint_attention), spec("sdpa", "peer", sdpa),
                     ctx.compile_spec("compile", case, lambda: Built(lambda: cfn(q, k, v), [q, k, v]))]

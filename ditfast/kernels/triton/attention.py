@@ -169,10 +169,9 @@ def _attn_fwd_kernel(
     for start_n in range(0, n_full, BLOCK_N):
         acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K, V, sk_l, sv_l, start_n, n_keys, qk_scale,
                                    D, DP, BLOCK_N, False, PREC, MM)
-    if not EVEN_N:
-        if n_full < n_keys:
-            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K, V, sk_l, sv_l, n_full, n_keys, qk_scale,
-                                       D, DP, BLOCK_N, True, PREC, MM)
+    if not EVEN_N:  # with key lengths on a block edge this block is all masked: it adds exactly nothing
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K, V, sk_l, sv_l, n_full, n_keys, qk_scale,
+                                   D, DP, BLOCK_N, True, PREC, MM)
 
     o = acc / l_i[:, None]
     tl.store(O + rows64[:, None] * so_l + d[None, :], _cast(o, O.dtype.element_ty, ROUND_BF16), mask=qmask)
