@@ -1,8 +1,8 @@
 """ditfast forward for diffusers' HunyuanVideo 1.5 block (``HunyuanVideo15TransformerBlock`` in
 ``transformer_hunyuan_video15.py``; written against diffusers 0.42.1, and ``check_signature`` refuses a
 version whose block forward takes other arguments), used by ``HunyuanVideo15Transformer3DModel`` (54
-double-stream blocks, no single-stream blocks; the 480p / 720p T2V and I2V checkpoints and the
-step-distilled / MeanFlow super-resolution ones share it).
+double-stream blocks, no single-stream blocks; T2V and I2V, and the ``use_meanflow`` variant, which
+only adds a ``timestep_r`` embedding to ``temb``).
 
 The block is HunyuanVideo 1.0's double-stream block with another attention processor
 (``HunyuanVideo15AttnProcessor2_0``), so the math is :func:`ditfast.nn.functional.flux_double` with
