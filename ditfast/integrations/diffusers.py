@@ -25,6 +25,8 @@ Supported blocks (exact diffusers classes, diffusers >= 0.35):
 ``Flux3SingleTransformerBlock``   FLUX.3 joint single block over [text; content]
 ``HunyuanVideoTransformerBlock``  HunyuanVideo 1.0 double / single blocks (``HunyuanVideoTransformer3DModel``)
 ``HunyuanVideoSingleTransformerBlock``
+``HunyuanVideo15TransformerBlock``
+                                  HunyuanVideo 1.5 double-stream block (``HunyuanVideo15Transformer3DModel``)
 ``WanTransformerBlock``           Wan 2.x self-attention + cross-attention block (``WanTransformer3DModel``)
 ================================  ==================================================================
 
@@ -55,13 +57,15 @@ from typing import Dict, List, Tuple
 
 from torch import nn
 
-from . import _context_parallel, _dit, _flux, _flux2, _flux3, _hooks, _hunyuanvideo, _qwenimage, _sd3, _wan, _zimage
+from . import (_context_parallel, _dit, _flux, _flux2, _flux3, _hooks, _hunyuanvideo, _hunyuanvideo15, _qwenimage, _sd3,
+               _wan, _zimage)
 from ._common import BlockSpec
 
 __all__ = ["patch", "unpatch", "is_patched", "UnsupportedModelError", "SUPPORTED_BLOCKS"]
 
 _SPECS: Dict[str, BlockSpec] = {s.name: s for s in _flux.SPECS + _sd3.SPECS + _dit.SPECS + _qwenimage.SPECS
-                                 + _zimage.SPECS + _flux2.SPECS + _flux3.SPECS + _wan.SPECS + _hunyuanvideo.SPECS}
+                                 + _zimage.SPECS + _flux2.SPECS + _flux3.SPECS + _wan.SPECS + _hunyuanvideo.SPECS
+                                 + _hunyuanvideo15.SPECS}
 _FORWARDS = frozenset(s.forward for s in _SPECS.values())
 SUPPORTED_BLOCKS: Tuple[str, ...] = tuple(_SPECS)
 # what each block class serves, and what runs diffusers' forward instead (python -m ditfast.info prints it)
@@ -91,6 +95,10 @@ FAMILIES: Dict[str, Tuple[str, str]] = {
                                      "key lengths (HunyuanVideoTransformer3DModel)",
                                      "masks that are not a prefix, the token-replace (I2V) blocks, float64"),
     "HunyuanVideoSingleTransformerBlock": ("HunyuanVideo 1.0 single-stream", "as the double-stream block"),
+    "HunyuanVideo15TransformerBlock": ("HunyuanVideo 1.5 double-stream, [video; image / ByT5 / MLLM tokens] with "
+                                       "the padding as key lengths (HunyuanVideo15Transformer3DModel)",
+                                       "masks that are not a prefix, custom processors, hooked attention / norms, "
+                                       "float64"),
     "WanTransformerBlock": ("Wan 2.1 / 2.2 T2V, I2V, TI2V (WanTransformer3DModel)",
                             "custom processors, hooked attention / norms, float64"),
 }
