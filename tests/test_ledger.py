@@ -242,6 +242,43 @@ def test_full_size_wan_ledger():
     assert {"ditfast.norm_modulate_x", "ditfast.gated_residual_norm_modulate_x"} <= {o["op"] for o in inf["patched"]["ops"]}
 
 
+def test_full_size_hunyuanvideo_ledger():
+    """HunyuanVideo 1.0 at 720p, 129 frames (20 double + 40 single blocks, 118800 video tokens, a 77-token
+    prompt padded to 256), inference and training: patched moves at most 25% of eager's bytes outside
+    matmuls + attention (issue 26's bound; counted: 617.3 of 5465.3 GB, 2823.5 of 14783.7 GB). The padded
+    mask runs on ditfast as key lengths (no fallback to diffusers' masked SDPA), so its attention skips
+    the padded keys: fewer attention FLOPs than eager's masked attention."""
+    pytest.importorskip("diffusers")
+    report = L.build_report([L.hunyuanvideo_case()], device="h100")
+    for mode in ("inference", "training"):
+        r = report["models"][0]["modes"][mode]
+        assert r["patched"]["bytes_outside_matmul_attention"] <= 0.25 * r["eager"]["bytes_outside_matmul_attention"], mode
+        calls = {o["op"]: o["calls"] for o in r["patched"]["ops"]}
+        assert calls["ditfast.flash_attention"] == 60 and calls["ditfast.prepare_attention"] == 60, mode
+        # SDPA runs only in the token refiner (2 layers over the 256 text tokens, not patched)
+        assert sum(n for o, n in calls.items() if o.startswith("aten._scaled_dot_product") and "backward" not in o) == 2
+        assert r["patched"]["attention"]["flops"] < r["eager"]["attention"]["flops"], mode
+
+
+def test_valueless_masks_take_the_stated_prefix_lengths():
+    """Under FakeTensorMode a mask has no values: prefix_lengths cannot read it, except inside
+    assume_prefix_lengths, which states what the real mask gives; masks with values are read as always."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ditfast.integrations import _common
+
+    real = torch.arange(6)[None, :] < torch.tensor([4, 6])[:, None]
+    with _common.assume_prefix_lengths(lambda keep: (1, 1)):
+        assert _common.prefix_lengths(real) == (4, 6)  # read, not assumed
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(real)
+        with pytest.raises(Exception):  # a data-dependent read of a fake tensor
+            _common.prefix_lengths(fake)
+        with _common.assume_prefix_lengths(lambda keep: (keep.shape[1] - 2,) * keep.shape[0]):
+            assert _common.prefix_lengths(fake) == (4, 4)
+    assert not _common._VALUELESS_MASKS
+
+
 def test_full_size_flux2_ledger():
     """FLUX.2-dev at 1024² (8 double + 48 single blocks, 4096 + 512 tokens), inference and training: patched
     moves at most 25% of eager's bytes outside matmuls + attention (issue 25's bound; counted: 65.9 of

@@ -356,6 +356,9 @@ class ModelCase:
     label: str
     build: Callable[[], torch.nn.Module]
     inputs: Callable[[], dict]
+    # padded text tokens at the end of every sample's prompt (its attention mask keeps the rest): fake
+    # tensors hold no mask values, so the patched blocks are told the prefix lengths the real mask gives
+    text_padding: int = 0
 
 
 def _ids(Li: int) -> torch.Tensor:
@@ -498,8 +501,36 @@ def flux2_case(*, B=1, Li=4096, Lt=512, double=8, single=48, heads=48, head_dim=
     return ModelCase("flux2-dev", label, build, inputs)
 
 
+def hunyuanvideo_case(*, B=1, frames=33, h=90, w=160, Lt=256, valid=77, double=20, single=40, heads=24,
+                      head_dim=128, in_channels=16, text=4096, pooled=768,
+                      label="HunyuanVideo 1.0, 720p 129 frames (33 x 45 x 80 = 118800 tokens; a 77-token prompt "
+                            "padded to 256), batch 1") -> ModelCase:
+    """HunyuanVideo at 1280x720, 129 frames: latent 33 x 90 x 160, patches (1, 2, 2), guidance embedded; the
+    prompt's mask keeps its first ``valid`` of ``Lt`` tokens (the model extends it over [video; text])."""
+    def build():
+        from diffusers import HunyuanVideoTransformer3DModel
+
+        return HunyuanVideoTransformer3DModel(in_channels=in_channels, out_channels=in_channels,
+                                              num_attention_heads=heads, attention_head_dim=head_dim,
+                                              num_layers=double, num_single_layers=single, text_embed_dim=text,
+                                              pooled_projection_dim=pooled)
+
+    def inputs():
+        bf = torch.bfloat16
+        mask = torch.zeros(B, Lt, dtype=torch.long)
+        mask[:, :valid] = 1
+        return dict(hidden_states=torch.randn(B, in_channels, frames, h, w, dtype=bf),
+                    timestep=torch.full((B,), 500, dtype=torch.long),
+                    encoder_hidden_states=torch.randn(B, Lt, text, dtype=bf), encoder_attention_mask=mask,
+                    pooled_projections=torch.randn(B, pooled, dtype=bf), guidance=torch.full((B,), 6000.0, dtype=bf),
+                    return_dict=False)
+
+    return ModelCase("hunyuanvideo", label, build, inputs, text_padding=Lt - valid)
+
+
 def model_cases() -> List[ModelCase]:
-    return [flux_case(), sd3_case(), dit_case(), qwen_case(), flux2_case(), zimage_case(), wan_case()]
+    return [flux_case(), sd3_case(), dit_case(), qwen_case(), flux2_case(), zimage_case(), wan_case(),
+            hunyuanvideo_case()]
 
 
 @contextlib.contextmanager
@@ -524,6 +555,7 @@ def model_ledgers(case: ModelCase, *, modes: Sequence[str] = ("inference", "trai
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     import ditfast
+    from ditfast.integrations import _common
 
     out: Dict[str, Dict[str, Ledger]] = {}
     dtype = torch.get_default_dtype()
@@ -540,7 +572,10 @@ def model_ledgers(case: ModelCase, *, modes: Sequence[str] = ("inference", "trai
             for p in model.parameters():
                 p.grad = None
         ditfast.patch(model)
-        with ditfast.use_backend(backend):
+        pad = case.text_padding
+        masks = _common.assume_prefix_lengths(
+            lambda keep: tuple(keep.shape[1] - pad for _ in range(keep.shape[0])) if pad else None)
+        with ditfast.use_backend(backend), masks:
             for mode in modes:
                 patched = count(lambda: model(**inputs), train=mode == "training")
                 out[mode]["patched"] = patched
@@ -729,7 +764,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ditfast.bench ledger",
                                 description="bytes, FLOPs and calls per op of full-size model steps (counted under "
                                             "FakeTensorMode), with predicted step times. " + PREDICTION_NOTE)
-    p.add_argument("--models", default="all", help="comma list of flux, sd3.5, dit-xl-2, qwen-image, flux2-dev, z-image, wan-14b (default: all)")
+    p.add_argument("--models", default="all", help="comma list of flux, sd3.5, dit-xl-2, qwen-image, flux2-dev, z-image, wan-14b, "
+                                             "hunyuanvideo (default: all)")
     p.add_argument("--modes", default="inference,training", help="inference, training or both (default)")
     p.add_argument("--device", default="h100", help=f"whose peaks predict the times: {', '.join(SPEC_PEAKS)} "
                                                     "or any device with a results folder (default: h100)")

@@ -7,6 +7,7 @@ Nothing here imports diffusers: diffusers classes are recognised by name and mod
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
@@ -267,11 +268,31 @@ def joint_sequence(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return base
 
 
+_VALUELESS_MASKS: List[Callable[[torch.Tensor], object]] = []
+
+
+@contextlib.contextmanager
+def assume_prefix_lengths(lengths_of: Callable[[torch.Tensor], object]):
+    """For masks without values only (FakeTensorMode, as the byte ledger runs models): what
+    :func:`prefix_lengths` returns for them, ``lengths_of(mask)`` (counts, None or False), stated by the
+    caller who built the real mask. Masks with values are read as always."""
+    _VALUELESS_MASKS.append(lengths_of)
+    try:
+        yield
+    finally:
+        _VALUELESS_MASKS.pop()
+
+
 def prefix_lengths(keep: torch.Tensor, allow_empty: bool = False):
     """A (B, L) bool key-padding mask as per-sample key counts: None when it keeps every key, the counts
     (a tuple of ints) when each sample keeps a prefix, False for any other mask (diffusers' forward runs
     then). A sample keeping no key is refused unless ``allow_empty`` (the caller attends other keys too).
     Reading the mask costs one device sync, as deciding on any mask does."""
+    if _VALUELESS_MASKS:
+        from torch._subclasses.fake_tensor import is_fake
+
+        if is_fake(keep):
+            return _VALUELESS_MASKS[-1](keep)
     B, L = keep.shape
     counts = keep.sum(dim=1)
     prefix = torch.arange(L, device=keep.device).unsqueeze(0) < counts.unsqueeze(1)
