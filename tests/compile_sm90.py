@@ -287,21 +287,44 @@ def rope_rows():
         N = B * L * H  # one row per (token, head)
         shape = f"{shape_name}: rows={N} Dh={Dh} bf16"
         for kernel, flags, backward in [
-            (R._norm_rope_fwd_kernel, dict(HAS_K=1, DO_NORM=1, HAS_QW=1, HAS_KW=1, HAS_ROPE=1, INTERLEAVED=1), False),
+            (R._norm_rope_fwd_kernel, dict(HAS_K=1, DO_NORM=1, HAS_QW=1, HAS_KW=1, HAS_ROPE=1, INTERLEAVED=1, ACROSS=0),
+             False),
             (R._norm_rope_bwd_kernel,
-             dict(HAS_K=1, DO_NORM=1, HAS_QW=1, HAS_KW=1, HAS_ROPE=1, INTERLEAVED=1, TABLE_GRAD=0), True),
+             dict(HAS_K=1, DO_NORM=1, HAS_QW=1, HAS_KW=1, HAS_ROPE=1, INTERLEAVED=1, TABLE_GRAD=0, ACROSS=0), True),
         ]:
             plan = R._Plan(N, Dh, True, torch.device("cuda"), backward=backward)
             consts = {k: bool(v) for k, v in flags.items()}
             consts.update(unit(kernel), BLOCK_R=plan.BLOCK_R, BLOCK_P=plan.BLOCK_P, SOFT_BF16=False)
             grid = min(plan.n_tiles, 2 * SMS) if backward else plan.n_tiles  # the backward is persistent
             compile_sm90(R, kernel, consts, plan.num_warps, label=dict(BLOCK_R=plan.BLOCK_R, BLOCK_P=plan.BLOCK_P),
-                         shape=shape, grid=grid, values=dict(N=N, L=L, H=H, D=Dh, P0=Dh // 2))
+                         shape=shape, grid=grid, values=dict(N=N, L=L, H=H, D=Dh, P0=Dh // 2, PH=Dh // 2))
+    # Wan 2.1-14B's self-attention QK-norm (qk_norm_rope(across_heads=True)): one row per token of 40 heads x
+    # 128, one rstd over the row, RoPE per head (pair i takes table column i % 64); 720p, 81 frames
+    B, L, heads, Dh = 1, 21 * 45 * 80, 40, 128
+    D = heads * Dh
+    shape = f"wan_14b: tokens={B * L} rows of {heads} heads x Dh={Dh} bf16, across heads"
+    for kernel, flags, backward in [
+        (R._norm_rope_fwd_kernel, dict(HAS_K=1, DO_NORM=1, HAS_QW=1, HAS_KW=1, HAS_ROPE=1, INTERLEAVED=1, ACROSS=1),
+         False),
+        # the backward runs q and k in two launches (one tensor's weight and accumulators per program: with
+        # both, 128 registers and 128 B of spills at 16 warps)
+        (R._norm_rope_bwd_kernel,
+         dict(HAS_K=0, DO_NORM=1, HAS_QW=1, HAS_KW=0, HAS_ROPE=1, INTERLEAVED=1, TABLE_GRAD=0, ACROSS=1), True),
+    ]:
+        plan = R._Plan(B * L, D, True, torch.device("cuda"), backward=backward)
+        consts = {k: bool(v) for k, v in flags.items()}
+        consts.update(unit(kernel), BLOCK_R=plan.BLOCK_R, BLOCK_P=plan.BLOCK_P, SOFT_BF16=False)
+        grid = min(plan.n_tiles, 2 * SMS) if backward else plan.n_tiles
+        compile_sm90(R, kernel, consts, plan.num_warps, label=dict(BLOCK_R=plan.BLOCK_R, BLOCK_P=plan.BLOCK_P),
+                     shape=shape, grid=grid, values=dict(N=B * L, L=L, H=1, D=D, P0=D // 2, PH=Dh // 2))
     # variants not on the FLUX / SD3.5 path: compiled for lowering errors only
     for kernel, flags, block_r, block_p in [
         (R._norm_rope_bwd_kernel,
-         dict(HAS_K=1, DO_NORM=1, HAS_QW=1, HAS_KW=0, HAS_ROPE=1, INTERLEAVED=0, TABLE_GRAD=1), 8, 64),
-        (R._norm_rope_fwd_kernel, dict(HAS_K=0, DO_NORM=1, HAS_QW=1, HAS_KW=0, HAS_ROPE=0, INTERLEAVED=0), 1, 2048),
+         dict(HAS_K=1, DO_NORM=1, HAS_QW=1, HAS_KW=0, HAS_ROPE=1, INTERLEAVED=0, TABLE_GRAD=1, ACROSS=0), 8, 64),
+        (R._norm_rope_bwd_kernel,
+         dict(HAS_K=1, DO_NORM=1, HAS_QW=1, HAS_KW=1, HAS_ROPE=1, INTERLEAVED=1, TABLE_GRAD=1, ACROSS=1), 1, 2048),
+        (R._norm_rope_fwd_kernel, dict(HAS_K=0, DO_NORM=1, HAS_QW=1, HAS_KW=0, HAS_ROPE=0, INTERLEAVED=0, ACROSS=0),
+         1, 2048),
     ]:
         consts = {k: bool(v) for k, v in flags.items()}
         consts.update(BLOCK_R=block_r, BLOCK_P=block_p, SOFT_BF16=False)

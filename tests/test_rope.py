@@ -213,6 +213,49 @@ def test_qk_norm_rope_optional_inputs(variant, dtype, device):
         check_op(fast, ref, args, name=f"qk_norm_rope[{variant}]")
 
 
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "half"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["packed-BLP", "separate-LP", "no-rope", "table-grad"])
+def test_qk_norm_rope_across_heads(case, dtype, interleaved, device):
+    """across_heads=True (Wan's QK-norm: one rstd per token over H·Dh, weights (H·Dh,), RoPE per head), forward
+    and backward by the rule against the reference, views of a packed projection included; the table
+    gradients summed over the heads; half-split pairs (per head) run the reference."""
+    B, L, H, Dh = 2, 7, 3, 40
+    layout = "packed" if case.startswith("packed") else "separate"
+    src = qk_source(layout, B, L, H, Dh, dtype, device)
+    cos, sin = (None, None) if case == "no-rope" else tables(B, L, Dh, device, per_batch=case == "packed-BLP",
+                                                             requires_grad=case == "table-grad")
+
+    def fns(op):
+        def f(src, qw, kw, *tabs):
+            q, k = split_qk(src, layout, B, L, H, Dh)
+            c, s_ = tabs if tabs else (cos, sin)
+            return op(q, k, qw, kw, c, s_, interleaved=interleaved, across_heads=True)
+        return f
+
+    args = [src, weight(H * Dh, dtype, device), weight(H * Dh, dtype, device)]
+    if case == "table-grad":
+        args += [cos, sin]
+    with triton_backend():
+        check_op(fns(ops.qk_norm_rope), fns(reference.qk_norm_rope), args, name=f"qk_norm_rope[across {case}]")
+
+
+def test_qk_norm_rope_across_heads_is_not_per_head(device):
+    """The norm really spans the heads: scaling one head changes the others' outputs (per head it would not)."""
+    B, L, H, Dh = 1, 5, 3, 40
+    q = torch.randn(B, L, H, Dh, device=device)
+    cos, sin = tables(B, L, Dh, device)
+    w = torch.ones(H * Dh, device=device)
+    with triton_backend():
+        base, _ = ops.qk_norm_rope(q, q, w, w, cos, sin, across_heads=True)
+        q2 = q.clone()
+        q2[:, :, 0] *= 3
+        moved, _ = ops.qk_norm_rope(q2, q2, w, w, cos, sin, across_heads=True)
+    assert not torch.allclose(base[:, :, 1:], moved[:, :, 1:])
+    with pytest.raises(ValueError, match=rf"\({H * Dh},\)"):
+        ops.qk_norm_rope(q, q, w[:Dh], w[:Dh], cos, sin, across_heads=True)
+
+
 def test_qk_norm_rope_mixed_dtypes(device):
     """q and k of different dtypes (and weights of a third) in one launch."""
     B, L, H, Dh = 2, 7, 3, 72
@@ -387,6 +430,8 @@ def _opcheck_cases(device):
     x = torch.randn(3, 5, 72, device=device, dtype=torch.float16).requires_grad_()
     rstd = torch.rand(3, 5, device=device) + 0.5
     qr = torch.rand(B, L, H, device=device) + 0.5
+    tr = torch.rand(B, L, 1, device=device) + 0.5  # per token (across heads)
+    wide_qw, wide_kw = weight(H * Dh, torch.bfloat16, device), weight(H * Dh, torch.float32, device)
     g = torch.randn(B, L, H, Dh, device=device, dtype=torch.bfloat16)
     d = torch.ops.ditfast
     # backward ops are called on detached tensors: they have no autograd formula (no double backward)
@@ -397,14 +442,19 @@ def _opcheck_cases(device):
         (d.apply_rope.default, (q, cos_g, sin_g, False)),
         (d.apply_rope_backward.default, (g, None, cos, sin, True)),
         (d.apply_rope_backward.default, (g, q.detach(), cos, sin, False)),
-        (d.qk_norm_rope.default, (q, k, qw, kw, cos, sin, 1e-6, True)),
-        (d.qk_norm_rope.default, (q, k, None, kw, cos_g, sin_g, 1e-6, False)),
-        (d.qk_norm_rope.default, (q, k, None, None, None, None, 1e-6, True)),
-        (d.qk_norm_rope_backward.default, (g, g, q.detach(), k.detach(), qw.detach(), None, qr, qr, cos, sin, True, True)),
+        (d.qk_norm_rope.default, (q, k, qw, kw, cos, sin, 1e-6, True, False)),
+        (d.qk_norm_rope.default, (q, k, None, kw, cos_g, sin_g, 1e-6, False, False)),
+        (d.qk_norm_rope.default, (q, k, None, None, None, None, 1e-6, True, False)),
+        (d.qk_norm_rope_backward.default, (g, g, q.detach(), k.detach(), qw.detach(), None, qr, qr, cos, sin, True, True,
+                                           False)),
+        # across heads (Wan): weights of H·Dh, one rstd per token
+        (d.qk_norm_rope.default, (q, k, wide_qw, wide_kw, cos_g, sin_g, 1e-6, True, True)),
+        (d.qk_norm_rope_backward.default, (g, g, q.detach(), k.detach(), wide_qw.detach(), wide_kw.detach(), tr, tr,
+                                           cos, sin, True, False, True)),
     ]
 
 
-@pytest.mark.parametrize("i", range(10))
+@pytest.mark.parametrize("i", range(12))
 def test_opcheck(i, device):
     op, args = _opcheck_cases(device)[i]
     torch.library.opcheck(op, args)

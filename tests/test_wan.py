@@ -185,10 +185,12 @@ def test_patched_block_runs_the_fused_ops():
         out = block(**kw)
         out.float().sum().backward()
     fwd = rec.forward_names()
-    assert fwd == ["norm_modulate_x", "rms_norm", "rms_norm", "prepare_attention", "flash_attention",
+    # self-attention: QK-norm over all heads + RoPE in one op (no prepare pass: one stream, v read in place)
+    assert fwd == ["norm_modulate_x", "qk_norm_rope", "flash_attention",
                    "gated_residual_x", "norm_modulate_x", "rms_norm", "rms_norm", "flash_attention",
                    "gated_residual_norm_modulate_x", "gated_residual_x"], fwd
     assert "gelu_tanh_backward" in rec.names and "gated_residual_norm_modulate_x_backward" in rec.names
+    assert "qk_norm_rope_backward" in rec.names and "prepare_attention_backward" not in rec.names
 
 
 def test_patched_block_compiles_fullgraph():

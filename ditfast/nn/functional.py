@@ -627,6 +627,22 @@ def _across_heads(t: Tensor, weight: Optional[Tensor], eps: float, head_dim: int
     return t.unflatten(-1, (-1, head_dim))
 
 
+def _self_attention_across_heads(q: Tensor, k: Tensor, v: Tensor, q_norm: Optional[Tensor], k_norm: Optional[Tensor],
+                                 rope: Rope, eps: float, head_dim: int, attention: Attention) -> Tensor:
+    """Self-attention of (B, L, H·Dh) q, k, v with Wan's QK-norm (an RMSNorm over all heads of a token) and
+    RoPE -> (B, L, H·Dh). One stream needs no joint buffer: ``qk_norm_rope(across_heads=True)`` normalizes
+    and rotates q and k in one pass each and v is attended in place (a view of its projection). DTensors
+    take the norm and ``attend``'s prepare pass instead (a head shard holds part of a token's norm)."""
+    q4, k4, v4 = (t.unflatten(-1, (-1, head_dim)) for t in (q, k, v))
+    if q_norm is not None and k_norm is not None and rope is not None and _plain_tensor(q) and _plain_tensor(k):
+        q4, k4 = ops.qk_norm_rope(q4, k4, q_norm, k_norm, rope[0], rope[1], eps=eps, across_heads=True)
+        o = ops.joint_attention(q4, k4, v4) if attention is None else attention(q4, k4, v4)
+        return o.flatten(2)
+    q, k = _across_heads(q, q_norm, eps, head_dim), _across_heads(k, k_norm, eps, head_dim)
+    (o,) = attend((q,), (k,), (v4,), rope=rope, attention=attention)
+    return o
+
+
 def _kv(c: CrossKV, eps: float, head_dim: int) -> Tuple[Tensor, Tensor]:
     k, v = (c.kv[0](c.context), c.kv[1](c.context)) if isinstance(c.kv, tuple) else c.kv(c.context).chunk(2, dim=-1)
     return _across_heads(k, c.k_norm, eps, head_dim), v.unflatten(-1, (-1, head_dim))
@@ -662,8 +678,7 @@ def cross_block(x: Tensor, mod: Sequence[Tensor], s: Stream, cross_q: Module, cr
         q, k, v = linears_of_one_input(s.qkv, h)
     else:
         q, k, v = s.qkv(h).chunk(3, dim=-1)
-    q, k = _across_heads(q, s.q_norm, qk_eps, head_dim), _across_heads(k, s.k_norm, qk_eps, head_dim)
-    (o,) = attend((q,), (k,), (v.unflatten(-1, (-1, head_dim)),), rope=rope, attention=attention)
+    o = _self_attention_across_heads(q, k, v, s.q_norm, s.k_norm, rope, qk_eps, head_dim, attention)
     x = ops.gated_residual(x, s.proj(o), gate, out_dtype=dt)
 
     if norm2 is None:

@@ -100,19 +100,34 @@ def qk_norm_rope(
     *,
     eps: float = 1e-6,
     interleaved: bool = True,
+    across_heads: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q_out, k_out)``: per-head RMSNorm of q and k (each with its own weight), then RoPE.
 
     q, k: (B, L, H, Dh), possibly strided views of one packed projection. cos/sin None: norm only.
     Both weights None: RoPE only, no norm (docs/design.md, section 3); one weight None and the other not
     is an error. Both None and no tables: q and k are returned unchanged.
+    across_heads: the RMSNorm runs over all heads of a token (one rstd per token, weights of shape
+    (H·Dh,): Wan's QK-norm), RoPE still per head; the rounding is the same (the normalized row rounded to
+    q's dtype, times the weight, rounded, then rotated). One pass over q and k, as per head. Not on DTensors
+    (norm with :func:`rms_norm` over the flattened heads, then :func:`apply_rope`, there).
     """
     v.tensor("q", q, 4, "(B, L, H, Dh)")
     v.tensor("k", k, 4, "(B, L, H, Dh)")
     v.same_shape("k", k, "q", q)
     v.same_device("q", q, k=k)
-    _check_weight("q_weight", q_weight, q)
-    _check_weight("k_weight", k_weight, k)
+    across_heads = bool(across_heads)
+    if across_heads:
+        rows = q.flatten(-2)  # the weight's shape: (H·Dh,)
+        _check_weight("q_weight", q_weight, rows)
+        _check_weight("k_weight", k_weight, rows)
+        if v.dtensor_possible() and any(isinstance(t, torch.distributed.tensor.DTensor) for t in (q, k)):
+            raise NotImplementedError("qk_norm_rope(across_heads=True) does not take DTensors (a head shard "
+                                      "holds part of a token's norm): use rms_norm over the flattened heads, "
+                                      "then apply_rope")
+    else:
+        _check_weight("q_weight", q_weight, q)
+        _check_weight("k_weight", k_weight, k)
     if (cos is None) != (sin is None):
         raise ValueError("cos and sin must both be given or both be None")
     if cos is not None:
@@ -124,6 +139,10 @@ def qk_norm_rope(
         if cos is None:
             return q, k
         return apply_rope(q, cos, sin, interleaved=interleaved), apply_rope(k, cos, sin, interleaved=interleaved)
+    if across_heads:
+        impl = _backend.select("qk_norm_rope", q.device, q, features=ACROSS_HEADS)
+        return impl(q, k, q_weight, k_weight, cos, sin, eps=v.eps(eps), interleaved=bool(interleaved),
+                    across_heads=True)
     impl = _backend.select("qk_norm_rope", q.device, q)
     out = impl(q, k, q_weight, k_weight, cos, sin, eps=v.eps(eps), interleaved=bool(interleaved))
     return v.dtensor_outputs(out) if dt else out  # (an unused output's gradient: ditfast/parallel/guard.py)
@@ -131,7 +150,9 @@ def qk_norm_rope(
 
 _backend.register("rms_norm", "reference", reference.rms_norm)
 _backend.register("apply_rope", "reference", reference.apply_rope)
-_backend.register("qk_norm_rope", "reference", reference.qk_norm_rope)
+# the option of qk_norm_rope the compiled extension lacks (its automatic choice skips it then)
+ACROSS_HEADS = ("across_heads",)
+_backend.register("qk_norm_rope", "reference", reference.qk_norm_rope, features=ACROSS_HEADS)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,14 +299,33 @@ def _qk_norm_rope_op(
     sin: Optional[Tensor],
     eps: float,
     interleaved: bool,
+    across_heads: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(q_out, k_out, q_rstd, k_rstd): one launch for both q and k; rstd fp32 (B, L, H)."""
-    return _kernels().norm_rope_fwd(q, k, q_weight, k_weight, cos, sin, eps, True, interleaved)
+    """(q_out, k_out, q_rstd, k_rstd): one launch for both q and k; rstd fp32 (B, L, H), or (B, L, 1) with
+    ``across_heads`` (each token's heads are one row of the kernels: one rstd over them, RoPE per head)."""
+    if not across_heads:
+        return _kernels().norm_rope_fwd(q, k, q_weight, k_weight, cos, sin, eps, True, interleaved)
+    qo, ko, qr, kr = _kernels().norm_rope_fwd(_token_rows(q), _token_rows(k), q_weight, k_weight, cos, sin, eps,
+                                              True, interleaved, _head_pairs(q, cos))
+    return qo.view(q.shape), ko.view(k.shape), qr, kr
+
+
+def _token_rows(t: Tensor) -> Tensor:
+    """(B, L, H, Dh) -> (B, L, 1, H·Dh): each token's heads as one row (a view where the strides allow)."""
+    B, L, H, Dh = t.shape
+    if H == 1 or t.stride(2) == Dh * t.stride(3):
+        return t.as_strided((B, L, 1, H * Dh), (t.stride(0), t.stride(1), H * Dh * t.stride(3), t.stride(3)),
+                            t.storage_offset())
+    return t.reshape(B, L, 1, H * Dh)
+
+
+def _head_pairs(q: Tensor, cos: Optional[Tensor]) -> Optional[int]:
+    return None if cos is None else q.shape[-1] // 2
 
 
 @_qk_norm_rope_op.register_fake
-def _(q, k, q_weight, k_weight, cos, sin, eps, interleaved):
-    rstd_shape = q.shape[:-1]
+def _(q, k, q_weight, k_weight, cos, sin, eps, interleaved, across_heads):
+    rstd_shape = q.shape[:2] + (1,) if across_heads else q.shape[:-1]
     return (
         q.new_empty(q.shape),
         k.new_empty(k.shape),
@@ -308,11 +348,26 @@ def _qk_norm_rope_backward_op(
     sin: Optional[Tensor],
     interleaved: bool,
     table_grad: bool,
+    across_heads: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dq_weight, dk_weight, dcos, dsin); absent weights / tables give empty tensors."""
-    dq, dk, dqw, dkw, dcos, dsin = _kernels().norm_rope_bwd(
-        dq_out, dk_out, q, k, q_weight, k_weight, q_rstd, k_rstd, cos, sin, interleaved, table_grad
-    )
+    if across_heads:
+        # q and k in two launches: a program holding one row of all heads keeps one tensor's weight and
+        # weight-grad accumulators (both spill at Wan's width, tests/compile_sm90.py)
+        ph = _head_pairs(q, cos)
+        dq, _, dqw, _, dcq, dsq = _kernels().norm_rope_bwd(
+            _token_rows(dq_out), None, _token_rows(q), None, q_weight, None, q_rstd, None, cos, sin, interleaved,
+            table_grad, ph)
+        dk, _, dkw, _, dck, dsk = _kernels().norm_rope_bwd(
+            _token_rows(dk_out), None, _token_rows(k), None, k_weight, None, k_rstd, None, cos, sin, interleaved,
+            table_grad, ph)
+        dq, dk = dq.view(q.shape), dk.view(k.shape)
+        dcos = None if dcq is None else dcq + dck
+        dsin = None if dsq is None else dsq + dsk
+    else:
+        dq, dk, dqw, dkw, dcos, dsin = _kernels().norm_rope_bwd(
+            dq_out, dk_out, q, k, q_weight, k_weight, q_rstd, k_rstd, cos, sin, interleaved, table_grad
+        )
     return (
         dq,
         dk,
@@ -324,7 +379,7 @@ def _qk_norm_rope_backward_op(
 
 
 @_qk_norm_rope_backward_op.register_fake
-def _(dq_out, dk_out, q, k, q_weight, k_weight, q_rstd, k_rstd, cos, sin, interleaved, table_grad):
+def _(dq_out, dk_out, q, k, q_weight, k_weight, q_rstd, k_rstd, cos, sin, interleaved, table_grad, across_heads):
     tables = table_grad and cos is not None
     return (
         q.new_empty(q.shape),
@@ -337,10 +392,11 @@ def _(dq_out, dk_out, q, k, q_weight, k_weight, q_rstd, k_rstd, cos, sin, interl
 
 
 def _qk_norm_rope_setup(ctx, inputs, output):
-    q, k, q_weight, k_weight, cos, sin, _, interleaved = inputs
+    q, k, q_weight, k_weight, cos, sin, _, interleaved, across_heads = inputs
     _, _, q_rstd, k_rstd = output
     ctx.mark_non_differentiable(q_rstd, k_rstd)
     ctx.interleaved = interleaved
+    ctx.across_heads = across_heads
     ctx.table_grad = cos is not None and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5])
     ctx.save_for_backward(q, k, q_weight, k_weight, q_rstd, k_rstd, cos, sin)
 
@@ -349,7 +405,7 @@ def _qk_norm_rope_bwd(ctx, dq_out, dk_out, _dq_rstd, _dk_rstd):
     q, k, q_weight, k_weight, q_rstd, k_rstd, cos, sin = ctx.saved_tensors
     dq, dk, dqw, dkw, dcos, dsin = torch.ops.ditfast.qk_norm_rope_backward.default(
         _zeros_if_none(dq_out, q), _zeros_if_none(dk_out, k), q, k, q_weight, k_weight, q_rstd, k_rstd,
-        cos, sin, ctx.interleaved, ctx.table_grad,
+        cos, sin, ctx.interleaved, ctx.table_grad, ctx.across_heads,
     )
     return (
         dq,
@@ -358,6 +414,7 @@ def _qk_norm_rope_bwd(ctx, dq_out, dk_out, _dq_rstd, _dk_rstd):
         dkw if k_weight is not None else None,
         dcos if ctx.table_grad else None,
         dsin if ctx.table_grad else None,
+        None,
         None,
         None,
     )
@@ -376,8 +433,13 @@ def _qk_norm_rope_triton(
     *,
     eps: float = 1e-6,
     interleaved: bool = True,
+    across_heads: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    q_out, k_out, _, _ = torch.ops.ditfast.qk_norm_rope.default(q, k, q_weight, k_weight, cos, sin, eps, interleaved)
+    if across_heads and cos is not None and not interleaved:
+        # half-split pairs (i, i + Dh/2) are per head, not per row of all heads: the reference runs them
+        return reference.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps=eps, interleaved=False, across_heads=True)
+    q_out, k_out, _, _ = torch.ops.ditfast.qk_norm_rope.default(q, k, q_weight, k_weight, cos, sin, eps, interleaved,
+                                                                across_heads)
     return q_out, k_out
 
 
@@ -385,4 +447,4 @@ def _qk_norm_rope_triton(
 _TRITON_MAX_ROW = 65536
 _backend.register("rms_norm", "triton", _rms_norm_triton, max_width=_TRITON_MAX_ROW)
 _backend.register("apply_rope", "triton", _apply_rope_triton, max_width=_TRITON_MAX_ROW)
-_backend.register("qk_norm_rope", "triton", _qk_norm_rope_triton, max_width=_TRITON_MAX_ROW)
+_backend.register("qk_norm_rope", "triton", _qk_norm_rope_triton, max_width=_TRITON_MAX_ROW, features=ACROSS_HEADS)

@@ -80,12 +80,17 @@ def qk_norm_rope(
     *,
     eps: float = 1e-6,
     interleaved: bool = True,
+    across_heads: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm of each head of q and k (with its own weight), then RoPE.
 
     cos/sin None: norm only. Both weights None: RoPE only (no norm), as docs/design.md (section 3) says.
+    across_heads: the norm runs over all heads of a token (weights (H·Dh,), Wan's QK-norm), RoPE per head.
     """
-    if q_weight is not None or k_weight is not None:
+    if across_heads and (q_weight is not None or k_weight is not None):
+        q = rms_norm(q.flatten(-2), q_weight, eps=eps).unflatten(-1, q.shape[-2:])
+        k = rms_norm(k.flatten(-2), k_weight, eps=eps).unflatten(-1, k.shape[-2:])
+    elif q_weight is not None or k_weight is not None:
         q, k = rms_norm(q, q_weight, eps=eps), rms_norm(k, k_weight, eps=eps)
     if cos is not None:
         q = apply_rope(q, cos, sin, interleaved=interleaved)

@@ -68,7 +68,7 @@ def _prepare_fwd_kernel(
     lj = l + offset  # token in the joint sequence
     o_rows = (((b * L_total + lj) * H + h) * D)[:, None]
     if HAS_ROPE:
-        c, s = _load_tables(cos_ptr, sin_ptr, b, lj, rmask, sc_b, sc_l, sc_p, ss_b, ss_l, ss_p, P0, BLOCK_P)
+        c, s = _load_tables(cos_ptr, sin_ptr, b, lj, rmask, sc_b, sc_l, sc_p, ss_b, ss_l, ss_p, P0, P0, BLOCK_P, False)
     else:
         c = 0.0
         s = 0.0

@@ -138,13 +138,19 @@ def _row_offsets(t, N, L, H, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
-def _load_tables(cos_ptr, sin_ptr, b, l, rmask, sc_b, sc_l, sc_p, ss_b, ss_l, ss_p, P0, BLOCK_P: tl.constexpr):
+def _load_tables(cos_ptr, sin_ptr, b, l, rmask, sc_b, sc_l, sc_p, ss_b, ss_l, ss_p, P0, PH,
+                 BLOCK_P: tl.constexpr, ACROSS: tl.constexpr):
     """cos/sin of each row's token, (BLOCK_R, BLOCK_P) fp32 (rows of one token hit the same lines);
-    0 for padding rows (r >= N, whose (b, l) lie outside the tables) and padding pairs."""
+    0 for padding rows (r >= N, whose (b, l) lie outside the tables) and padding pairs. ACROSS: a row
+    holds all heads of a token (P0 = heads * PH pairs) and pair i takes table column i % PH."""
     i = tl.arange(0, BLOCK_P)[None, :]
     m = rmask[:, None] & (i < P0)
-    c = tl.load(cos_ptr + (b * sc_b + l * sc_l)[:, None] + i * sc_p, mask=m, other=0.0)
-    s = tl.load(sin_ptr + (b * ss_b + l * ss_l)[:, None] + i * ss_p, mask=m, other=0.0)
+    if ACROSS:
+        col = i % PH
+    else:
+        col = i
+    c = tl.load(cos_ptr + (b * sc_b + l * sc_l)[:, None] + col * sc_p, mask=m, other=0.0)
+    s = tl.load(sin_ptr + (b * ss_b + l * ss_l)[:, None] + col * ss_p, mask=m, other=0.0)
     return c, s
 
 
@@ -249,6 +255,7 @@ def _norm_rope_fwd_kernel(
     q_rstd_ptr, k_rstd_ptr,  # (B, L, H) fp32 per-row 1/rms (written when DO_NORM)
     cos_ptr, sin_ptr,  # (B or 1, L, P) fp32 tables (read when HAS_ROPE)
     N, L, H, D, P0,  # N = B * L * H rows of width D; P0 pairs (see the module docstring)
+    PH,  # with ACROSS: pairs per head (the tables' width)
     sq_b, sq_l, sq_h, sq_d,  # q strides
     sk_b, sk_l, sk_h, sk_d,  # k strides
     s_qw, s_kw,  # weight strides
@@ -257,6 +264,7 @@ def _norm_rope_fwd_kernel(
     eps,
     HAS_K: tl.constexpr, DO_NORM: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr,
     HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
+    ACROSS: tl.constexpr,  # a row is one token's heads side by side: one rstd over all heads, RoPE per head
     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
     SOFT_BF16: tl.constexpr,  # round bf16 in software (the interpreter; see _cast)
 ):
@@ -264,7 +272,7 @@ def _norm_rope_fwd_kernel(
     r, rmask, b, l, h = _row_offsets(tl.program_id(0), N, L, H, BLOCK_R)
     o_rows = (r * D)[:, None]
     if HAS_ROPE:
-        c, s = _load_tables(cos_ptr, sin_ptr, b, l, rmask, sc_b, sc_l, sc_p, ss_b, ss_l, ss_p, P0, BLOCK_P)
+        c, s = _load_tables(cos_ptr, sin_ptr, b, l, rmask, sc_b, sc_l, sc_p, ss_b, ss_l, ss_p, P0, PH, BLOCK_P, ACROSS)
     else:
         c = 0.0
         s = 0.0
@@ -298,6 +306,7 @@ def _norm_rope_bwd_kernel(
     dqw_ptr, dkw_ptr,  # (G, D) fp32 partial weight grads, one row per program
     dcq_ptr, dsq_ptr, dck_ptr, dsk_ptr,  # (N, P) fp32 per-row cos/sin grads from q and from k
     N, n_tiles, L, H, D, P0,
+    PH,  # with ACROSS: pairs per head
     sq_b, sq_l, sq_h, sq_d,
     sk_b, sk_l, sk_h, sk_d,
     sdq_b, sdq_l, sdq_h, sdq_d,  # strides of the q output's grad
@@ -307,6 +316,7 @@ def _norm_rope_bwd_kernel(
     ss_b, ss_l, ss_p,
     HAS_K: tl.constexpr, DO_NORM: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr,
     HAS_ROPE: tl.constexpr, TABLE_GRAD: tl.constexpr, INTERLEAVED: tl.constexpr,
+    ACROSS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
     SOFT_BF16: tl.constexpr,  # round bf16 in software (the interpreter; see _cast)
 ):
@@ -331,7 +341,8 @@ def _norm_rope_bwd_kernel(
         r, rmask, b, l, h = _row_offsets(t, N, L, H, BLOCK_R)
         o_rows = (r * D)[:, None]
         if HAS_ROPE:
-            c, s = _load_tables(cos_ptr, sin_ptr, b, l, rmask, sc_b, sc_l, sc_p, ss_b, ss_l, ss_p, P0, BLOCK_P)
+            c, s = _load_tables(cos_ptr, sin_ptr, b, l, rmask, sc_b, sc_l, sc_p, ss_b, ss_l, ss_p, P0, PH, BLOCK_P,
+                                ACROSS)
         else:
             c = 0.0
             s = 0.0
@@ -445,10 +456,13 @@ def norm_rope_fwd(
     eps: float,
     do_norm: bool,
     interleaved: bool,
+    head_pairs: Optional[int] = None,
 ):
     """Forward of the family on 4-D (B, L, H, D) q (and k, same shape). Returns
     (q_out, k_out, q_rstd, k_rstd): contiguous outputs in the inputs' dtypes (k_out None without k) and
-    fp32 (B, L, H) rstd (None without norm). The tensors may be empty (nothing is launched)."""
+    fp32 (B, L, H) rstd (None without norm). The tensors may be empty (nothing is launched).
+    head_pairs: None, or a row holds one token's heads side by side (H = 1, D = heads · 2 · head_pairs:
+    the norm runs over all heads, RoPE per head with (.., head_pairs) tables; interleaved pairs only)."""
     B, L, H, D = q.shape
     dev = q.device
     rope = cos is not None
@@ -467,13 +481,13 @@ def norm_rope_fwd(
             q if q_weight is None else q_weight, q if k_weight is None else k_weight,
             q_out if q_rstd is None else q_rstd, q_out if k_rstd is None else k_rstd,
             q if cos is None else cos, q if sin is None else sin,
-            N, L, H, D, plan.P0,
+            N, L, H, D, plan.P0, head_pairs or plan.P0,
             *q.stride(), *kk.stride(),
             0 if q_weight is None else q_weight.stride(0), 0 if k_weight is None else k_weight.stride(0),
             *_table_strides(cos), *_table_strides(sin),
             eps,
             HAS_K=k is not None, DO_NORM=do_norm, HAS_QW=q_weight is not None, HAS_KW=k_weight is not None,
-            HAS_ROPE=rope, INTERLEAVED=rope and interleaved,
+            HAS_ROPE=rope, INTERLEAVED=rope and interleaved, ACROSS=rope and head_pairs is not None,
             BLOCK_R=plan.BLOCK_R, BLOCK_P=plan.BLOCK_P, SOFT_BF16=dev.type != "cuda", num_warps=plan.num_warps,
         )
     return q_out, k_out, q_rstd, k_rstd
@@ -492,8 +506,9 @@ def norm_rope_bwd(
     sin: Optional[Tensor],
     interleaved: bool,
     table_grad: bool,
+    head_pairs: Optional[int] = None,
 ):
-    """Backward of :func:`norm_rope_fwd` (norm when q_rstd is given). Returns
+    """Backward of :func:`norm_rope_fwd` (norm when q_rstd is given; ``head_pairs`` as there). Returns
     (dq, dk, dq_weight, dk_weight, dcos, dsin); an entry is None when its input is None (the tables'
     also without table_grad). Grads have their inputs' dtypes and shapes; dq / dk are contiguous."""
     B, L, H, D = q.shape
@@ -525,19 +540,21 @@ def norm_rope_bwd(
             q if cos is None else cos, q if sin is None else sin,
             dq if dqw_part is None else dqw_part, dq if dkw_part is None else dkw_part,
             tab[0, 0], tab[0, 1], tab[-1, 0], tab[-1, 1],
-            N, plan.n_tiles, L, H, D, plan.P0,
+            N, plan.n_tiles, L, H, D, plan.P0, head_pairs or plan.P0,
             *q.stride(), *kk.stride(), *dq_out.stride(), *dkk.stride(),
             0 if q_weight is None else q_weight.stride(0), 0 if k_weight is None else k_weight.stride(0),
             *_table_strides(cos), *_table_strides(sin),
             HAS_K=k is not None, DO_NORM=q_rstd is not None, HAS_QW=q_weight is not None, HAS_KW=k_weight is not None,
             HAS_ROPE=rope, TABLE_GRAD=table_grad, INTERLEAVED=rope and interleaved,
-            BLOCK_R=plan.BLOCK_R, BLOCK_P=plan.BLOCK_P, SOFT_BF16=dev.type != "cuda", num_warps=plan.num_warps,
+            ACROSS=rope and head_pairs is not None, BLOCK_R=plan.BLOCK_R, BLOCK_P=plan.BLOCK_P, SOFT_BF16=dev.type != "cuda", num_warps=plan.num_warps,
         )
     dqw = None if dqw_part is None else dqw_part.sum(0).to(q_weight.dtype)
     dkw = None if dkw_part is None else dkw_part.sum(0).to(k_weight.dtype)
     dcos = dsin = None
     if table_grad:
-        per_row = tab.view(n_parts, 2, B, L, H, plan.P0)
+        # (a row of all heads side by side: its pairs are (heads, head_pairs), summed over the heads too)
+        ph = head_pairs or plan.P0
+        per_row = tab.view(n_parts, 2, B, L, H * (plan.P0 // ph), ph)
         # sum over parts and heads (and batch for an (L, P) table); two separate (non-aliasing) results
         dcos = per_row[:, 0].sum(dim=(0, 1, 3) if cos.dim() == 2 else (0, 3)).to(cos.dtype)
         dsin = per_row[:, 1].sum(dim=(0, 1, 3) if sin.dim() == 2 else (0, 3)).to(sin.dtype)
