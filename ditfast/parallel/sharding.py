@@ -298,9 +298,12 @@ RULES: Dict[str, Rule] = {
          "cos": table, "sin": table},
         [act, act, weight_grad("q_weight"), weight_grad("k_weight")], _ROPE_MODES),
     # --- attention (ditfast/ops/_attention_triton.py) ---
-    "ditfast::flash_attention": _rule({"q": act, "k": act, "v": act}, [act, lse], _ATTN_MODES),
+    # key_lengths (absent on DTensors: ops.joint_attention refuses it there) is declared replicated
+    "ditfast::flash_attention": _rule({"q": act, "k": act, "v": act, "key_lengths": weight}, [act, lse],
+                                      _ATTN_MODES),
     "ditfast::flash_attention_backward": _rule(
-        {"do": act, "q": act, "k": act, "v": act, "o": act, "lse": lse}, [act, act, act], _ATTN_MODES),
+        {"do": act, "q": act, "k": act, "v": act, "o": act, "lse": lse, "key_lengths": weight}, [act, act, act],
+        _ATTN_MODES),
     # --- GELU(tanh) backward + bias gradient (ditfast/ops/gelu.py) on (T, N) rows: T = the flattened
     # B·L, so a batch- or sequence-sharded activation is a row-sharded one ("batch" = dim 0 here) ---
     "ditfast::gelu_tanh_backward": _rule({"dy": act, "pre": act}, [act, bias_grad_if("bias_grad")],
