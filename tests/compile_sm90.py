@@ -280,43 +280,35 @@ def modulate_option_rows():
                      shape=shape, grid=bwd_grid if backward else fwd_grid, values=vals)
 
 
-def rope_rows():
+def _rope_row(kernel, flags, backward, rows, D, ph, shape, values):
+    """One row of the rope family at its launcher's plan for ``rows`` rows of width D (ph: pairs per table row)."""
     import torch
 
+    plan = R._Plan(rows, D, True, torch.device("cuda"), backward=backward)
+    consts = {k: bool(v) for k, v in flags.items()}
+    consts.update(unit(kernel), BLOCK_R=plan.BLOCK_R, BLOCK_P=plan.BLOCK_P, SOFT_BF16=False)
+    grid = min(plan.n_tiles, 2 * SMS) if backward else plan.n_tiles  # the backward is persistent
+    compile_sm90(R, kernel, consts, plan.num_warps, label=dict(BLOCK_R=plan.BLOCK_R, BLOCK_P=plan.BLOCK_P),
+                 shape=shape, grid=grid, values=dict(values, N=rows, D=D, P0=D // 2, PH=ph))
+
+
+def rope_rows():
+    qk = dict(HAS_K=1, DO_NORM=1, HAS_QW=1, HAS_KW=1, HAS_ROPE=1, INTERLEAVED=1)
     for shape_name, (B, L, H, Dh, _) in SHAPES.items():
         N = B * L * H  # one row per (token, head)
         shape = f"{shape_name}: rows={N} Dh={Dh} bf16"
-        for kernel, flags, backward in [
-            (R._norm_rope_fwd_kernel, dict(HAS_K=1, DO_NORM=1, HAS_QW=1, HAS_KW=1, HAS_ROPE=1, INTERLEAVED=1, ACROSS=0),
-             False),
-            (R._norm_rope_bwd_kernel,
-             dict(HAS_K=1, DO_NORM=1, HAS_QW=1, HAS_KW=1, HAS_ROPE=1, INTERLEAVED=1, TABLE_GRAD=0, ACROSS=0), True),
-        ]:
-            plan = R._Plan(N, Dh, True, torch.device("cuda"), backward=backward)
-            consts = {k: bool(v) for k, v in flags.items()}
-            consts.update(unit(kernel), BLOCK_R=plan.BLOCK_R, BLOCK_P=plan.BLOCK_P, SOFT_BF16=False)
-            grid = min(plan.n_tiles, 2 * SMS) if backward else plan.n_tiles  # the backward is persistent
-            compile_sm90(R, kernel, consts, plan.num_warps, label=dict(BLOCK_R=plan.BLOCK_R, BLOCK_P=plan.BLOCK_P),
-                         shape=shape, grid=grid, values=dict(N=N, L=L, H=H, D=Dh, P0=Dh // 2, PH=Dh // 2))
+        _rope_row(R._norm_rope_fwd_kernel, dict(qk, ACROSS=0), False, N, Dh, Dh // 2, shape, dict(L=L, H=H))
+        _rope_row(R._norm_rope_bwd_kernel, dict(qk, TABLE_GRAD=0, ACROSS=0), True, N, Dh, Dh // 2, shape,
+                  dict(L=L, H=H))
     # Wan 2.1-14B's self-attention QK-norm (qk_norm_rope(across_heads=True)): one row per token of 40 heads x
-    # 128, one rstd over the row, RoPE per head (pair i takes table column i % 64); 720p, 81 frames
+    # 128, one rstd over the row, RoPE per head (pair i takes table column i % 64); 720p, 81 frames. The
+    # backward runs q and k in two launches (one tensor's weight and accumulators per program: with both,
+    # 128 registers and 128 B of spills at 16 warps)
     B, L, heads, Dh = 1, 21 * 45 * 80, 40, 128
-    D = heads * Dh
     shape = f"wan_14b: tokens={B * L} rows of {heads} heads x Dh={Dh} bf16, across heads"
-    for kernel, flags, backward in [
-        (R._norm_rope_fwd_kernel, dict(HAS_K=1, DO_NORM=1, HAS_QW=1, HAS_KW=1, HAS_ROPE=1, INTERLEAVED=1, ACROSS=1),
-         False),
-        # the backward runs q and k in two launches (one tensor's weight and accumulators per program: with
-        # both, 128 registers and 128 B of spills at 16 warps)
-        (R._norm_rope_bwd_kernel,
-         dict(HAS_K=0, DO_NORM=1, HAS_QW=1, HAS_KW=0, HAS_ROPE=1, INTERLEAVED=1, TABLE_GRAD=0, ACROSS=1), True),
-    ]:
-        plan = R._Plan(B * L, D, True, torch.device("cuda"), backward=backward)
-        consts = {k: bool(v) for k, v in flags.items()}
-        consts.update(unit(kernel), BLOCK_R=plan.BLOCK_R, BLOCK_P=plan.BLOCK_P, SOFT_BF16=False)
-        grid = min(plan.n_tiles, 2 * SMS) if backward else plan.n_tiles
-        compile_sm90(R, kernel, consts, plan.num_warps, label=dict(BLOCK_R=plan.BLOCK_R, BLOCK_P=plan.BLOCK_P),
-                     shape=shape, grid=grid, values=dict(N=B * L, L=L, H=1, D=D, P0=D // 2, PH=Dh // 2))
+    _rope_row(R._norm_rope_fwd_kernel, dict(qk, ACROSS=1), False, B * L, heads * Dh, Dh // 2, shape, dict(L=L, H=1))
+    _rope_row(R._norm_rope_bwd_kernel, dict(qk, HAS_K=0, HAS_KW=0, TABLE_GRAD=0, ACROSS=1), True, B * L, heads * Dh,
+              Dh // 2, shape, dict(L=L, H=1))
     # variants not on the FLUX / SD3.5 path: compiled for lowering errors only
     for kernel, flags, block_r, block_p in [
         (R._norm_rope_bwd_kernel,

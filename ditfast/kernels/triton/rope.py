@@ -546,7 +546,8 @@ def norm_rope_bwd(
             *_table_strides(cos), *_table_strides(sin),
             HAS_K=k is not None, DO_NORM=q_rstd is not None, HAS_QW=q_weight is not None, HAS_KW=k_weight is not None,
             HAS_ROPE=rope, TABLE_GRAD=table_grad, INTERLEAVED=rope and interleaved,
-            ACROSS=rope and head_pairs is not None, BLOCK_R=plan.BLOCK_R, BLOCK_P=plan.BLOCK_P, SOFT_BF16=dev.type != "cuda", num_warps=plan.num_warps,
+            ACROSS=rope and head_pairs is not None,
+            BLOCK_R=plan.BLOCK_R, BLOCK_P=plan.BLOCK_P, SOFT_BF16=dev.type != "cuda", num_warps=plan.num_warps,
         )
     dqw = None if dqw_part is None else dqw_part.sum(0).to(q_weight.dtype)
     dkw = None if dkw_part is None else dkw_part.sum(0).to(k_weight.dtype)
